@@ -1,0 +1,1 @@
+"""Shared helpers: atomic writes, input errors, visualizer, checkpoints, HTML pages, plots."""
