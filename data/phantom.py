@@ -1,0 +1,692 @@
+"""Synthetic spine CT phantom with known pre-fracture anatomy.
+
+    python -m data.phantom --out DIR --patients N --seed S [--spacing_mm 1.0] [--levels T10-L5]
+                           [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
+
+Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
+with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
+discs, a spinal canal, soft tissue, organs, air outside the body and CT noise. Some vertebrae
+carry Genant grade 1-3 compression fractures (wedge, biconcave or crush). The same patient is
+written twice: fractured (the data) and before the fracture (the truth). The partially visible
+vertebra above the first level (and below the last, or the sacrum below L5) is drawn too, as a
+real scan shows it.
+
+Outputs (DESIGN.md "Data contracts"):
+
+    DIR/raw/<pid>/<pid>.nii.gz, <pid>_msk.nii.gz, <pid>.json        CT in HU, VerSe labels, centroids
+    DIR/vertebra_data.json                                          {split: {"<pid>_<vid>": grade}}
+    DIR/truth/<pid>/<pid>_healthy.nii.gz, <pid>_healthy_msk.nii.gz  the patient before any fracture
+    DIR/truth/<pid>/<pid>_body_msk.nii.gz                           raw mask restricted to the bodies
+    DIR/truth/<pid>/<pid>_geometry.json                             each vertebra's centre and frame
+    DIR/truth/vertebrae.csv                                         heights, grade, fracture type
+
+Fractures compress a body between its neighbours, which stay where they are: the space given up
+fills with disc tissue, so the healthy and fractured volumes differ only at fractured bodies.
+The same seed gives the same bytes; patient i depends only on (seed, i).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from data import label_schemes
+from data.nifti_io import save_nifti
+from data.phantom_anatomy import (
+    FRACTURE_TYPES,
+    Fracture,
+    VertebraShape,
+    anchor_sizes,
+    level_position,
+    local_axes,
+)
+from evaluation.heights import BodyHeights, genant_from_heights, heights_from_columns, height_reduction
+from straighten.centroids import complete_vertebrae, label_centroids, label_volumes_mm3, write_centroids
+from util.atomic import write_json, write_text
+from util.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "pid", "vid", "grade", "fracture_type",
+    "healthy_anterior_mm", "healthy_middle_mm", "healthy_posterior_mm",
+    "fractured_anterior_mm", "fractured_middle_mm", "fractured_posterior_mm",
+)
+# Target largest height reduction per Genant grade, kept away from the grade boundaries.
+GRADE_TARGETS = {1: (0.21, 0.24), 2: (0.27, 0.38), 3: (0.43, 0.55)}
+GRADE_PROBS = (0.35, 0.40, 0.25)
+TYPE_PROBS = (0.5, 0.3, 0.2)
+TRUTH_STEP_MM = 0.25
+FOV_LR_MM = 220.0
+
+
+@dataclass
+class Disc:
+    centre: np.ndarray
+    axes: np.ndarray
+    A: float
+    W: float
+    half_height: float
+    shape: VertebraShape  # borrows the cross-section of the vertebra above
+
+
+@dataclass
+class Patient:
+    pid: str
+    spacing: float
+    shapes: list[VertebraShape]  # cranial to caudal, partial ends included
+    full_levels: list[int]
+    discs: list[Disc]
+    origin: np.ndarray
+    shape: tuple[int, int, int]
+    torso: dict
+    organs: dict
+    intensities: dict
+    gas: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def affine(self) -> np.ndarray:
+        aff = np.diag([self.spacing] * 3 + [1.0])
+        aff[:3, 3] = self.origin
+        return aff
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+def _curvature_angles(rng: np.random.Generator, straight: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sagittal and coronal tangent angles (deg) as functions of level position."""
+    p = np.arange(0.0, 26.01, 0.01)
+    kyph, lord = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4)
+    kappa = np.where(p < 7.5, -6.0 * lord, np.where(p < 19.5, 3.6 * kyph, -10.0 * lord))
+    kappa = ndimage.gaussian_filter1d(kappa, 60)  # blend the regions over about a level
+    scoliotic = rng.random() < 0.35
+    amp, period, phase = rng.uniform(1.5, 4.0) * rng.choice([-1, 1]), rng.uniform(8, 14), rng.uniform(0, 2 * np.pi)
+    kappa_c = amp * np.sin(2 * np.pi * p / period + phase) if scoliotic else np.zeros_like(p)
+    if straight:
+        kappa, kappa_c = np.zeros_like(p), np.zeros_like(p)
+    step = p[1] - p[0]
+    alpha = np.cumsum(kappa) * step
+    beta = np.cumsum(kappa_c) * step
+    return p, alpha, beta
+
+
+def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
+    """A fracture of ``kind`` whose largest region reduction equals ``target`` (bisection)."""
+    healthy = heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured=False))
+    lo, hi = 0.0, 0.8
+    fracture = Fracture(kind, 0.0)
+    shape.fracture = fracture
+    for _ in range(40):
+        fracture.amplitude = 0.5 * (lo + hi)
+        got = float(np.max(height_reduction(healthy, heights_from_columns(shape.column_heights(TRUTH_STEP_MM)))))
+        if got < target:
+            lo = fracture.amplitude
+        else:
+            hi = fracture.amplitude
+    return fracture
+
+
+def build_patient(
+    pid: str,
+    rng: np.random.Generator,
+    levels: list[int],
+    spacing: float,
+    fracture_fraction: float,
+    straight: bool = False,
+) -> Patient:
+    """Draw one patient's anatomy (all random choices, in a fixed order)."""
+    seq = list(label_schemes.STANDARD_SEQUENCE)
+    first, last = levels[0], levels[-1]
+    cranial = seq[seq.index(first) - 1] if first in seq and seq.index(first) > 2 else None  # no C1/C2 shapes
+    caudal = label_schemes.SACRUM if last == 24 else (seq[seq.index(last) + 1] if last in seq else None)
+    elements = ([cranial] if cranial else []) + list(levels) + ([caudal] if caudal else [])
+
+    size = rng.uniform(0.92, 1.08)
+    p_grid, alpha_p, beta_p = _curvature_angles(rng, straight)
+    positions = np.array([level_position(v) for v in elements])
+    full = np.array([v in levels for v in elements])
+    alpha = np.interp(positions, p_grid, alpha_p)
+    beta = np.interp(positions, p_grid, beta_p)
+    tilt = 0.0 if straight else rng.uniform(-4, 4)
+    alpha_off = alpha[full].mean() - tilt
+    beta_off = beta[full].mean()
+
+    shapes: list[VertebraShape] = []
+    for vid, p, al, be in zip(elements, positions, alpha, beta, strict=True):
+        s = anchor_sizes(min(p, 24.0))
+        jit = rng.uniform(0.97, 1.03, size=3)
+        is_sacrum = vid == label_schemes.SACRUM
+        lumbar = p >= 19.5
+        wedge = rng.uniform(-0.10, 0.0) if p >= 24 else (rng.uniform(-0.06, 0.04) if lumbar else rng.uniform(0.0, 0.12))
+        shape = VertebraShape(
+            vid=int(vid),
+            centre=np.zeros(3),
+            axes=local_axes(al - alpha_off, be - beta_off),
+            H=(30.0 if is_sacrum else s["H"]) * size * jit[0],
+            A=s["depth"] / 2 * size * jit[1] * (1.05 if is_sacrum else 1.0),
+            W=s["width"] / 2 * size * jit[2] * (1.1 if is_sacrum else 1.0),
+            wedge=0.0 if is_sacrum else wedge,
+            endplate_depth=rng.uniform(0.8, 1.6),
+            waist=rng.uniform(0.04, 0.10),
+            rim=rng.uniform(1.0, 2.0),
+            kidney=rng.uniform(0.05, 0.12),
+            exponent=rng.uniform(2.2, 2.8),
+            canal_a=s["canal_ap"] / 2 * rng.uniform(0.9, 1.1),
+            canal_r=s["canal_lr"] / 2 * rng.uniform(0.9, 1.1),
+            pedicle=s["pedicle"] * rng.uniform(0.9, 1.1),
+            lamina=rng.uniform(4.5, 6.5),
+            sp_len=s["sp_len"] * rng.uniform(0.85, 1.15),
+            sp_angle=s["sp_angle"] + rng.uniform(-5, 5),
+            sp_height=float(np.interp(p, [19, 21], [9.0, 16.0])),
+            sp_width=float(np.interp(p, [19, 21], [6.0, 8.0])),
+            tp_len=s["tp_len"] * rng.uniform(0.85, 1.15),
+            tp_angle=s["tp_angle"],
+            disc_below=s["disc"] * size * rng.uniform(0.85, 1.15),
+            sacrum=is_sacrum,
+        )
+        shape.make_texture(rng)
+        shapes.append(shape)
+    for upper, lower in zip(shapes[:-1], shapes[1:], strict=True):
+        lower.disc_above = upper.disc_below
+
+    # Stack the bodies along their tangents, then centre the full levels on the origin.
+    for i in range(1, len(shapes)):
+        up, lo = shapes[i - 1], shapes[i]
+        t_disc = local_axes(*(0.5 * (np.array([alpha[i - 1], beta[i - 1]]) + [alpha[i], beta[i]])
+                              - [alpha_off, beta_off]))[0]
+        lo.centre = up.centre + up.H / 2 * up.axes[0] + up.disc_below * t_disc + lo.H / 2 * lo.axes[0]
+    shift = np.mean([s.centre for s, f in zip(shapes, full, strict=True) if f], axis=0)
+    for s in shapes:
+        s.centre = s.centre - shift
+
+    discs = []
+    for i in range(len(shapes) - 1):
+        up, lo = shapes[i], shapes[i + 1]
+        bottom = up.centre + up.H / 2 * up.axes[0]
+        top = lo.centre - lo.H / 2 * lo.axes[0]
+        axes = local_axes(*(0.5 * (np.array([alpha[i], beta[i]]) + [alpha[i + 1], beta[i + 1]]) - [alpha_off, beta_off]))
+        discs.append(Disc(0.5 * (bottom + top), axes, min(up.A, lo.A), min(up.W, lo.W),
+                          0.5 * float(np.linalg.norm(top - bottom)) + 3.0, up))
+
+    # Fractures: more likely at the thoracolumbar junction (T11-L2).
+    weights = np.array([1.6 if 18 <= level_position(v) <= 21 else 0.8 for v in levels])
+    probs = np.clip(fracture_fraction * weights / weights.mean(), 0.0, 0.95)
+    draws = rng.random(len(levels))
+    grades = rng.choice([1, 2, 3], size=len(levels), p=GRADE_PROBS)
+    kinds = rng.choice(FRACTURE_TYPES, size=len(levels), p=TYPE_PROBS)
+    targets = rng.random(len(levels))
+    by_vid = {s.vid: s for s in shapes}
+    for k, vid in enumerate(levels):
+        if draws[k] < probs[k]:
+            lo_t, hi_t = GRADE_TARGETS[int(grades[k])]
+            _fracture_for(by_vid[vid], lo_t + targets[k] * (hi_t - lo_t), str(kinds[k]))
+
+    # Field of view: cut through the partial end vertebrae, keep every full level whole.
+    ends = []
+    for s in shapes:
+        corners = np.array(np.meshgrid(*s.local_box(), indexing="ij")).reshape(3, -1).T
+        world = s.centre + corners @ s.axes
+        ends.append((world[:, 2].min(), world[:, 2].max()))
+    full_shapes = [s for s, f in zip(shapes, full, strict=True) if f]
+    z_hi = max(e[1] for e, f in zip(ends, full, strict=True) if f) + 4.0
+    z_lo = min(e[0] for e, f in zip(ends, full, strict=True) if f) - 4.0
+    if cranial:
+        z_hi = min(z_hi, shapes[0].centre[2] - 0.2 * shapes[0].H)
+        z_hi = max(z_hi, full_shapes[0].centre[2] + full_shapes[0].H / 2 + full_shapes[0].disc_above + 2.0)
+    if caudal:
+        z_lo = max(z_lo, shapes[-1].centre[2] + (0.0 if caudal == label_schemes.SACRUM else 0.2) * shapes[-1].H)
+        z_lo = min(z_lo, full_shapes[-1].centre[2] - full_shapes[-1].H / 2 - full_shapes[-1].disc_below - 2.0)
+
+    reach = max(s.canal_centre + s.canal_a + s.lamina + s.sp_len for s in full_shapes)
+    back = min(s.centre[1] for s in full_shapes) - reach - rng.uniform(25, 45)
+    ry, rx = rng.uniform(110, 135), rng.uniform(140, 175)
+    torso = {"x": 0.0, "y": back + ry, "rx": rx, "ry": ry, "fat": rng.uniform(8, 25), "exponent": 2.2}
+    lo_corner = np.array([-FOV_LR_MM / 2, back - 15.0, z_lo])
+    hi_corner = np.array([FOV_LR_MM / 2, back + 2 * ry + 15.0, z_hi])
+    n = tuple(int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(lo_corner, hi_corner, strict=True))
+
+    by_level = {level_position(s.vid): s for s in shapes}
+    lumbar_z = [s.centre[2] for s in shapes if 20 <= level_position(s.vid) <= 22]
+    kidney_z = float(np.mean(lumbar_z)) if lumbar_z else full_shapes[-1].centre[2]
+    organs = {
+        "aorta_hu": float(rng.choice([40.0, 200.0])),
+        "kidney_z": kidney_z,
+        "lung_base_z": by_level[20].centre[2] + by_level[20].H / 2 if 20 in by_level else z_lo - 100.0,
+        "liver_z": (by_level[18].centre[2] if 18 in by_level else z_hi + 40.0),
+    }
+    intensities = {
+        "cortical": rng.uniform(700, 1000),
+        "cancellous": rng.uniform(120, 260),
+        "texture": rng.uniform(40, 80),
+        "posterior": rng.uniform(350, 550),
+        "noise": rng.uniform(8, 18),
+    }
+    gas = []
+    for _ in range(int(rng.integers(3, 7))):
+        centre = np.array([rng.uniform(-80, 80), torso["y"] + rng.uniform(10, 0.7 * ry), rng.uniform(z_lo, z_hi)])
+        gas.append((centre, rng.uniform(6, 18, size=3)))
+    return Patient(pid, float(spacing), shapes, list(levels), discs, lo_corner, n, torso, organs, intensities, gas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rasterisation
+# ---------------------------------------------------------------------------------------------
+
+
+class _Canvas:
+    """World grid of one patient and the arrays painted on it."""
+
+    def __init__(self, patient: Patient):
+        self.p = patient
+        self.coords = [patient.origin[k] + patient.spacing * np.arange(patient.shape[k]) for k in range(3)]
+        self.hu = np.full(patient.shape, -1000.0, dtype=np.float32)
+        self.labels = np.zeros(patient.shape, dtype=np.uint8)
+        self.body = np.zeros(patient.shape, dtype=bool)
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...] | None:
+        sl = []
+        for k in range(3):
+            i0 = max(int(np.floor((lo[k] - self.p.origin[k]) / self.p.spacing)), 0)
+            i1 = min(int(np.ceil((hi[k] - self.p.origin[k]) / self.p.spacing)) + 1, self.p.shape[k])
+            if i1 <= i0:
+                return None
+            sl.append(slice(i0, i1))
+        return tuple(sl)
+
+    def local(self, centre: np.ndarray, axes: np.ndarray, local_box: np.ndarray):
+        """Slices of the grid covering ``local_box`` and the (h, a, r) coordinates of its voxels."""
+        corners = np.array(np.meshgrid(*local_box, indexing="ij")).reshape(3, -1).T
+        world = centre + corners @ axes
+        sl = self.box(world.min(axis=0), world.max(axis=0))
+        if sl is None:
+            return None
+        d = [(self.coords[k][sl[k]] - centre[k]).astype(np.float32) for k in range(3)]
+        dx, dy, dz = d[0][:, None, None], d[1][None, :, None], d[2][None, None, :]
+        h, a, r = (dx * ax[0] + dy * ax[1] + dz * ax[2] for ax in axes.astype(np.float32))
+        return sl, h, a, r
+
+    def xy(self, sl=(slice(None), slice(None))):
+        return self.coords[0][sl[0]][:, None].astype(np.float32), self.coords[1][sl[1]][None, :].astype(np.float32)
+
+
+def _ellipsoid(canvas: _Canvas, centre, radii, value: float, within: np.ndarray | None = None) -> None:
+    centre, radii = np.asarray(centre, float), np.asarray(radii, float)
+    sl = canvas.box(centre - radii, centre + radii)
+    if sl is None:
+        return
+    d = [((canvas.coords[k][sl[k]] - centre[k]) / radii[k]).astype(np.float32) for k in range(3)]
+    inside = d[0][:, None, None] ** 2 + d[1][None, :, None] ** 2 + d[2][None, None, :] ** 2 <= 1.0
+    if within is not None:
+        inside &= within[sl]
+    canvas.hu[sl][inside] = value
+
+
+def _spine_track(patient: Patient, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of the vertebral body centres interpolated at heights ``z``."""
+    c = np.array([s.centre for s in patient.shapes])
+    order = np.argsort(c[:, 2])
+    return np.interp(z, c[order, 2], c[order, 0]), np.interp(z, c[order, 2], c[order, 1])
+
+
+def _tube(canvas: _Canvas, dx: float, dy: float, rx, ry, value: float, z_range=None, within=None) -> None:
+    """An elliptic tube following the spine at offset (dx, dy); radii may be callables of z."""
+    z = canvas.coords[2]
+    ks = np.flatnonzero(np.ones_like(z, dtype=bool) if z_range is None else (z >= z_range[0]) & (z <= z_range[1]))
+    if ks.size == 0:
+        return
+    zsel = z[ks[0] : ks[-1] + 1]
+    cx, cy = _spine_track(canvas.p, zsel)
+    cx, cy = cx + dx, cy + dy
+    rxs = rx(zsel) if callable(rx) else np.full_like(zsel, rx)
+    rys = ry(zsel) if callable(ry) else np.full_like(zsel, ry)
+    lo = np.array([cx.min() - rxs.max(), cy.min() - rys.max(), zsel[0]])
+    hi = np.array([cx.max() + rxs.max(), cy.max() + rys.max(), zsel[-1]])
+    sl = canvas.box(lo, hi)
+    if sl is None:
+        return
+    sl = (sl[0], sl[1], slice(ks[0], ks[-1] + 1))
+    x, y = canvas.xy(sl)
+    inside = ((x[..., None] - cx) / rxs) ** 2 + ((y[..., None] - cy) / rys) ** 2 <= 1.0
+    if within is not None:
+        inside &= within[sl]
+    canvas.hu[sl][inside] = value
+
+
+def _paint_background(canvas: _Canvas, rng: np.random.Generator) -> None:
+    p, t = canvas.p, canvas.p.torso
+    x, y = canvas.xy()
+    e = t["exponent"]
+    outer = (np.abs(x - t["x"]) / t["rx"]) ** e + (np.abs(y - t["y"]) / t["ry"]) ** e <= 1.0
+    inner = (np.abs(x - t["x"]) / (t["rx"] - t["fat"])) ** e + (np.abs(y - t["y"]) / (t["ry"] - t["fat"])) ** e <= 1.0
+    base = np.where(inner, 35.0, np.where(outer, -100.0, -1000.0)).astype(np.float32)
+    canvas.hu[:] = base[:, :, None]
+    inner3 = np.broadcast_to(inner[:, :, None], p.shape)
+
+    # visceral fat mottling inside the abdomen
+    coarse = max(2, int(round(6.0 / p.spacing)))
+    small = rng.standard_normal(tuple(n // coarse + 2 for n in p.shape)).astype(np.float32)
+    field = ndimage.zoom(ndimage.gaussian_filter(small, 1.6), coarse, order=1)[: p.shape[0], : p.shape[1], : p.shape[2]]
+    fat = inner3 & (field > 0.25 * field.std())
+    canvas.hu[fat] = -90.0
+
+    z_bottom = min(s.centre[2] for s in p.shapes)
+    lumbar = [s for s in p.shapes if 20 <= level_position(s.vid) <= 24.5]
+    mean_a = float(np.mean([s.A for s in p.shapes]))
+    mean_w = float(np.mean([s.W for s in p.shapes]))
+    # organs
+    _ellipsoid(canvas, (70.0, t["y"] + 15, p.organs["liver_z"]), (75, 85, 95), 60.0, inner3)
+    for side in (-1, 1):
+        _ellipsoid(canvas, (side * 60.0, -5.0, p.organs["kidney_z"]), (24, 30, 55), 35.0, inner3)
+        _ellipsoid(canvas, (side * 60.0, -5.0, p.organs["kidney_z"]), (8, 12, 30), -40.0, inner3)
+    _tube(canvas, -18.0, mean_a + 14.0, 11.0, 11.0, p.organs["aorta_hu"], within=inner3)
+    _tube(canvas, 22.0, mean_a + 10.0, 13.0, 9.0, 45.0, within=inner3)
+    # muscles: paraspinal along the whole spine, psoas growing towards the pelvis
+    for side in (-1, 1):
+        _tube(canvas, side * 26.0, -(mean_a + 38.0), 20.0, 24.0, 55.0, within=inner3)
+        if lumbar:
+            z_l1 = max(s.centre[2] for s in lumbar)
+            _tube(canvas, side * (mean_w + 12.0), 0.0, lambda z: 6 + 18 * np.clip((z_l1 - z) / 120, 0, 1),
+                  lambda z: 6 + 14 * np.clip((z_l1 - z) / 120, 0, 1), 50.0, (z_bottom - 50, z_l1), inner3)
+    # lungs above the diaphragm, with domed bases
+    for side in (-1, 1):
+        _ellipsoid(canvas, (side * 95.0, 5.0, p.organs["lung_base_z"] + 140), (60, 70, 140), -850.0, inner3)
+    for centre, radii in p.gas:
+        _ellipsoid(canvas, centre, radii, -900.0, inner3)
+
+
+def _paint_discs(canvas: _Canvas) -> None:
+    for d in canvas.p.discs:
+        box = np.array([[-d.half_height, d.half_height], [-d.A, d.A], [-d.W, d.W]])
+        got = canvas.local(d.centre, d.axes, box)
+        if got is None:
+            continue
+        sl, h, a, r = got
+        shape = d.shape
+        rho = ((np.abs(a) / d.A) ** shape.exponent + (np.abs(r) / d.W) ** shape.exponent) ** (1 / shape.exponent)
+        inside = (rho <= 1.0) & (np.abs(h) <= d.half_height)
+        canvas.hu[sl][inside] = (70.0 + 30.0 * rho)[inside]
+
+
+def _paint_canals(canvas: _Canvas) -> None:
+    for s in canvas.p.shapes:
+        box = np.array([[-(s.H + s.disc_above) / 2 - 1, (s.H + s.disc_below) / 2 + 1],
+                        [s.wall - 1, s.canal_centre + s.canal_a + 1], [-s.canal_r - 1, s.canal_r + 1]])
+        got = canvas.local(s.centre, s.axes, box)
+        if got is None:
+            continue
+        sl, h, a, r = got
+        canvas.hu[sl][s.canal(h, a, r)] = 15.0
+
+
+def _paint_vertebra(canvas: _Canvas, s: VertebraShape, fractured: bool, posterior: bool = True) -> None:
+    """Draw posterior elements (optionally) and the body; a fractured body gives its lost space to disc."""
+    got = canvas.local(s.centre, s.axes, s.local_box())
+    if got is None:
+        return
+    sl, h, a, r = got
+    hu, lab, body = canvas.hu[sl], canvas.labels[sl], canvas.body[sl]
+    ints = canvas.p.intensities
+    label = s.vid
+    if posterior:
+        post = s.posterior(h, a, r)
+        core = ndimage.binary_erosion(post, iterations=max(1, int(round(1.2 / canvas.p.spacing))))
+        hu[post] = ints["cortical"] * 0.85
+        hu[core] = ints["posterior"]
+        lab[post] = label
+        body[post] = False
+    rho, top0, bot0, top, bot = s.extent(a, r, fractured)
+    inside_xs = rho <= 1.0
+    span = np.maximum(bot - top, 1e-3)
+    h_healthy = top0 + (h - top) * (bot0 - top0) / span  # where this voxel sat before the fracture
+    inside = inside_xs & (h >= top) & (h <= bot)
+    scale = s.waist_scale(h_healthy, top0, bot0)
+    inside &= s.cross_section(a / scale, r / scale) <= 1.0
+    if fractured and s.fracture is not None:
+        healthy_body = inside_xs & (h >= top0) & (h <= bot0)
+        scale0 = s.waist_scale(h, top0, bot0)
+        healthy_body &= s.cross_section(a / scale0, r / scale0) <= 1.0
+        lost = healthy_body & ~inside
+        hu[lost] = (70.0 + 30.0 * rho)[lost]
+        lab[lost] = 0
+        body[lost] = False
+    if not inside.any():
+        return
+    hb, ab, rb, h0 = h[inside], a[inside], r[inside], h_healthy[inside]
+    t0, b0, t, b = top0[inside], bot0[inside], top[inside], bot[inside]
+    rho_w = s.cross_section(ab / scale[inside], rb / scale[inside])
+    shell = max(1.2, 0.6 * canvas.p.spacing)
+    d_edge = np.minimum(np.minimum(hb - t, b - hb), (1.0 - rho_w) * min(s.A, s.W))
+    values = ints["cancellous"] + ints["texture"] * s.sample_texture(h0, ab, rb)
+    values = np.where(d_edge < shell, ints["cortical"], values)
+    if fractured and s.fracture is not None:  # impaction: denser bone under a collapsed endplate
+        sup, inf = t - t0, b0 - b
+        values += 250.0 * np.clip(sup / 4.0, 0, 1) * (hb - t < 3.0) + 250.0 * np.clip(inf / 4.0, 0, 1) * (b - hb < 3.0)
+    hu[inside] = values
+    lab[inside] = label
+    body[inside] = not s.sacrum
+
+
+def render(patient: Patient, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rasterise the healthy and fractured patient; returns HU volumes (int16) and label volumes (uint8)."""
+    canvas = _Canvas(patient)
+    _paint_background(canvas, rng)
+    _paint_discs(canvas)
+    _paint_canals(canvas)
+    for s in patient.shapes:
+        _paint_vertebra(canvas, s, fractured=False)
+    healthy_hu, healthy_lab = canvas.hu.copy(), canvas.labels.copy()
+    for s in patient.shapes:
+        if s.fracture is not None:
+            _paint_vertebra(canvas, s, fractured=True, posterior=False)
+    noise = rng.standard_normal(patient.shape, dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, 0.6)
+    noise *= patient.intensities["noise"] / (noise.std() + 1e-6)
+
+    def to_hu(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(x + noise), -1024, 3071).astype(np.int16)
+
+    return {
+        "ct": to_hu(canvas.hu),
+        "mask": canvas.labels,
+        "body": np.where(canvas.body, canvas.labels, 0).astype(np.uint8),
+        "healthy_ct": to_hu(healthy_hu),
+        "healthy_mask": healthy_lab,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One patient, the whole dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def truth_rows(patient: Patient) -> list[dict]:
+    """One truth row per full level: grade, type and heights measured on the analytic geometry."""
+    rows = []
+    for s in patient.shapes:
+        if s.vid not in patient.full_levels:
+            continue
+        healthy = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=False))
+        fractured = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=True)) if s.fracture else healthy
+        grade = genant_from_heights(healthy, fractured)
+        rows.append(_row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured))
+    return rows
+
+
+def _row(pid: str, vid: int, grade: int, kind: str, healthy: BodyHeights, fractured: BodyHeights) -> dict:
+    row = {"pid": pid, "vid": int(vid), "grade": int(grade), "fracture_type": kind}
+    for prefix, hts in (("healthy", healthy), ("fractured", fractured)):
+        for region, value in hts.as_dict().items():
+            row[f"{prefix}_{region}_mm"] = round(float(value), 3)
+    return row
+
+
+def geometry_record(patient: Patient) -> dict:
+    return {
+        "pid": patient.pid,
+        "spacing_mm": patient.spacing,
+        "frame": "world RAS mm; axes rows: height (towards inferior), AP (towards posterior), LR (towards left)",
+        "vertebrae": [
+            {
+                "vid": s.vid,
+                "name": label_schemes.vertebra_name(s.vid),
+                "full": s.vid in patient.full_levels,
+                "centre_mm": [round(float(c), 4) for c in s.centre],
+                "axes": {k: [round(float(c), 6) for c in s.axes[i]] for i, k in enumerate(("height", "ap", "lr"))},
+                "body_height_mm": round(s.H, 4),
+                "body_depth_mm": round(2 * s.A, 4),
+                "body_width_mm": round(2 * s.W, 4),
+                "fracture_type": s.fracture.kind if s.fracture else "none",
+            }
+            for s in patient.shapes
+        ],
+    }
+
+
+def generate_patient(
+    out: Path, index: int, seed: int, levels: list[int], spacing: float, fracture_fraction: float,
+    straight: bool = False,
+) -> list[dict]:
+    """Build, render and write patient ``index``; returns its truth rows."""
+    pid = f"phantom{index:03d}"
+    rng = np.random.default_rng([int(seed), int(index)])
+    patient = build_patient(pid, rng, levels, spacing, fracture_fraction, straight)
+    vols = render(patient, rng)
+    aff = patient.affine
+    raw, truth = out / "raw" / pid, out / "truth" / pid
+    save_nifti(raw / f"{pid}.nii.gz", vols["ct"], aff)
+    save_nifti(raw / f"{pid}_msk.nii.gz", vols["mask"], aff)
+    volumes = label_volumes_mm3(vols["mask"], spacing**3)
+    kept = complete_vertebrae(volumes)
+    write_centroids(raw / f"{pid}.json", label_centroids(vols["mask"], kept))
+    save_nifti(truth / f"{pid}_healthy.nii.gz", vols["healthy_ct"], aff)
+    save_nifti(truth / f"{pid}_healthy_msk.nii.gz", vols["healthy_mask"], aff)
+    save_nifti(truth / f"{pid}_body_msk.nii.gz", vols["body"], aff)
+    write_json(truth / f"{pid}_geometry.json", geometry_record(patient))
+    return truth_rows(patient)
+
+
+def split_patients(pids: list[str], seed: int) -> dict[str, list[str]]:
+    """Split by patient, about 60/20/20, every split non-empty from three patients on."""
+    order = [pids[i] for i in np.random.default_rng([int(seed), 2**31 - 1]).permutation(len(pids))]
+    n = len(order)
+    n_val = max(1, round(0.2 * n)) if n >= 3 else 0
+    n_test = max(1, round(0.2 * n)) if n >= 2 else 0
+    return {
+        "train": sorted(order[: n - n_val - n_test]),
+        "val": sorted(order[n - n_val - n_test : n - n_test]),
+        "test": sorted(order[n - n_test :]),
+    }
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def generate(
+    out: str | Path,
+    patients: int,
+    seed: int,
+    spacing_mm: float = 1.0,
+    levels: str = "T10-L5",
+    fracture_fraction: float = 0.3,
+    workers: int = 1,
+    straight: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Write a phantom dataset to ``out``; returns the truth rows."""
+    out = Path(out)
+    if patients < 1:
+        raise InputError(f"--patients must be at least 1, got {patients}")
+    if spacing_mm <= 0 or spacing_mm > 4:
+        raise InputError(f"--spacing_mm must be in (0, 4], got {spacing_mm}")
+    if not 0 <= fracture_fraction <= 1:
+        raise InputError(f"--fracture_fraction must be in [0, 1], got {fracture_fraction}")
+    try:
+        level_ids = label_schemes.parse_levels(levels)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"--levels {levels!r}: {exc}") from exc
+    bad = [v for v in level_ids if not 3 <= level_position(v) <= 24]
+    if bad:
+        raise InputError(f"--levels {levels!r}: the phantom draws C3-L5; cannot draw {bad}")
+    if (out / "vertebra_data.json").exists() and not overwrite:
+        raise InputError(f"{out}: already holds a dataset (vertebra_data.json); pass --overwrite to replace it")
+
+    args = [(out, i, seed, level_ids, spacing_mm, fracture_fraction, straight) for i in range(patients)]
+    rows: list[dict] = []
+    bar = tqdm(total=patients, desc="phantom patients", unit="patient", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(generate_patient, *a) for a in args]
+            for fut in futures:
+                rows.extend(fut.result())
+                bar.update()
+    else:
+        for a in args:
+            rows.extend(generate_patient(*a))
+            bar.update()
+    bar.close()
+
+    pids = [f"phantom{i:03d}" for i in range(patients)]
+    split = split_patients(pids, seed)
+    grades = {(r["pid"], r["vid"]): r["grade"] for r in rows}
+    data = {
+        name: {f"{pid}_{vid}": g for (pid, vid), g in sorted(grades.items()) if pid in members}
+        for name, members in split.items()
+    }
+    write_json(out / "vertebra_data.json", data)
+    write_text(out / "truth" / "vertebrae.csv", _csv_text(rows))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data.phantom", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="dataset root to write")
+    parser.add_argument("--patients", type=int, default=4, help="number of patients")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
+    parser.add_argument("--spacing_mm", type=float, default=1.0, help="isotropic voxel size in mm")
+    parser.add_argument("--levels", default="T10-L5", help="complete levels to draw, e.g. T10-L5 or T12,L1,L2")
+    parser.add_argument("--fracture_fraction", type=float, default=0.3, help="mean share of fractured levels")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--straight", action="store_true", help="no curvature or scoliosis (for geometry tests)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        rows = generate(opt.out, opt.patients, opt.seed, opt.spacing_mm, opt.levels, opt.fracture_fraction,
+                        opt.workers, opt.straight, opt.overwrite)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = np.bincount([r["grade"] for r in rows], minlength=4)
+    print(
+        f"wrote {opt.patients} patients, {len(rows)} vertebrae (grades 0/1/2/3: {'/'.join(map(str, counts))}) "
+        f"at {opt.spacing_mm} mm to {opt.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

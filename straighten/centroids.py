@@ -1,0 +1,112 @@
+"""Vertebra centroids and the centroid json file.
+
+The file keeps the reference format so existing data drops in: a list sorted by label of
+``{"label": id, "X": i, "Y": j, "Z": k}``, where X, Y, Z are the mean voxel indices along array
+axes 0, 1, 2 of the mask *as stored on disk* (not mm, not world coordinates). Labels are VerSe
+ids whatever the mask's own scheme.
+
+Partially visible end vertebrae are left out by a volume threshold in mm³, which keeps the
+reference's intent (6000 voxels cranially, 8000 caudally, at its assumed 1 mm³ voxels) at any
+voxel size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from data import label_schemes
+from util.atomic import write_json
+from util.errors import input_error
+
+MIN_CRANIAL_VOLUME_MM3 = 6000.0
+MIN_CAUDAL_VOLUME_MM3 = 8000.0
+
+
+def vertebra_labels(mask: np.ndarray) -> list[int]:
+    """Vertebra ids present in ``mask`` (sacrum, coccyx and background excluded), cranial to caudal."""
+    present = np.unique(mask)
+    return label_schemes.sort_spine_order(int(v) for v in present if label_schemes.is_vertebra(v))
+
+
+def label_centroids(mask: np.ndarray, labels: list[int] | None = None) -> dict[int, np.ndarray]:
+    """Mean voxel index (axes 0, 1, 2) of each label."""
+    labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
+    if not labels:
+        return {}
+    centres = ndimage.center_of_mass(np.ones(mask.shape, dtype=np.uint8), labels=mask, index=labels)
+    return {vid: np.asarray(c, dtype=np.float64) for vid, c in zip(labels, centres, strict=True)}
+
+
+def label_volumes_mm3(mask: np.ndarray, voxel_volume_mm3: float, labels: list[int] | None = None) -> dict[int, float]:
+    """Volume of each label in mm³."""
+    labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
+    counts = np.bincount(mask.ravel().astype(np.int64), minlength=max(labels, default=0) + 1)
+    return {vid: float(counts[vid]) * voxel_volume_mm3 for vid in labels}
+
+
+def complete_vertebrae(
+    volumes_mm3: dict[int, float],
+    min_cranial_mm3: float = MIN_CRANIAL_VOLUME_MM3,
+    min_caudal_mm3: float = MIN_CAUDAL_VOLUME_MM3,
+) -> list[int]:
+    """Vertebrae in cranial-to-caudal order, without the end ones too small to be whole.
+
+    Only the cranial-most and caudal-most vertebrae are tested, as partial visibility happens
+    at the edges of the field of view.
+    """
+    order = label_schemes.sort_spine_order(volumes_mm3)
+    if order and volumes_mm3[order[0]] < min_cranial_mm3:
+        order = order[1:]
+    if order and volumes_mm3[order[-1]] < min_caudal_mm3:
+        order = order[:-1]
+    return order
+
+
+def centroid_records(centroids: dict[int, np.ndarray]) -> list[dict]:
+    """The json records, sorted by label."""
+    return [
+        {"label": int(vid), "X": float(c[0]), "Y": float(c[1]), "Z": float(c[2])}
+        for vid, c in sorted(centroids.items())
+    ]
+
+
+def write_centroids(path: str | os.PathLike, centroids: dict[int, np.ndarray]) -> None:
+    """Write the centroid json atomically."""
+    write_json(path, centroid_records(centroids), indent=4)
+
+
+def read_centroids(path: str | os.PathLike) -> dict[int, np.ndarray]:
+    """Read a centroid json in the reference format; clear errors for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise input_error(path, "centroid file not found; write it with straighten/location_json_local.py")
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise input_error(path, f"unreadable centroid json ({exc})") from exc
+    if not isinstance(records, list):
+        raise input_error(path, "centroid json must be a list of {label, X, Y, Z} records")
+    if any(isinstance(r, dict) and "direction" in r for r in records):
+        raise input_error(
+            path,
+            "this is a VerSe centroid file (it has a 'direction' entry, coordinates in another frame); "
+            "write the centroid json with straighten/location_json_local.py",
+        )
+    out: dict[int, np.ndarray] = {}
+    for i, rec in enumerate(records):
+        try:
+            vid = int(rec["label"])
+            xyz = np.array([float(rec["X"]), float(rec["Y"]), float(rec["Z"])])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise input_error(path, f"record {i} is not {{label, X, Y, Z}} with numbers: {rec!r}") from exc
+        if not np.all(np.isfinite(xyz)):
+            raise input_error(path, f"record {i} (label {vid}) has non-finite coordinates")
+        if vid in out:
+            raise input_error(path, f"label {vid} is listed twice")
+        out[vid] = xyz
+    return out
