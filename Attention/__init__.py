@@ -1,0 +1,1 @@
+"""Fracture classifier and Grad-CAM++ maps (the HGAM guidance)."""

@@ -1,0 +1,165 @@
+"""The model base class, with the pix2pix API that users of that codebase know.
+
+Subclasses fill ``loss_names``, ``model_names`` (networks are attributes ``net<name>``),
+``visual_names`` and ``optimizers``, and implement ``set_input``, ``forward`` and
+``optimize_parameters``. Losses are stored as attributes ``loss_<name>``.
+
+Checkpoints: ``<epoch>_net_<name>.pth`` holds one network's state_dict (loadable by pix2pix tools),
+and ``<epoch>_train_state.pth`` holds the optimisers, schedulers, epoch, iteration, random state
+and options, so ``--continue_train`` resumes exactly. Everything is written atomically and read
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.schedulers import get_scheduler
+from options.base_options import device_of
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+class BaseModel(ABC):
+    """Base class of every model."""
+
+    def __init__(self, opt: argparse.Namespace):
+        self.opt = opt
+        self.gpu_ids = list(getattr(opt, "gpu_ids", []))
+        self.isTrain = bool(getattr(opt, "isTrain", False))
+        self.device = device_of(opt)
+        self.save_dir = Path(opt.checkpoints_dir) / opt.name
+        if getattr(opt, "preprocess", "none") != "scale_width":
+            torch.backends.cudnn.benchmark = True
+        self.loss_names: list[str] = []
+        self.model_names: list[str] = []
+        self.visual_names: list[str] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.schedulers: list = []
+        self.image_paths: list[str] = []
+        self.metric = 0.0  # for the plateau policy
+
+    @staticmethod
+    def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
+        """Add model-specific flags or change defaults."""
+        return parser
+
+    @abstractmethod
+    def set_input(self, input: dict) -> None:
+        """Unpack a batch from the data loader and move it to the device."""
+
+    @abstractmethod
+    def forward(self) -> None:
+        """Run the networks forward."""
+
+    @abstractmethod
+    def optimize_parameters(self) -> None:
+        """Compute losses and gradients and update the networks, once per iteration."""
+
+    # --- set-up ---------------------------------------------------------------------------
+    def setup(self, opt: argparse.Namespace) -> None:
+        """Create schedulers; load networks when testing or resuming; print the networks."""
+        if self.isTrain:
+            self.schedulers = [get_scheduler(optimizer, opt) for optimizer in self.optimizers]
+        if not self.isTrain or getattr(opt, "continue_train", False):
+            suffix = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
+            self.load_networks(suffix)
+            if self.isTrain:
+                self.load_train_state(suffix)
+        self.print_networks(getattr(opt, "verbose", False))
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, f"net{name}") for name in self.model_names}
+
+    def eval(self) -> None:
+        for net in self.networks().values():
+            net.eval()
+
+    def train(self) -> None:
+        for net in self.networks().values():
+            net.train()
+
+    def test(self) -> None:
+        """Forward without gradients, then compute the extra visuals."""
+        with torch.no_grad():
+            self.forward()
+            self.compute_visuals()
+
+    def compute_visuals(self) -> None:
+        """Compute additional images for display (optional)."""
+
+    def get_image_paths(self) -> list[str]:
+        return self.image_paths
+
+    def update_learning_rate(self) -> float:
+        """Step every scheduler once (per epoch); returns the new learning rate."""
+        for scheduler in self.schedulers:
+            if self.opt.lr_policy == "plateau":
+                scheduler.step(self.metric)
+            else:
+                scheduler.step()
+        return self.optimizers[0].param_groups[0]["lr"] if self.optimizers else 0.0
+
+    def get_current_visuals(self) -> OrderedDict:
+        return OrderedDict((name, getattr(self, name)) for name in self.visual_names if isinstance(name, str))
+
+    def get_current_losses(self) -> OrderedDict:
+        return OrderedDict((name, float(getattr(self, f"loss_{name}"))) for name in self.loss_names)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def save_networks(self, epoch: int | str) -> None:
+        """Write ``<epoch>_net_<name>.pth`` for each network (CPU tensors, no DataParallel prefix)."""
+        for name, net in self.networks().items():
+            module = net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            save_checkpoint(state, self.save_dir / f"{epoch}_net_{name}.pth")
+
+    def load_networks(self, epoch: int | str) -> None:
+        for name, net in self.networks().items():
+            module = net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            state = load_checkpoint(self.save_dir / f"{epoch}_net_{name}.pth", map_location=self.device)
+            module.load_state_dict(state)
+
+    def save_train_state(self, epoch: int | str, epoch_done: int, total_iters: int) -> None:
+        """Write ``<epoch>_train_state.pth``: optimisers, schedulers, counters, random state, options."""
+        state = {
+            "epoch": int(epoch_done),
+            "total_iters": int(total_iters),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "rng": rng_state(),
+            "options": {k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)},
+        }
+        save_checkpoint(state, self.save_dir / f"{epoch}_train_state.pth")
+
+    def load_train_state(self, epoch: int | str) -> dict:
+        """Restore optimisers, schedulers and random state; returns the saved counters."""
+        state = load_checkpoint(self.save_dir / f"{epoch}_train_state.pth", map_location=self.device)
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        set_rng_state(state["rng"])
+        self.resume_state = {"epoch": state["epoch"], "total_iters": state["total_iters"]}
+        return self.resume_state
+
+    def print_networks(self, verbose: bool = False) -> None:
+        print("---------- Networks initialized -------------")
+        for name, net in self.networks().items():
+            n = sum(p.numel() for p in net.parameters())
+            if verbose:
+                print(net)
+            print(f"[Network {name}] Total number of parameters : {n / 1e6:.3f} M")
+        print("-----------------------------------------------")
+
+    @staticmethod
+    def set_requires_grad(nets: nn.Module | list[nn.Module | None], requires_grad: bool = False) -> None:
+        for net in nets if isinstance(nets, list) else [nets]:
+            if net is not None:
+                for param in net.parameters():
+                    param.requires_grad = requires_grad

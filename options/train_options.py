@@ -1,0 +1,40 @@
+"""Training flags: display and saving frequencies, schedule, optimiser, resuming."""
+
+from __future__ import annotations
+
+import argparse
+
+from options.base_options import BaseOptions
+
+
+class TrainOptions(BaseOptions):
+    is_train = True
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = super().initialize(parser)
+        g = parser.add_argument_group("display and saving")
+        g.add_argument("--display_freq", type=int, default=400, help="iterations between saved result images")
+        g.add_argument("--display_ncols", type=int, default=4, help="images per row in visdom")
+        g.add_argument("--display_id", type=int, default=0, help="visdom window id; 0 = no visdom (default)")
+        g.add_argument("--display_server", default="http://localhost", help="visdom server")
+        g.add_argument("--display_env", default="main", help="visdom environment")
+        g.add_argument("--display_port", type=int, default=8097, help="visdom port")
+        g.add_argument("--update_html_freq", type=int, default=1000, help="iterations between HTML updates")
+        g.add_argument("--print_freq", type=int, default=100, help="iterations between loss prints")
+        g.add_argument("--no_html", action="store_true", help="do not write the HTML page")
+        g.add_argument("--save_latest_freq", type=int, default=5000, help="iterations between 'latest' saves")
+        g.add_argument("--save_epoch_freq", type=int, default=5, help="epochs between numbered saves")
+        g.add_argument("--save_by_iter", action="store_true", help="name checkpoints by iteration")
+        g.add_argument("--continue_train", action="store_true", help="resume from --epoch (exactly)")
+        g.add_argument("--epoch_count", type=int, default=1, help="first epoch number")
+        g.add_argument("--phase", default="train", help="train | val | test")
+        g = parser.add_argument_group("schedule and optimiser")
+        g.add_argument("--n_epochs", type=int, default=200, help="epochs at the initial learning rate")
+        g.add_argument("--n_epochs_decay", type=int, default=800, help="epochs of linear decay to zero")
+        g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+        g.add_argument("--lr", type=float, default=2e-4, help="initial learning rate")
+        g.add_argument("--gan_mode", default="vanilla", help="vanilla | lsgan | wgangp")
+        g.add_argument("--pool_size", type=int, default=0, help="image buffer for the discriminators")
+        g.add_argument("--lr_policy", default="linear", help="linear | step | plateau | cosine")
+        g.add_argument("--lr_decay_iters", type=int, default=50, help="step policy: epochs between decays")
+        return parser
