@@ -12,7 +12,9 @@ from util.pending import not_available
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_available("eval_3d_sagittal_twostage.py", "iterative 3D synthesis (needs the healthivert model)")
+    return not_available(
+        "eval_3d_sagittal_twostage.py", "iterative 3D synthesis (needs the healthivert model)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run a trained model on a split and write its result images to an HTML page.
 
-    python test.py --dataroot D --name NAME --model healthivert --phase test --epoch latest
+python test.py --dataroot D --name NAME --model healthivert --phase test --epoch latest
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         model.set_input(data)
         model.test()
-        stem = Path(str(model.get_image_paths()[0])).name.split(".")[0] if model.get_image_paths() else f"{i:05d}"
+        stem = (
+            Path(str(model.get_image_paths()[0])).name.split(".")[0]
+            if model.get_image_paths()
+            else f"{i:05d}"
+        )
         names, paths = [], []
         for label, tensor in model.get_current_visuals().items():
             rel = f"images/{stem}_{label}.png"

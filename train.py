@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             model.optimize_parameters()
             if total_iters % opt.display_freq == 0:
                 model.compute_visuals()
-                visualizer.display_current_results(model.get_current_visuals(), epoch,
-                                                   total_iters % opt.update_html_freq == 0)
+                visualizer.display_current_results(
+                    model.get_current_visuals(), epoch, total_iters % opt.update_html_freq == 0
+                )
             if total_iters % opt.print_freq == 0:
                 losses = model.get_current_losses()
                 t_comp = (time.time() - iter_start) / opt.batch_size
@@ -74,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             for tag in ("latest", epoch):
                 model.save_networks(tag)
                 model.save_train_state(tag, epoch, total_iters)
-        print(f"end of epoch {epoch} / {last_epoch}, {time.time() - epoch_start:.1f} s, learning rate {lr:.7f}")
-    print(f"trained {opt.model} for epochs {first_epoch}-{last_epoch} ({total_iters} samples) "
-          f"in {time.time() - start:.1f} s; checkpoints in {visualizer.run_dir}")
+        print(
+            f"end of epoch {epoch} / {last_epoch}, {time.time() - epoch_start:.1f} s, learning rate {lr:.7f}"
+        )
+    print(
+        f"trained {opt.model} for epochs {first_epoch}-{last_epoch} ({total_iters} samples) "
+        f"in {time.time() - start:.1f} s; checkpoints in {visualizer.run_dir}"
+    )
     return 0
 
 

@@ -23,7 +23,9 @@ class BaseDataset(torch.utils.data.Dataset, ABC):
         self.root = opt.dataroot
 
     @staticmethod
-    def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
+    def modify_commandline_options(
+        parser: argparse.ArgumentParser, is_train: bool
+    ) -> argparse.ArgumentParser:
         """Add dataset-specific flags or change defaults."""
         return parser
 

@@ -119,8 +119,12 @@ def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
         raise input_error(path, str(exc)) from exc
     dropped = np.setdiff1d(np.unique(labels), list(label_schemes.SCHEMES[label_scheme]) + [0])
     if dropped.size:
-        log.info("%s: ids %s are not vertebrae in the %s scheme; set to background", path, dropped.tolist(),
-                 label_scheme)
+        log.info(
+            "%s: ids %s are not vertebrae in the %s scheme; set to background",
+            path,
+            dropped.tolist(),
+            label_scheme,
+        )
     if not any(label_schemes.is_vertebra(v) for v in np.unique(mapped)):
         raise input_error(path, f"mask has no vertebra labels (label scheme {label_scheme!r})")
     return Volume(mapped, affine, Path(path))
@@ -197,7 +201,7 @@ def sample_world(
     """Sample ``array`` at world points (..., 3) through its affine; outside the volume gives ``cval``."""
     points_mm = np.asarray(points_mm, dtype=np.float64)
     ijk = world_to_voxel(affine, points_mm.reshape(-1, 3)).T
-    out = ndimage.map_coordinates(array, ijk, order=order, mode="constant", cval=cval, prefilter=False)
+    out = ndimage.map_coordinates(array, ijk, order=order, mode="grid-constant", cval=cval, prefilter=False)
     return out.reshape(points_mm.shape[:-1])
 
 

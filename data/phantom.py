@@ -51,7 +51,7 @@ from data.phantom_anatomy import (
     level_position,
     local_axes,
 )
-from evaluation.heights import BodyHeights, genant_from_heights, heights_from_columns, height_reduction
+from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
 from straighten.centroids import complete_vertebrae, label_centroids, label_volumes_mm3, write_centroids
 from util.atomic import write_json, write_text
 from util.errors import InputError
@@ -59,9 +59,16 @@ from util.errors import InputError
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
-    "pid", "vid", "grade", "fracture_type",
-    "healthy_anterior_mm", "healthy_middle_mm", "healthy_posterior_mm",
-    "fractured_anterior_mm", "fractured_middle_mm", "fractured_posterior_mm",
+    "pid",
+    "vid",
+    "grade",
+    "fracture_type",
+    "healthy_anterior_mm",
+    "healthy_middle_mm",
+    "healthy_posterior_mm",
+    "fractured_anterior_mm",
+    "fractured_middle_mm",
+    "fractured_posterior_mm",
 )
 # Target largest height reduction per Genant grade, kept away from the grade boundaries.
 GRADE_TARGETS = {1: (0.21, 0.24), 2: (0.27, 0.38), 3: (0.43, 0.55)}
@@ -114,7 +121,11 @@ def _curvature_angles(rng: np.random.Generator, straight: bool) -> tuple[np.ndar
     kappa = np.where(p < 7.5, -6.0 * lord, np.where(p < 19.5, 3.6 * kyph, -10.0 * lord))
     kappa = ndimage.gaussian_filter1d(kappa, 60)  # blend the regions over about a level
     scoliotic = rng.random() < 0.35
-    amp, period, phase = rng.uniform(1.5, 4.0) * rng.choice([-1, 1]), rng.uniform(8, 14), rng.uniform(0, 2 * np.pi)
+    amp, period, phase = (
+        rng.uniform(1.5, 4.0) * rng.choice([-1, 1]),
+        rng.uniform(8, 14),
+        rng.uniform(0, 2 * np.pi),
+    )
     kappa_c = amp * np.sin(2 * np.pi * p / period + phase) if scoliotic else np.zeros_like(p)
     if straight:
         kappa, kappa_c = np.zeros_like(p), np.zeros_like(p)
@@ -132,7 +143,9 @@ def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
     shape.fracture = fracture
     for _ in range(40):
         fracture.amplitude = 0.5 * (lo + hi)
-        got = float(np.max(height_reduction(healthy, heights_from_columns(shape.column_heights(TRUTH_STEP_MM)))))
+        got = float(
+            np.max(height_reduction(healthy, heights_from_columns(shape.column_heights(TRUTH_STEP_MM))))
+        )
         if got < target:
             lo = fracture.amplitude
         else:
@@ -171,7 +184,11 @@ def build_patient(
         jit = rng.uniform(0.97, 1.03, size=3)
         is_sacrum = vid == label_schemes.SACRUM
         lumbar = p >= 19.5
-        wedge = rng.uniform(-0.10, 0.0) if p >= 24 else (rng.uniform(-0.06, 0.04) if lumbar else rng.uniform(0.0, 0.12))
+        wedge = (
+            rng.uniform(-0.10, 0.0)
+            if p >= 24
+            else (rng.uniform(-0.06, 0.04) if lumbar else rng.uniform(0.0, 0.12))
+        )
         shape = VertebraShape(
             vid=int(vid),
             centre=np.zeros(3),
@@ -206,8 +223,9 @@ def build_patient(
     # Stack the bodies along their tangents, then centre the full levels on the origin.
     for i in range(1, len(shapes)):
         up, lo = shapes[i - 1], shapes[i]
-        t_disc = local_axes(*(0.5 * (np.array([alpha[i - 1], beta[i - 1]]) + [alpha[i], beta[i]])
-                              - [alpha_off, beta_off]))[0]
+        t_disc = local_axes(
+            *(0.5 * (np.array([alpha[i - 1], beta[i - 1]]) + [alpha[i], beta[i]]) - [alpha_off, beta_off])
+        )[0]
         lo.centre = up.centre + up.H / 2 * up.axes[0] + up.disc_below * t_disc + lo.H / 2 * lo.axes[0]
     shift = np.mean([s.centre for s, f in zip(shapes, full, strict=True) if f], axis=0)
     for s in shapes:
@@ -218,9 +236,19 @@ def build_patient(
         up, lo = shapes[i], shapes[i + 1]
         bottom = up.centre + up.H / 2 * up.axes[0]
         top = lo.centre - lo.H / 2 * lo.axes[0]
-        axes = local_axes(*(0.5 * (np.array([alpha[i], beta[i]]) + [alpha[i + 1], beta[i + 1]]) - [alpha_off, beta_off]))
-        discs.append(Disc(0.5 * (bottom + top), axes, min(up.A, lo.A), min(up.W, lo.W),
-                          0.5 * float(np.linalg.norm(top - bottom)) + 3.0, up))
+        axes = local_axes(
+            *(0.5 * (np.array([alpha[i], beta[i]]) + [alpha[i + 1], beta[i + 1]]) - [alpha_off, beta_off])
+        )
+        discs.append(
+            Disc(
+                0.5 * (bottom + top),
+                axes,
+                min(up.A, lo.A),
+                min(up.W, lo.W),
+                0.5 * float(np.linalg.norm(top - bottom)) + 3.0,
+                up,
+            )
+        )
 
     # Fractures: more likely at the thoracolumbar junction (T11-L2).
     weights = np.array([1.6 if 18 <= level_position(v) <= 21 else 0.8 for v in levels])
@@ -248,7 +276,9 @@ def build_patient(
         z_hi = min(z_hi, shapes[0].centre[2] - 0.2 * shapes[0].H)
         z_hi = max(z_hi, full_shapes[0].centre[2] + full_shapes[0].H / 2 + full_shapes[0].disc_above + 2.0)
     if caudal:
-        z_lo = max(z_lo, shapes[-1].centre[2] + (0.0 if caudal == label_schemes.SACRUM else 0.2) * shapes[-1].H)
+        z_lo = max(
+            z_lo, shapes[-1].centre[2] + (0.0 if caudal == label_schemes.SACRUM else 0.2) * shapes[-1].H
+        )
         z_lo = min(z_lo, full_shapes[-1].centre[2] - full_shapes[-1].H / 2 - full_shapes[-1].disc_below - 2.0)
 
     reach = max(s.canal_centre + s.canal_a + s.lamina + s.sp_len for s in full_shapes)
@@ -277,9 +307,13 @@ def build_patient(
     }
     gas = []
     for _ in range(int(rng.integers(3, 7))):
-        centre = np.array([rng.uniform(-80, 80), torso["y"] + rng.uniform(10, 0.7 * ry), rng.uniform(z_lo, z_hi)])
+        centre = np.array(
+            [rng.uniform(-80, 80), torso["y"] + rng.uniform(10, 0.7 * ry), rng.uniform(z_lo, z_hi)]
+        )
         gas.append((centre, rng.uniform(6, 18, size=3)))
-    return Patient(pid, float(spacing), shapes, list(levels), discs, lo_corner, n, torso, organs, intensities, gas)
+    return Patient(
+        pid, float(spacing), shapes, list(levels), discs, lo_corner, n, torso, organs, intensities, gas
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +354,9 @@ class _Canvas:
         return sl, h, a, r
 
     def xy(self, sl=(slice(None), slice(None))):
-        return self.coords[0][sl[0]][:, None].astype(np.float32), self.coords[1][sl[1]][None, :].astype(np.float32)
+        return self.coords[0][sl[0]][:, None].astype(np.float32), self.coords[1][sl[1]][None, :].astype(
+            np.float32
+        )
 
 
 def _ellipsoid(canvas: _Canvas, centre, radii, value: float, within: np.ndarray | None = None) -> None:
@@ -345,7 +381,9 @@ def _spine_track(patient: Patient, z: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _tube(canvas: _Canvas, dx: float, dy: float, rx, ry, value: float, z_range=None, within=None) -> None:
     """An elliptic tube following the spine at offset (dx, dy); radii may be callables of z."""
     z = canvas.coords[2]
-    ks = np.flatnonzero(np.ones_like(z, dtype=bool) if z_range is None else (z >= z_range[0]) & (z <= z_range[1]))
+    ks = np.flatnonzero(
+        np.ones_like(z, dtype=bool) if z_range is None else (z >= z_range[0]) & (z <= z_range[1])
+    )
     if ks.size == 0:
         return
     zsel = z[ks[0] : ks[-1] + 1]
@@ -371,7 +409,9 @@ def _paint_background(canvas: _Canvas, rng: np.random.Generator) -> None:
     x, y = canvas.xy()
     e = t["exponent"]
     outer = (np.abs(x - t["x"]) / t["rx"]) ** e + (np.abs(y - t["y"]) / t["ry"]) ** e <= 1.0
-    inner = (np.abs(x - t["x"]) / (t["rx"] - t["fat"])) ** e + (np.abs(y - t["y"]) / (t["ry"] - t["fat"])) ** e <= 1.0
+    inner = (np.abs(x - t["x"]) / (t["rx"] - t["fat"])) ** e + (
+        np.abs(y - t["y"]) / (t["ry"] - t["fat"])
+    ) ** e <= 1.0
     base = np.where(inner, 35.0, np.where(outer, -100.0, -1000.0)).astype(np.float32)
     canvas.hu[:] = base[:, :, None]
     inner3 = np.broadcast_to(inner[:, :, None], p.shape)
@@ -379,7 +419,9 @@ def _paint_background(canvas: _Canvas, rng: np.random.Generator) -> None:
     # visceral fat mottling inside the abdomen
     coarse = max(2, int(round(6.0 / p.spacing)))
     small = rng.standard_normal(tuple(n // coarse + 2 for n in p.shape)).astype(np.float32)
-    field = ndimage.zoom(ndimage.gaussian_filter(small, 1.6), coarse, order=1)[: p.shape[0], : p.shape[1], : p.shape[2]]
+    field = ndimage.zoom(ndimage.gaussian_filter(small, 1.6), coarse, order=1)[
+        : p.shape[0], : p.shape[1], : p.shape[2]
+    ]
     fat = inner3 & (field > 0.25 * field.std())
     canvas.hu[fat] = -90.0
 
@@ -395,12 +437,24 @@ def _paint_background(canvas: _Canvas, rng: np.random.Generator) -> None:
     _tube(canvas, -18.0, mean_a + 14.0, 11.0, 11.0, p.organs["aorta_hu"], within=inner3)
     _tube(canvas, 22.0, mean_a + 10.0, 13.0, 9.0, 45.0, within=inner3)
     # muscles: paraspinal along the whole spine, psoas growing towards the pelvis
+    z_l1 = max(s.centre[2] for s in lumbar) if lumbar else None
+
+    def psoas_radius(z: np.ndarray, grow: float) -> np.ndarray:
+        return 6 + grow * np.clip((z_l1 - z) / 120, 0, 1)
+
     for side in (-1, 1):
         _tube(canvas, side * 26.0, -(mean_a + 38.0), 20.0, 24.0, 55.0, within=inner3)
         if lumbar:
-            z_l1 = max(s.centre[2] for s in lumbar)
-            _tube(canvas, side * (mean_w + 12.0), 0.0, lambda z: 6 + 18 * np.clip((z_l1 - z) / 120, 0, 1),
-                  lambda z: 6 + 14 * np.clip((z_l1 - z) / 120, 0, 1), 50.0, (z_bottom - 50, z_l1), inner3)
+            _tube(
+                canvas,
+                side * (mean_w + 12.0),
+                0.0,
+                lambda z: psoas_radius(z, 18.0),
+                lambda z: psoas_radius(z, 14.0),
+                50.0,
+                (z_bottom - 50, z_l1),
+                inner3,
+            )
     # lungs above the diaphragm, with domed bases
     for side in (-1, 1):
         _ellipsoid(canvas, (side * 95.0, 5.0, p.organs["lung_base_z"] + 140), (60, 70, 140), -850.0, inner3)
@@ -416,15 +470,22 @@ def _paint_discs(canvas: _Canvas) -> None:
             continue
         sl, h, a, r = got
         shape = d.shape
-        rho = ((np.abs(a) / d.A) ** shape.exponent + (np.abs(r) / d.W) ** shape.exponent) ** (1 / shape.exponent)
+        rho = ((np.abs(a) / d.A) ** shape.exponent + (np.abs(r) / d.W) ** shape.exponent) ** (
+            1 / shape.exponent
+        )
         inside = (rho <= 1.0) & (np.abs(h) <= d.half_height)
         canvas.hu[sl][inside] = (70.0 + 30.0 * rho)[inside]
 
 
 def _paint_canals(canvas: _Canvas) -> None:
     for s in canvas.p.shapes:
-        box = np.array([[-(s.H + s.disc_above) / 2 - 1, (s.H + s.disc_below) / 2 + 1],
-                        [s.wall - 1, s.canal_centre + s.canal_a + 1], [-s.canal_r - 1, s.canal_r + 1]])
+        box = np.array(
+            [
+                [-(s.H + s.disc_above) / 2 - 1, (s.H + s.disc_below) / 2 + 1],
+                [s.wall - 1, s.canal_centre + s.canal_a + 1],
+                [-s.canal_r - 1, s.canal_r + 1],
+            ]
+        )
         got = canvas.local(s.centre, s.axes, box)
         if got is None:
             continue
@@ -474,7 +535,9 @@ def _paint_vertebra(canvas: _Canvas, s: VertebraShape, fractured: bool, posterio
     values = np.where(d_edge < shell, ints["cortical"], values)
     if fractured and s.fracture is not None:  # impaction: denser bone under a collapsed endplate
         sup, inf = t - t0, b0 - b
-        values += 250.0 * np.clip(sup / 4.0, 0, 1) * (hb - t < 3.0) + 250.0 * np.clip(inf / 4.0, 0, 1) * (b - hb < 3.0)
+        values += 250.0 * np.clip(sup / 4.0, 0, 1) * (hb - t < 3.0) + 250.0 * np.clip(inf / 4.0, 0, 1) * (
+            b - hb < 3.0
+        )
     hu[inside] = values
     lab[inside] = label
     body[inside] = not s.sacrum
@@ -520,9 +583,13 @@ def truth_rows(patient: Patient) -> list[dict]:
         if s.vid not in patient.full_levels:
             continue
         healthy = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=False))
-        fractured = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=True)) if s.fracture else healthy
+        fractured = (
+            heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=True)) if s.fracture else healthy
+        )
         grade = genant_from_heights(healthy, fractured)
-        rows.append(_row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured))
+        rows.append(
+            _row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured)
+        )
     return rows
 
 
@@ -538,14 +605,16 @@ def geometry_record(patient: Patient) -> dict:
     return {
         "pid": patient.pid,
         "spacing_mm": patient.spacing,
-        "frame": "world RAS mm; axes rows: height (towards inferior), AP (towards posterior), LR (towards left)",
+        "frame": "world RAS mm; axes rows: height (to inferior), AP (to posterior), LR (to left)",
         "vertebrae": [
             {
                 "vid": s.vid,
                 "name": label_schemes.vertebra_name(s.vid),
                 "full": s.vid in patient.full_levels,
                 "centre_mm": [round(float(c), 4) for c in s.centre],
-                "axes": {k: [round(float(c), 6) for c in s.axes[i]] for i, k in enumerate(("height", "ap", "lr"))},
+                "axes": {
+                    k: [round(float(c), 6) for c in s.axes[i]] for i, k in enumerate(("height", "ap", "lr"))
+                },
                 "body_height_mm": round(s.H, 4),
                 "body_depth_mm": round(2 * s.A, 4),
                 "body_width_mm": round(2 * s.W, 4),
@@ -557,7 +626,12 @@ def geometry_record(patient: Patient) -> dict:
 
 
 def generate_patient(
-    out: Path, index: int, seed: int, levels: list[int], spacing: float, fracture_fraction: float,
+    out: Path,
+    index: int,
+    seed: int,
+    levels: list[int],
+    spacing: float,
+    fracture_fraction: float,
     straight: bool = False,
 ) -> list[dict]:
     """Build, render and write patient ``index``; returns its truth rows."""
@@ -628,7 +702,9 @@ def generate(
     if bad:
         raise InputError(f"--levels {levels!r}: the phantom draws C3-L5; cannot draw {bad}")
     if (out / "vertebra_data.json").exists() and not overwrite:
-        raise InputError(f"{out}: already holds a dataset (vertebra_data.json); pass --overwrite to replace it")
+        raise InputError(
+            f"{out}: already holds a dataset (vertebra_data.json); pass --overwrite to replace it"
+        )
 
     args = [(out, i, seed, level_ids, spacing_mm, fracture_fraction, straight) for i in range(patients)]
     rows: list[dict] = []
@@ -663,10 +739,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patients", type=int, default=4, help="number of patients")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--spacing_mm", type=float, default=1.0, help="isotropic voxel size in mm")
-    parser.add_argument("--levels", default="T10-L5", help="complete levels to draw, e.g. T10-L5 or T12,L1,L2")
+    parser.add_argument(
+        "--levels", default="T10-L5", help="complete levels to draw, e.g. T10-L5 or T12,L1,L2"
+    )
     parser.add_argument("--fracture_fraction", type=float, default=0.3, help="mean share of fractured levels")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument("--straight", action="store_true", help="no curvature or scoliosis (for geometry tests)")
+    parser.add_argument(
+        "--straight", action="store_true", help="no curvature or scoliosis (for geometry tests)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     return parser
 
@@ -675,14 +755,24 @@ def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        rows = generate(opt.out, opt.patients, opt.seed, opt.spacing_mm, opt.levels, opt.fracture_fraction,
-                        opt.workers, opt.straight, opt.overwrite)
+        rows = generate(
+            opt.out,
+            opt.patients,
+            opt.seed,
+            opt.spacing_mm,
+            opt.levels,
+            opt.fracture_fraction,
+            opt.workers,
+            opt.straight,
+            opt.overwrite,
+        )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = np.bincount([r["grade"] for r in rows], minlength=4)
     print(
-        f"wrote {opt.patients} patients, {len(rows)} vertebrae (grades 0/1/2/3: {'/'.join(map(str, counts))}) "
+        f"wrote {opt.patients} patients, {len(rows)} vertebrae "
+        f"(grades 0/1/2/3: {'/'.join(map(str, counts))}) "
         f"at {opt.spacing_mm} mm to {opt.out} in {time.perf_counter() - start:.1f} s"
     )
     return 0

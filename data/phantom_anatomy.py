@@ -35,8 +35,19 @@ _ANCHORS = np.array(
         [24, 27.0, 35.0, 52.0, 11.0, 16.0, 24.0, 12.0, 25.0, 5.0, 20.0, 5.0],
     ]
 )
-_FIELDS = ("H", "depth", "width", "disc", "canal_ap", "canal_lr", "pedicle", "sp_len", "sp_angle", "tp_len",
-           "tp_angle")
+_FIELDS = (
+    "H",
+    "depth",
+    "width",
+    "disc",
+    "canal_ap",
+    "canal_lr",
+    "pedicle",
+    "sp_len",
+    "sp_angle",
+    "tp_len",
+    "tp_angle",
+)
 
 FRACTURE_TYPES = ("wedge", "biconcave", "crush")
 # Share of the lost height taken from the superior endplate, by fracture type.
@@ -75,8 +86,9 @@ class Fracture:
     kind: str
     amplitude: float
 
-    def loss(self, a: np.ndarray, r: np.ndarray, A: float, W: float, healthy_h: np.ndarray,
-             rho: np.ndarray) -> np.ndarray:
+    def loss(
+        self, a: np.ndarray, r: np.ndarray, A: float, W: float, healthy_h: np.ndarray, rho: np.ndarray
+    ) -> np.ndarray:
         if self.kind == "wedge":
             profile = np.clip((A - a) / (2 * A), 0.0, 1.0)
         elif self.kind == "biconcave":
@@ -141,7 +153,10 @@ class VertebraShape:
         (apophysis) in between.
         """
         hh = self.H * (1.0 + self.wedge * np.clip(a / self.A, -1.0, 1.0) / 2.0)
-        inset = self.endplate_depth * np.clip(1.0 - rho**2, 0.0, 1.0) + self.rim * np.clip((rho - 0.8) / 0.2, 0, 1) ** 2
+        inset = (
+            self.endplate_depth * np.clip(1.0 - rho**2, 0.0, 1.0)
+            + self.rim * np.clip((rho - 0.8) / 0.2, 0, 1) ** 2
+        )
         return -hh / 2 + inset, hh / 2 - inset
 
     def waist_scale(self, h_healthy: np.ndarray, top0: np.ndarray, bot0: np.ndarray) -> np.ndarray:
@@ -183,7 +198,11 @@ class VertebraShape:
 
     def canal(self, h: np.ndarray, a: np.ndarray, r: np.ndarray) -> np.ndarray:
         inside = ((a - self.canal_centre) / self.canal_a) ** 2 + (r / self.canal_r) ** 2 <= 1.0
-        return inside & (h >= -(self.H + self.disc_above) / 2 - 0.5) & (h <= (self.H + self.disc_below) / 2 + 0.5)
+        return (
+            inside
+            & (h >= -(self.H + self.disc_above) / 2 - 0.5)
+            & (h <= (self.H + self.disc_below) / 2 + 0.5)
+        )
 
     def posterior(self, h: np.ndarray, a: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Pedicles, lamina, spinous, transverse and articular processes (empty for the sacrum)."""
@@ -207,15 +226,21 @@ class VertebraShape:
         # transverse processes: capsules sideways (and backwards) at pedicle height
         phi = np.deg2rad(self.tp_angle)
         r0 = cr + self.pedicle - 1.0
-        tp = _capsule2d(a, np.abs(r), np.array([ac, r0]), np.array([np.sin(phi), np.cos(phi)]), self.tp_len, 4.0)
+        tp = _capsule2d(
+            a, np.abs(r), np.array([ac, r0]), np.array([np.sin(phi), np.cos(phi)]), self.tp_len, 4.0
+        )
         tp &= np.abs(h - h_ped) <= 5.0
         # articular processes: short vertical columns reaching towards the neighbours (facet joints)
         art_a = ((a - (ac + 0.6 * ca)) / 4.5) ** 2
-        sup = (art_a + ((np.abs(r) - (cr + 0.9 * self.pedicle)) / 4.5) ** 2 <= 1.0) & (h <= h_ped) & (
-            h >= -H / 2 - 0.6 * self.disc_above
+        sup = (
+            (art_a + ((np.abs(r) - (cr + 0.9 * self.pedicle)) / 4.5) ** 2 <= 1.0)
+            & (h <= h_ped)
+            & (h >= -H / 2 - 0.6 * self.disc_above)
         )
-        inf = (art_a + ((np.abs(r) - (cr + 0.3 * self.pedicle)) / 4.0) ** 2 <= 1.0) & (h >= H / 2 - 0.2 * H) & (
-            h <= H / 2 + 0.7 * self.disc_below
+        inf = (
+            (art_a + ((np.abs(r) - (cr + 0.3 * self.pedicle)) / 4.0) ** 2 <= 1.0)
+            & (h >= H / 2 - 0.2 * H)
+            & (h <= H / 2 + 0.7 * self.disc_below)
         )
         return ped | lam | spin | tp | sup | inf
 
@@ -246,8 +271,9 @@ class VertebraShape:
     def local_box(self) -> np.ndarray:
         """(3, 2) bounds of everything this vertebra draws, in local (h, a, r) mm."""
         if self.sacrum:
-            return np.array([[-self.H / 2 - 4, self.H / 2 + 30], [-self.A - 4, self.A + 25],
-                             [-self.W - 36, self.W + 36]])
+            return np.array(
+                [[-self.H / 2 - 4, self.H / 2 + 30], [-self.A - 4, self.A + 25], [-self.W - 36, self.W + 36]]
+            )
         reach_a = self.canal_centre + self.canal_a + self.lamina + self.sp_len + self.sp_height
         reach_r = self.canal_r + self.pedicle + self.tp_len + 6.0
         droop = self.sp_len * np.sin(np.deg2rad(self.sp_angle)) + self.sp_height
@@ -260,8 +286,9 @@ class VertebraShape:
         )
 
 
-def _capsule2d(x: np.ndarray, y: np.ndarray, p0: np.ndarray, direction: np.ndarray, length: float,
-               radius: float) -> np.ndarray:
+def _capsule2d(
+    x: np.ndarray, y: np.ndarray, p0: np.ndarray, direction: np.ndarray, length: float, radius: float
+) -> np.ndarray:
     """Points within ``radius`` of the segment p0 -> p0 + length * direction in the (x, y) plane."""
     dx, dy = x - p0[0], y - p0[1]
     t = np.clip(dx * direction[0] + dy * direction[1], 0.0, length)

@@ -15,7 +15,9 @@ from util.pending import not_available
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_available("evaluation/RHLV_quantification.py", "RHLV quantification (relative height loss per vertebra)")
+    return not_available(
+        "evaluation/RHLV_quantification.py", "RHLV quantification (relative height loss per vertebra)"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from util.pending import not_available
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_available("evaluation/generation_eval_sagittal.py", "generation metrics (SSIM, PSNR, Dice, height error)")
+    return not_available(
+        "evaluation/generation_eval_sagittal.py", "generation metrics (SSIM, PSNR, Dice, height error)"
+    )
 
 
 if __name__ == "__main__":

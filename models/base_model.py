@@ -45,7 +45,9 @@ class BaseModel(ABC):
         self.metric = 0.0  # for the plateau policy
 
     @staticmethod
-    def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
+    def modify_commandline_options(
+        parser: argparse.ArgumentParser, is_train: bool
+    ) -> argparse.ArgumentParser:
         """Add model-specific flags or change defaults."""
         return parser
 
@@ -90,7 +92,7 @@ class BaseModel(ABC):
             self.forward()
             self.compute_visuals()
 
-    def compute_visuals(self) -> None:
+    def compute_visuals(self) -> None:  # noqa: B027 (optional hook, empty by default)
         """Compute additional images for display (optional)."""
 
     def get_image_paths(self) -> list[str]:
@@ -109,19 +111,26 @@ class BaseModel(ABC):
         return OrderedDict((name, getattr(self, name)) for name in self.visual_names if isinstance(name, str))
 
     def get_current_losses(self) -> OrderedDict:
-        return OrderedDict((name, float(getattr(self, f"loss_{name}"))) for name in self.loss_names)
+        def scalar(value) -> float:
+            return float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
+
+        return OrderedDict((name, scalar(getattr(self, f"loss_{name}"))) for name in self.loss_names)
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_networks(self, epoch: int | str) -> None:
         """Write ``<epoch>_net_<name>.pth`` for each network (CPU tensors, no DataParallel prefix)."""
         for name, net in self.networks().items():
-            module = net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            module = (
+                net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            )
             state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             save_checkpoint(state, self.save_dir / f"{epoch}_net_{name}.pth")
 
     def load_networks(self, epoch: int | str) -> None:
         for name, net in self.networks().items():
-            module = net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            module = (
+                net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
+            )
             state = load_checkpoint(self.save_dir / f"{epoch}_net_{name}.pth", map_location=self.device)
             module.load_state_dict(state)
 
@@ -133,7 +142,9 @@ class BaseModel(ABC):
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": rng_state(),
-            "options": {k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)},
+            "options": {
+                k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)
+            },
         }
         save_checkpoint(state, self.save_dir / f"{epoch}_train_state.pth")
 

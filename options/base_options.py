@@ -29,13 +29,22 @@ class BaseOptions:
     def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = parser.add_argument_group("experiment")
         g.add_argument("--dataroot", default=None, help="dataset root (raw/, straightened/, heatmap/)")
-        g.add_argument("--name", default="experiment", help="experiment name; checkpoints go to checkpoints_dir/name")
-        g.add_argument("--gpu_ids", default="auto",
-                       help="'auto' uses CUDA device 0 when present, else the CPU; '-1' forces the CPU; '0,1' lists devices")
-        g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models and options are saved")
+        g.add_argument(
+            "--name", default="experiment", help="experiment name; checkpoints go to checkpoints_dir/name"
+        )
+        g.add_argument(
+            "--gpu_ids",
+            default="auto",
+            help="'auto': CUDA device 0 when present, else the CPU; '-1': the CPU; '0,1': these devices",
+        )
+        g.add_argument(
+            "--checkpoints_dir", default="./checkpoints", help="where models and options are saved"
+        )
         g.add_argument("--seed", type=int, default=0, help="random seed")
         g.add_argument("--verbose", action="store_true", help="print more")
-        g.add_argument("--suffix", default="", help="appended to --name, may use {model} and other option names")
+        g.add_argument(
+            "--suffix", default="", help="appended to --name, may use {model} and other option names"
+        )
 
         g = parser.add_argument_group("model")
         g.add_argument("--model", default="healthivert", help="model name: models/<model>_model.py")
@@ -43,11 +52,15 @@ class BaseOptions:
         g.add_argument("--output_nc", type=int, default=1, help="output channels")
         g.add_argument("--ngf", type=int, default=16, help="generator filters in the first layer")
         g.add_argument("--ndf", type=int, default=64, help="discriminator filters in the first layer")
-        g.add_argument("--netD", default="basic", help="discriminator: basic (70x70 PatchGAN) | n_layers | pixel")
+        g.add_argument(
+            "--netD", default="basic", help="discriminator: basic (70x70 PatchGAN) | n_layers | pixel"
+        )
         g.add_argument("--netG", default="", help="generator architecture (model specific)")
         g.add_argument("--n_layers_D", type=int, default=3, help="layers of an n_layers discriminator")
         g.add_argument("--norm", default="batch", help="normalisation: instance | batch | none")
-        g.add_argument("--init_type", default="normal", help="weight init: normal | xavier | kaiming | orthogonal")
+        g.add_argument(
+            "--init_type", default="normal", help="weight init: normal | xavier | kaiming | orthogonal"
+        )
         g.add_argument("--init_gain", type=float, default=0.02, help="scale of the weight init")
         g.add_argument("--no_dropout", action="store_true", help="no dropout in the generator")
 
@@ -59,7 +72,9 @@ class BaseOptions:
         g.add_argument("--batch_size", type=int, default=12, help="batch size")
         g.add_argument("--load_size", type=int, default=256, help="scale images to this size")
         g.add_argument("--crop_size", type=int, default=256, help="then crop to this size")
-        g.add_argument("--max_dataset_size", type=float, default=float("inf"), help="use at most this many samples")
+        g.add_argument(
+            "--max_dataset_size", type=float, default=float("inf"), help="use at most this many samples"
+        )
         g.add_argument("--preprocess", default="none", help="resize_and_crop | crop | scale_width | none")
         g.add_argument("--no_flip", action="store_true", help="no flipping augmentation")
         g.add_argument("--display_winsize", type=int, default=256, help="display window size")
@@ -70,8 +85,12 @@ class BaseOptions:
         g.add_argument("--vertebra_json", default=None, help="split file {train|val|test: {pid_vid: grade}}")
         g.add_argument("--cam_folder", default=None, help="folder of Grad-CAM++ maps <pid>_<vid>.nii.gz")
         g.add_argument("--vert_class", default="normal", help="train on 'normal' or 'abnormal' vertebrae")
-        g.add_argument("--normal_max_grade", type=int, default=0,
-                       help="largest Genant grade that counts as normal (the reference used 1)")
+        g.add_argument(
+            "--normal_max_grade",
+            type=int,
+            default=0,
+            help="largest Genant grade that counts as normal (the reference used 1)",
+        )
         g.add_argument("--mask_height_mm", type=float, default=40.0, help="height of the hole, in mm")
         g.add_argument("--spacing_mm", type=float, default=1.0, help="voxel size of the straightened crops")
         g.add_argument("--label_scheme", default="verse", help="vertebra ids: verse | totalseg")
@@ -119,7 +138,11 @@ def options_text(opt: argparse.Namespace, parser: argparse.ArgumentParser | None
     lines = ["----------------- Options ---------------"]
     for key, value in sorted(vars(opt).items()):
         default = parser.get_default(key) if parser is not None else None
-        note = f"\t[default: {default}]" if parser is not None and value != default and default is not None else ""
+        note = (
+            f"\t[default: {default}]"
+            if parser is not None and value != default and default is not None
+            else ""
+        )
         lines.append(f"{key:>25}: {value!s:<30}{note}")
     lines.append("----------------- End -------------------")
     return "\n".join(lines)

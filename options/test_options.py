@@ -15,7 +15,9 @@ class TestOptions(BaseOptions):
         parser.add_argument("--results_dir", default="./results", help="where results are saved")
         parser.add_argument("--aspect_ratio", type=float, default=1.0, help="aspect ratio of result images")
         parser.add_argument("--phase", default="test", help="train | val | test")
-        parser.add_argument("--eval", action="store_true", help="eval mode (batchnorm and dropout) at test time")
+        parser.add_argument(
+            "--eval", action="store_true", help="eval mode (batchnorm and dropout) at test time"
+        )
         parser.add_argument("--num_test", type=int, default=50, help="how many test samples")
         parser.set_defaults(serial_batches=True, num_threads=0, batch_size=1, no_flip=True)
         return parser

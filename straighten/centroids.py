@@ -42,7 +42,9 @@ def label_centroids(mask: np.ndarray, labels: list[int] | None = None) -> dict[i
     return {vid: np.asarray(c, dtype=np.float64) for vid, c in zip(labels, centres, strict=True)}
 
 
-def label_volumes_mm3(mask: np.ndarray, voxel_volume_mm3: float, labels: list[int] | None = None) -> dict[int, float]:
+def label_volumes_mm3(
+    mask: np.ndarray, voxel_volume_mm3: float, labels: list[int] | None = None
+) -> dict[int, float]:
     """Volume of each label in mm³."""
     labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
     counts = np.bincount(mask.ravel().astype(np.int64), minlength=max(labels, default=0) + 1)

@@ -30,7 +30,9 @@ def label_colours(labels: Sequence[int]) -> dict[int, tuple[float, float, float,
     return {int(v): cmap(int(v) % 20) for v in labels}
 
 
-def mid_sagittal(ct: Volume | None, mask: Volume) -> tuple[np.ndarray | None, np.ndarray, tuple[float, float]]:
+def mid_sagittal(
+    ct: Volume | None, mask: Volume
+) -> tuple[np.ndarray | None, np.ndarray, tuple[float, float]]:
     """The sagittal slice through the spine's mean left-right position, in canonical orientation.
 
     Returns (CT slice or None, label slice, (row spacing, column spacing)); rows run superior to
@@ -43,8 +45,14 @@ def mid_sagittal(ct: Volume | None, mask: Volume) -> tuple[np.ndarray | None, np
     return ct_slice, m.array[:, :, k], (float(m.spacing[0]), float(m.spacing[1]))
 
 
-def draw_slice(ax, image: np.ndarray | None, labels: np.ndarray | None, spacing=(1.0, 1.0), title: str = "",
-               windowed: bool = False) -> None:
+def draw_slice(
+    ax,
+    image: np.ndarray | None,
+    labels: np.ndarray | None,
+    spacing=(1.0, 1.0),
+    title: str = "",
+    windowed: bool = False,
+) -> None:
     """Show a 2D slice (HU, or already windowed to [0, 1]) with label outlines."""
     if image is not None:
         shown = image if windowed else window(image)
@@ -66,7 +74,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     plt.close(fig)
 
 
-def save_sagittal_preview(panels: Sequence[tuple[str, Volume | None, Volume]], path: str | os.PathLike) -> None:
+def save_sagittal_preview(
+    panels: Sequence[tuple[str, Volume | None, Volume]], path: str | os.PathLike
+) -> None:
     """One row of mid-sagittal panels, each (title, CT or None, mask)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.2))
     axes = np.atleast_1d(axes)
@@ -76,7 +86,9 @@ def save_sagittal_preview(panels: Sequence[tuple[str, Volume | None, Volume]], p
     save_figure(fig, path)
 
 
-def save_loss_curves(history: dict[str, list[tuple[float, float]]], path: str | os.PathLike, title: str = "") -> None:
+def save_loss_curves(
+    history: dict[str, list[tuple[float, float]]], path: str | os.PathLike, title: str = ""
+) -> None:
     """Plot each loss's (epoch, value) points."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, points in sorted(history.items()):

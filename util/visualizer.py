@@ -74,8 +74,9 @@ class Visualizer:
     # --- visdom (opt-in) ------------------------------------------------------------------
     def _disable_visdom(self, why: str) -> None:
         if not self._warned:
-            warnings.warn(f"visdom display off: {why}. Training continues; see {self.web_dir}/index.html",
-                          stacklevel=3)
+            warnings.warn(
+                f"visdom display off: {why}. Training continues; see {self.web_dir}/index.html", stacklevel=3
+            )
             self._warned = True
         self.vis = None
         self.display_id = 0
@@ -86,7 +87,11 @@ class Visualizer:
         except ImportError:
             self._disable_visdom("visdom is not installed (pip install visdom; it needs Python 3.12+ here)")
             return
-        url = urlparse(self.opt.display_server if "://" in self.opt.display_server else f"http://{self.opt.display_server}")
+        url = urlparse(
+            self.opt.display_server
+            if "://" in self.opt.display_server
+            else f"http://{self.opt.display_server}"
+        )
         host = url.hostname or "localhost"
         try:
             with socket.create_connection((host, self.opt.display_port), timeout=VISDOM_CONNECT_TIMEOUT_S):
@@ -94,8 +99,12 @@ class Visualizer:
         except OSError as exc:
             self._disable_visdom(f"no visdom server at {host}:{self.opt.display_port} ({exc})")
             return
-        self.vis = visdom.Visdom(server=self.opt.display_server, port=self.opt.display_port,
-                                 env=self.opt.display_env, raise_exceptions=True)
+        self.vis = visdom.Visdom(
+            server=self.opt.display_server,
+            port=self.opt.display_port,
+            env=self.opt.display_env,
+            raise_exceptions=True,
+        )
 
     def _visdom(self, fn, *args, **kwargs) -> None:
         if self.vis is None:
@@ -114,8 +123,13 @@ class Visualizer:
         images = {label: tensor2im(t) for label, t in visuals.items()}
         if self.vis is not None:
             stacked = np.stack([im.transpose(2, 0, 1) for im in images.values()])
-            self._visdom(self.vis.images, stacked, nrow=self.opt.display_ncols, win=self.display_id + 1,
-                         opts={"title": f"{self.name} images"})
+            self._visdom(
+                self.vis.images,
+                stacked,
+                nrow=self.opt.display_ncols,
+                win=self.display_id + 1,
+                opts={"title": f"{self.name} images"},
+            )
         if self.use_html and (save_result or not self.saved):
             self.saved = True
             for label, im in images.items():
@@ -143,10 +157,17 @@ class Visualizer:
             names = list(self.history)
             xs = np.array([[p[0] for p in self.history[n]] for n in names]).T
             ys = np.array([[p[1] for p in self.history[n]] for n in names]).T
-            self._visdom(self.vis.line, X=xs, Y=ys, win=self.display_id,
-                         opts={"title": f"{self.name} loss over time", "legend": names, "xlabel": "epoch"})
+            self._visdom(
+                self.vis.line,
+                X=xs,
+                Y=ys,
+                win=self.display_id,
+                opts={"title": f"{self.name} loss over time", "legend": names, "xlabel": "epoch"},
+            )
 
-    def print_current_losses(self, epoch: int, iters: int, losses: OrderedDict, t_comp: float, t_data: float) -> str:
+    def print_current_losses(
+        self, epoch: int, iters: int, losses: OrderedDict, t_comp: float, t_data: float
+    ) -> str:
         message = f"(epoch: {epoch}, iters: {iters}, time: {t_comp:.3f}, data: {t_data:.3f}) "
         message += " ".join(f"{k}: {v:.3f}" for k, v in losses.items())
         print(message)

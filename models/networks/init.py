@@ -22,7 +22,9 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
             elif init_type == "orthogonal":
                 init.orthogonal_(m.weight, gain=init_gain)
             else:
-                raise ValueError(f"unknown init_type {init_type!r}; use normal | xavier | kaiming | orthogonal")
+                raise ValueError(
+                    f"unknown init_type {init_type!r}; use normal | xavier | kaiming | orthogonal"
+                )
             if getattr(m, "bias", None) is not None:
                 init.constant_(m.bias, 0.0)
         elif "BatchNorm" in name and getattr(m, "weight", None) is not None:
@@ -33,8 +35,9 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
     return net
 
 
-def init_net(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02,
-             device: torch.device | str = "cpu") -> nn.Module:
+def init_net(
+    net: nn.Module, init_type: str = "normal", init_gain: float = 0.02, device: torch.device | str = "cpu"
+) -> nn.Module:
     """Initialise ``net`` and move it to ``device``."""
     init_weights(net, init_type, init_gain)
     return net.to(device)

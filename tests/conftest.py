@@ -1,0 +1,37 @@
+"""Shared fixtures: paths to the shared real data, tiny NIfTI writers, small phantom datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HEALTHIVERT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(relative: str) -> Path:
+    """A file under the shared sample data; the test is skipped if the data is not on this machine."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared sample data not found: {path}")
+    return path
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_2mm(tmp_path_factory) -> Path:
+    """Three patients at 2 mm with plenty of fractures (generated once per session)."""
+    from data.phantom import generate
+
+    out = tmp_path_factory.mktemp("phantom_2mm")
+    generate(out, patients=3, seed=7, spacing_mm=2.0, fracture_fraction=0.4, progress=False)
+    return out

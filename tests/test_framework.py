@@ -1,0 +1,180 @@
+"""Options, registries, BaseModel checkpoints, the visualizer and the training loop."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import models
+import train
+from options.base_options import load_options, setup
+from options.test_options import TestOptions
+from options.train_options import TrainOptions
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.registry import RegistryError, find_class
+from util.visualizer import Visualizer, tensor2im
+
+TINY = ["--model", "tests.fixtures.tiny_model", "--dataset_mode", "tests.fixtures.tiny_dataset"]
+
+
+def tiny_args(tmp_path, *extra):
+    return [
+        *TINY,
+        "--checkpoints_dir",
+        str(tmp_path / "ckpt"),
+        "--name",
+        "run",
+        "--batch_size",
+        "2",
+        "--num_threads",
+        "0",
+        "--gpu_ids",
+        "-1",
+        "--print_freq",
+        "4",
+        "--display_freq",
+        "4",
+        "--n_epochs",
+        "2",
+        "--n_epochs_decay",
+        "1",
+        "--save_epoch_freq",
+        "1",
+        "--lr",
+        "0.01",
+        *extra,
+    ]
+
+
+def test_parse_takes_an_explicit_list_and_has_no_side_effects(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog", "--batch_size", "99"])
+    opt = TrainOptions().parse(tiny_args(tmp_path))
+    assert opt.batch_size == 2 and opt.isTrain and opt.gpu_ids == []
+    assert TrainOptions().parse([*TINY]).batch_size == 12  # sys.argv is never read
+    assert not (tmp_path / "ckpt").exists()
+    test_opt = TestOptions().parse([*TINY, "--phase", "val"])
+    assert test_opt.phase == "val" and test_opt.serial_batches and not test_opt.isTrain
+
+
+def test_setup_saves_options_that_load_back(tmp_path, capsys):
+    options = TrainOptions()
+    opt = options.parse(tiny_args(tmp_path, "--mask_height_mm", "32"))
+    setup(opt, options.parser_)
+    assert "mask_height_mm" in capsys.readouterr().out
+    saved = load_options(tmp_path / "ckpt" / "run" / "opt.json", phase="test")
+    assert saved.mask_height_mm == 32 and saved.phase == "test" and saved.max_dataset_size == float("inf")
+
+
+def test_unknown_names_list_the_available_ones():
+    with pytest.raises(RegistryError, match="unknown model 'nope'; available:"):
+        models.find_model_using_name("nope")
+    with pytest.raises(RegistryError, match="unknown dataset 'nope'"):
+        TrainOptions().parse(["--model", "tests.fixtures.tiny_model", "--dataset_mode", "nope"])
+    with pytest.raises(RegistryError, match="cannot import"):
+        models.find_model_using_name("no_such_package.thing_model")
+    assert find_class("tests.fixtures", "tiny", "model", models.BaseModel).__name__ == "TinyModel"
+
+
+def test_checkpoint_round_trip_with_rng_state(tmp_path):
+    state = rng_state()
+    expected = torch.rand(3)
+    save_checkpoint({"rng": state, "w": torch.ones(2)}, tmp_path / "c.pth")
+    loaded = load_checkpoint(tmp_path / "c.pth")  # weights_only=True
+    set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(3), expected)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_visualizer_writes_html_log_and_curve(tmp_path):
+    opt = TrainOptions().parse(tiny_args(tmp_path))
+    vis = Visualizer(opt)
+    visuals = {"real_A": torch.rand(1, 1, 8, 8) * 2 - 1, "mask": torch.rand(1, 1, 8, 8)}
+    vis.display_current_results(visuals, epoch=1, save_result=True)
+    vis.plot_current_losses(1, 0.5, {"G_L1": 0.3})
+    vis.print_current_losses(1, 4, {"G_L1": 0.3}, 0.01, 0.0)
+    run = tmp_path / "ckpt" / "run"
+    assert (run / "web" / "index.html").read_text().count("epoch001_") >= 2
+    assert (run / "web" / "images" / "epoch001_mask.png").exists()
+    assert "G_L1: 0.300" in (run / "loss_log.txt").read_text()
+    assert (run / "loss_curve.png").stat().st_size > 0
+    assert tensor2im(torch.zeros(1, 1, 4, 4) - 1).max() == 0
+
+
+def test_visdom_is_opt_in_and_never_blocks(tmp_path):
+    opt = TrainOptions().parse(tiny_args(tmp_path, "--display_id", "1", "--display_port", "1"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vis = Visualizer(opt)
+        vis.display_current_results({"x": torch.zeros(1, 1, 4, 4)}, 1, True)
+    assert vis.display_id == 0 and vis.vis is None
+    assert sum("visdom display off" in str(w.message) for w in caught) == 1
+
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "latest_net_G.pth")
+
+
+def test_training_loop_checkpoints_and_resumes_exactly(tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path)) == 0
+    run = tmp_path / "ckpt" / "run"
+    for name in (
+        "1_net_G.pth",
+        "1_train_state.pth",
+        "3_net_G.pth",
+        "latest_net_G.pth",
+        "opt.json",
+        "loss_log.txt",
+        "loss_curve.png",
+        "web/index.html",
+    ):
+        assert (run / name).exists(), name
+    assert "trained tests.fixtures.tiny_model for epochs 1-3" in capsys.readouterr().out
+
+    # resume from the end of epoch 1 in a fresh run directory: epochs 2-3 must land on the same weights
+    resumed = tmp_path / "ckpt" / "resumed"
+    resumed.mkdir()
+    for name in ("1_net_G.pth", "1_train_state.pth"):
+        (resumed / name).write_bytes((run / name).read_bytes())
+    args = tiny_args(tmp_path, "--continue_train", "--epoch", "1")
+    args[args.index("run")] = "resumed"
+    assert train.main(args) == 0
+    a, b = final_weights(run), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_checkpoint(resumed / "latest_train_state.pth")
+    assert state["epoch"] == 3 and state["total_iters"] == 3 * 8
+
+
+def test_scripts_give_a_clear_message_when_a_stage_is_missing(capsys):
+    assert train.main(["--dataroot", "x"]) == 2
+    assert "unknown model 'healthivert'" in capsys.readouterr().err
+    import eval_3d_sagittal_twostage
+    from evaluation import RHLV_quantification, SVM_grading
+
+    for module in (eval_3d_sagittal_twostage, RHLV_quantification, SVM_grading):
+        assert module.main([]) == 2
+        assert "not available" in capsys.readouterr().err
+
+
+def test_split_reader_errors(tmp_path):
+    from data.base_dataset import read_split, split_key
+    from util.errors import InputError
+
+    assert split_key("sub-verse401_series0_20") == ("sub-verse401_series0", 20)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": {"a_20": 0}, "val": {}}))
+    assert read_split(path, "train") == {"a_20": 0}
+    with pytest.raises(InputError, match="'val' is empty"):
+        read_split(path, "val")
+    path.write_text(json.dumps({"train": {"a_20": 5}}))
+    with pytest.raises(InputError, match="grade 5"):
+        read_split(path)
+
+
+def test_shipped_verse_split_reads():
+    from pathlib import Path
+
+    from data.base_dataset import read_split
+
+    split = read_split(Path(__file__).resolve().parents[1] / "vertebra_data.json")
+    assert {k: len(v) for k, v in split.items()} == {"train": 729, "val": 365, "test": 366}

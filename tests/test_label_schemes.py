@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from data import label_schemes as ls
+
+
+def test_names_and_ids_round_trip():
+    assert ls.vertebra_name(1) == "C1"
+    assert ls.vertebra_name(8) == "T1"
+    assert ls.vertebra_name(19) == "T12"
+    assert ls.vertebra_name(20) == "L1"
+    assert ls.vertebra_name(25) == "L6"
+    assert ls.vertebra_name(28) == "T13"
+    for vid in ls.VERTEBRA_NAMES:
+        assert ls.vertebra_id(ls.vertebra_name(vid)) == vid
+    assert ls.vertebra_id("S1") == ls.SACRUM
+    with pytest.raises(KeyError):
+        ls.vertebra_id("X9")
+
+
+def test_spine_order_puts_transitional_levels_in_place():
+    assert ls.sort_spine_order([20, 28, 19, 25, 24, 26]) == [19, 28, 20, 24, 25, 26]
+
+
+def test_parse_levels():
+    assert ls.parse_levels("T10-L5") == [17, 18, 19, 20, 21, 22, 23, 24]
+    assert ls.parse_levels("T12,L1,L2") == [19, 20, 21]
+    assert ls.parse_levels("T12,T13,L1") == [19, 28, 20]
+    with pytest.raises(ValueError):
+        ls.parse_levels("L5-T10")
+
+
+def test_neighbours_use_the_labels_present():
+    assert ls.neighbours(20, [19, 20, 21]) == (19, 21)
+    # T13 sits between T12 and L1
+    assert ls.neighbours(19, [18, 19, 28, 20]) == (18, 28)
+    assert ls.neighbours(20, [19, 28, 20, 21]) == (28, 21)
+    # L6 below L5; the sacrum is never a neighbour to synthesise
+    assert ls.neighbours(24, [23, 24, 25, 26]) == (23, 25)
+    assert ls.neighbours(24, [23, 24, 26]) == (23, None)
+    # a missing level is stepped over, ends have no neighbour
+    assert ls.neighbours(20, [18, 20, 22]) == (18, 22)
+    assert ls.neighbours(18, [18, 19]) == (None, 19)
+
+
+def test_totalseg_ids_map_to_verse():
+    ts = np.array([0, 26, 27, 31, 32, 33, 43, 44, 50, 5, 92])
+    verse = ls.to_verse(ts, "totalseg")
+    assert verse.tolist() == [0, ls.SACRUM, 24, 20, 19, 18, 8, 7, 1, 0, 0]
+    assert verse.dtype == np.uint8
+    with pytest.raises(KeyError, match="available"):
+        ls.to_verse(ts, "nope")

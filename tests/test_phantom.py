@@ -1,0 +1,185 @@
+"""The phantom's outputs agree with its own ground truth."""
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from data.label_schemes import is_vertebra
+from data.nifti_io import load_ct, load_mask, sample_world
+from data.phantom import CSV_COLUMNS, generate, main
+from evaluation.heights import BodyHeights, body_heights, genant_from_heights
+from straighten.centroids import label_centroids, read_centroids
+
+
+def truth_rows(root):
+    with open(root / "truth" / "vertebrae.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def heights_of(row, prefix):
+    return BodyHeights(*(float(row[f"{prefix}_{r}_mm"]) for r in ("anterior", "middle", "posterior")))
+
+
+def local_body(mask, geometry_vertebra, vid, step):
+    """The body mask resampled (nearest) into the vertebra's own frame."""
+    g = geometry_vertebra
+    half = np.array([g["body_height_mm"] / 2 + 6, g["body_depth_mm"] / 2 + 6, g["body_width_mm"] / 2 + 6])
+    axes = np.array([g["axes"]["height"], g["axes"]["ap"], g["axes"]["lr"]])
+    h, a, r = (np.arange(-e, e + step / 2, step) for e in half)
+    pts = (
+        np.array(g["centre_mm"])
+        + h[:, None, None, None] * axes[0]
+        + a[None, :, None, None] * axes[1]
+        + r[None, None, :, None] * axes[2]
+    )
+    return sample_world(mask.array, mask.affine, pts, order=0) == vid
+
+
+def test_layout_and_csv(phantom_2mm):
+    rows = truth_rows(phantom_2mm)
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    pids = sorted({r["pid"] for r in rows})
+    assert len(pids) == 3
+    for pid in pids:
+        for rel in (
+            f"raw/{pid}/{pid}.nii.gz",
+            f"raw/{pid}/{pid}_msk.nii.gz",
+            f"raw/{pid}/{pid}.json",
+            f"truth/{pid}/{pid}_healthy.nii.gz",
+            f"truth/{pid}/{pid}_healthy_msk.nii.gz",
+            f"truth/{pid}/{pid}_body_msk.nii.gz",
+            f"truth/{pid}/{pid}_geometry.json",
+        ):
+            assert (phantom_2mm / rel).is_file(), rel
+    split = json.loads((phantom_2mm / "vertebra_data.json").read_text())
+    assert set(split) == {"train", "val", "test"}
+    members = [{k.rsplit("_", 1)[0] for k in split[s]} for s in ("train", "val", "test")]
+    assert all(members) and not (
+        members[0] & members[1] or members[0] & members[2] or members[1] & members[2]
+    )
+    assert sum(len(v) for v in split.values()) == len(rows) == 3 * 8
+    assert {r["fracture_type"] for r in rows if r["grade"] != "0"} <= {"wedge", "biconcave", "crush"}
+
+
+def test_looks_like_ct(phantom_2mm):
+    ct = load_ct(phantom_2mm / "raw/phantom000/phantom000.nii.gz")
+    mask = load_mask(phantom_2mm / "raw/phantom000/phantom000_msk.nii.gz")
+    assert ct.array.min() < -950  # air outside the body
+    body = load_mask(phantom_2mm / "truth/phantom000/phantom000_body_msk.nii.gz")
+    bone = ct.array[body.array > 0]
+    assert 100 < np.median(bone) < 500  # cancellous bone
+    assert np.percentile(bone, 99) > 600  # cortical shell
+    soft = ct.array[(mask.array == 0) & (ct.array > -200) & (ct.array < 200)]
+    assert soft.size > 0.2 * ct.array.size
+    # posterior elements carry the vertebra's label: labels reach far behind the bodies
+    assert (mask.array > 0).sum() > 1.5 * (body.array > 0).sum()
+
+
+def test_centroid_json_matches_label_centroids(phantom_2mm):
+    for pid in ("phantom000", "phantom001", "phantom002"):
+        mask = load_mask(phantom_2mm / f"raw/{pid}/{pid}_msk.nii.gz")
+        listed = read_centroids(phantom_2mm / f"raw/{pid}/{pid}.json")
+        actual = label_centroids(mask.array, list(listed))
+        assert set(listed) >= set(range(17, 25))
+        for vid, c in listed.items():
+            assert np.all(np.abs(c - actual[vid]) <= 1.0), (pid, vid)
+
+
+def test_heights_from_masks_match_truth_within_a_voxel(phantom_2mm):
+    spacing = 2.0
+    errors = []
+    for row in truth_rows(phantom_2mm):
+        pid, vid = row["pid"], int(row["vid"])
+        geo = json.loads((phantom_2mm / f"truth/{pid}/{pid}_geometry.json").read_text())
+        g = next(v for v in geo["vertebrae"] if v["vid"] == vid)
+        body = load_mask(phantom_2mm / f"truth/{pid}/{pid}_body_msk.nii.gz")
+        local = local_body(body, g, vid, spacing / 2)
+        measured = body_heights(local, spacing / 2).as_array()
+        errors.append(measured - heights_of(row, "fractured").as_array())
+    errors = np.abs(np.array(errors))
+    assert errors.max() <= spacing, errors.max()
+
+
+def test_grades_agree_with_truth_heights(phantom_2mm):
+    rows = {f"{r['pid']}_{r['vid']}": r for r in truth_rows(phantom_2mm)}
+    split = json.loads((phantom_2mm / "vertebra_data.json").read_text())
+    graded = {k: g for s in split.values() for k, g in s.items()}
+    assert graded.keys() == rows.keys()
+    for key, grade in graded.items():
+        row = rows[key]
+        assert (
+            grade
+            == int(row["grade"])
+            == genant_from_heights(heights_of(row, "healthy"), heights_of(row, "fractured"))
+        )
+    assert len(set(graded.values())) >= 3  # the fixture has fractures of several grades
+
+
+def test_healthy_and_fractured_differ_only_at_fractured_vertebrae(phantom_2mm):
+    rows = truth_rows(phantom_2mm)
+    for pid in ("phantom000", "phantom001", "phantom002"):
+        fractured = {int(r["vid"]) for r in rows if r["pid"] == pid and r["grade"] != "0"}
+        ct = load_ct(phantom_2mm / f"raw/{pid}/{pid}.nii.gz").array
+        healthy = load_ct(phantom_2mm / f"truth/{pid}/{pid}_healthy.nii.gz").array
+        mask = load_mask(phantom_2mm / f"raw/{pid}/{pid}_msk.nii.gz").array
+        healthy_mask = load_mask(phantom_2mm / f"truth/{pid}/{pid}_healthy_msk.nii.gz").array
+        differ = (ct != healthy) | (mask != healthy_mask)
+        # a collapsed endplate keeps its full width, so the body may bulge a little past its old waist
+        near = ndimage.binary_dilation(np.isin(healthy_mask, list(fractured)), iterations=2)
+        others = (healthy_mask > 0) & ~np.isin(healthy_mask, list(fractured))
+        assert not (differ & ~near).any(), pid
+        assert not (differ & others).any(), pid
+        for vid in fractured:
+            assert (differ & (healthy_mask == vid)).any(), (pid, vid)
+            assert (mask == vid).sum() < (healthy_mask == vid).sum()
+
+
+def test_partial_end_vertebrae_are_drawn_but_not_graded(phantom_2mm):
+    mask = load_mask(phantom_2mm / "raw/phantom000/phantom000_msk.nii.gz").array
+    present = {int(v) for v in np.unique(mask) if v}
+    assert 16 in present and 26 in present  # T9 above T10, the sacrum below L5
+    assert all(is_vertebra(v) for v in present - {26})
+    graded = {int(r["vid"]) for r in truth_rows(phantom_2mm) if r["pid"] == "phantom000"}
+    assert graded == set(range(17, 25))
+
+
+def test_same_seed_same_bytes(tmp_path):
+    digests = []
+    for run in ("a", "b"):
+        generate(tmp_path / run, patients=1, seed=3, spacing_mm=3.0, levels="L1-L3", progress=False)
+        files = sorted(p for p in (tmp_path / run).rglob("*") if p.is_file())
+        digests.append(
+            {p.relative_to(tmp_path / run).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+        )
+    assert digests[0] == digests[1]
+    generate(tmp_path / "c", patients=1, seed=4, spacing_mm=3.0, levels="L1-L3", progress=False)
+    other = hashlib.md5((tmp_path / "c/raw/phantom000/phantom000.nii.gz").read_bytes()).hexdigest()
+    assert other != digests[0]["raw/phantom000/phantom000.nii.gz"]
+
+
+def test_cli_refuses_to_overwrite_and_checks_arguments(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--patients", "1", "--spacing_mm", "3", "--levels", "L2-L3"]) == 0
+    assert main(["--out", str(tmp_path), "--patients", "1", "--spacing_mm", "3"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x"), "--levels", "C1-C2"]) == 2
+    assert main(["--out", str(tmp_path / "y"), "--patients", "0"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_fracture_fraction_extremes(tmp_path, fraction):
+    rows = generate(
+        tmp_path,
+        patients=1,
+        seed=5,
+        spacing_mm=3.0,
+        levels="T12-L3",
+        fracture_fraction=fraction,
+        progress=False,
+    )
+    grades = [r["grade"] for r in rows]
+    assert (max(grades) == 0) if fraction == 0 else (min(grades) > 0 or sum(g > 0 for g in grades) >= 3)
