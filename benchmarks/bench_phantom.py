@@ -1,6 +1,6 @@
 """Benchmark: seconds to generate phantom patients (prints figures; not a test).
 
-    python -m benchmarks.bench_phantom [--patients 16] [--spacing_mm 2.0 1.0] [--workers 1 2]
+python -m benchmarks.bench_phantom [--patients 16] [--spacing_mm 2.0 1.0] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                 size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
             print(
                 f"spacing {spacing:.1f} mm, {workers} worker(s): {seconds:.1f} s for {opt.patients} patients "
-                f"({seconds / opt.patients:.2f} s/patient, {len(rows)} vertebrae, {size / 2**20:.0f} MiB written)"
+                f"({seconds / opt.patients:.2f} s/patient, {len(rows)} vertebrae, "
+                f"{size / 2**20:.0f} MiB written)"
             )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -205,6 +205,31 @@ def sample_world(
     return out.reshape(points_mm.shape[:-1])
 
 
+def resample_to_grid(
+    array: np.ndarray,
+    affine: np.ndarray,
+    out_affine: np.ndarray,
+    out_shape: tuple[int, int, int],
+    order: int,
+    cval: float = 0.0,
+) -> np.ndarray:
+    """Resample ``array`` onto another grid given by its affine (any rotation, any voxel size).
+
+    Order 1 for CT, 0 for labels; points outside the input get ``cval``.
+    """
+    to_input = np.linalg.inv(affine) @ out_affine
+    return ndimage.affine_transform(
+        array,
+        to_input[:3, :3],
+        offset=to_input[:3, 3],
+        output_shape=tuple(out_shape),
+        order=order,
+        mode="grid-constant",
+        cval=cval,
+        prefilter=False,
+    )
+
+
 def save_nifti(
     path: str | os.PathLike,
     array: np.ndarray,

@@ -1,0 +1,106 @@
+"""Write each patient's centroid json from its vertebra mask.
+
+    python straighten/location_json_local.py --dataroot D [--label_scheme verse|totalseg]
+        [--min_cranial_volume_mm3 6000] [--min_caudal_volume_mm3 8000] [--overwrite] [--shard i/n]
+
+Writes ``D/raw/<pid>/<pid>.json``: ``[{"label": id, "X": i, "Y": j, "Z": k}]`` with VerSe ids and
+the mean voxel index along each axis of the mask as stored. Partially visible end vertebrae
+(smaller than the volume thresholds, in mm³ so they hold at any voxel size) are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from tqdm import tqdm
+
+from data import label_schemes
+from data.layout import list_patients, raw_case, shard
+from data.nifti_io import load_mask
+from straighten.centroids import (
+    MIN_CAUDAL_VOLUME_MM3,
+    MIN_CRANIAL_VOLUME_MM3,
+    complete_vertebrae,
+    label_centroids,
+    label_volumes_mm3,
+    write_centroids,
+)
+from util.errors import InputError, input_error
+
+
+def centroids_for(mask_path: Path, scheme: str, min_cranial: float, min_caudal: float):
+    """(centroids of the complete vertebrae, the labels left out) of one mask."""
+    mask = load_mask(mask_path, scheme)
+    voxel_mm3 = float(np.prod(mask.spacing))
+    volumes = label_volumes_mm3(mask.array, voxel_mm3)
+    kept = complete_vertebrae(volumes, min_cranial, min_caudal)
+    if not kept:
+        raise input_error(mask_path, "no complete vertebra (every label is below the volume thresholds)")
+    dropped = {v: volumes[v] for v in volumes if v not in kept}
+    return label_centroids(mask.array, kept), dropped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataroot", required=True, help="dataset root holding raw/<pid>/")
+    parser.add_argument("--label_scheme", default="verse", choices=sorted(label_schemes.SCHEMES))
+    parser.add_argument(
+        "--min_cranial_volume_mm3",
+        type=float,
+        default=MIN_CRANIAL_VOLUME_MM3,
+        help="drop the cranial-most vertebra if smaller (partially visible)",
+    )
+    parser.add_argument(
+        "--min_caudal_volume_mm3",
+        type=float,
+        default=MIN_CAUDAL_VOLUME_MM3,
+        help="drop the caudal-most vertebra if smaller (partially visible)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rewrite existing centroid files")
+    parser.add_argument("--shard", default=None, help="process only shard i/n of the patients")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    try:
+        pids = shard(list_patients(opt.dataroot), opt.shard)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written, skipped, failed = 0, 0, []
+    for pid in tqdm(pids, desc="centroids", unit="patient"):
+        try:
+            case = raw_case(opt.dataroot, pid)
+            if case.centroids.exists() and not opt.overwrite:
+                skipped += 1
+                continue
+            centroids, dropped = centroids_for(
+                case.mask, opt.label_scheme, opt.min_cranial_volume_mm3, opt.min_caudal_volume_mm3
+            )
+        except InputError as exc:
+            failed.append(str(exc))
+            continue
+        for v, vol in dropped.items():
+            tqdm.write(f"{pid}: left out partial {label_schemes.vertebra_name(v)} ({vol:.0f} mm3)")
+        write_centroids(case.centroids, centroids)
+        written += 1
+    for message in failed:
+        print(f"error: {message}", file=sys.stderr)
+    print(
+        f"centroids: {written} written, {skipped} already there, {len(failed)} failed "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

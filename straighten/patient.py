@@ -1,0 +1,249 @@
+"""Straighten one patient: reorient and resample through the affine, fit the spine curve,
+de-pedicle, and cut one crop per vertebra centred on its body.
+
+Two passes. The labels straightened along a curve through the vertebra centroids are
+de-pedicled to find each vertebral body; the final curve runs through the body centroids (the
+posterior elements no longer pull it about, so its tangent follows each body's axis). Each crop
+is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
+there): the target keeps its true shape and the crop's affine is its true scanner position.
+
+Everything is read and checked before anything is written, so bad input leaves no partial
+crops; each file is written atomically, the curve json last (its presence marks a finished
+patient).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from data import label_schemes
+from data.layout import curve_path, raw_case, straightened_paths
+from data.nifti_io import Volume, load_case, resample_to_grid, save_nifti, voxel_to_world
+from straighten.centroids import read_centroids
+from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
+from straighten.depedicle import body_mask, depedicle
+from util.atomic import write_json
+from util.errors import InputError, input_error
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+# Straight extension of the first-pass curve beyond the end centroids: enough to hold the whole
+# body of an end vertebra (the crops themselves are rigid and need no curve).
+CURVE_EXTENSION_MM = 40.0
+# A centroid must lie within this distance (mm) of its own label.
+CENTROID_TOLERANCE_MM = 10.0
+
+
+@dataclass
+class StraightenOptions:
+    spacing_mm: float = 1.0
+    crop_mm: tuple[float, float, float] = (256.0, 256.0, 64.0)
+    window: tuple[float, float] = (-300.0, 800.0)
+    label_scheme: str = "verse"
+    labels_only: bool = False
+    smoothing_mm: float = 1.0
+    overwrite: bool = False
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return tuple(max(1, int(round(c / self.spacing_mm))) for c in self.crop_mm)
+
+
+@dataclass
+class PatientResult:
+    pid: str
+    vertebrae: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def window_to_uint8(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """HU window [lo, hi] mapped linearly to 0..255, clipped and rounded."""
+    return np.rint(np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def ordered_vertebrae(centroids: dict[int, np.ndarray], mask: Volume, json_path: Path) -> list[int]:
+    """The centroid labels in spine order, after checking they fit the mask.
+
+    Errors: fewer than two vertebrae; a centroid for a label the mask lacks; a vertebra of the
+    mask between the first and last centroids without one (end vertebrae without centroids are
+    partial ones the centroid step left out); a centroid far from its label.
+    """
+    vids = [v for v in centroids if label_schemes.is_vertebra(v)]
+    present = {int(v) for v in np.unique(mask.array) if label_schemes.is_vertebra(v)}
+    absent = sorted(set(vids) - present)
+    if absent:
+        names = ", ".join(f"{label_schemes.vertebra_name(v)} ({v})" for v in absent)
+        raise input_error(json_path, f"centroids for labels the mask {mask.path.name} does not have: {names}")
+    if len(vids) < 2:
+        raise input_error(
+            mask.path,
+            f"straightening needs at least two vertebrae with centroids, found {len(vids)} "
+            f"({json_path.name})",
+        )
+    order = label_schemes.sort_spine_order(vids)
+    lo, hi = label_schemes.spine_rank(order[0]), label_schemes.spine_rank(order[-1])
+    gap = sorted(v for v in present - set(vids) if lo < label_schemes.spine_rank(v) < hi)
+    if gap:
+        names = ", ".join(f"{label_schemes.vertebra_name(v)} ({v})" for v in gap)
+        raise input_error(json_path, f"centroids missing for labels {names} of {mask.path.name}")
+    boxes = ndimage.find_objects(mask.array)
+    tol = CENTROID_TOLERANCE_MM / mask.spacing
+    for v in order:
+        box = boxes[v - 1]
+        c = centroids[v]
+        if any(c[k] < box[k].start - tol[k] or c[k] > box[k].stop - 1 + tol[k] for k in range(3)):
+            raise input_error(
+                json_path,
+                f"the centroid of label {v} lies outside that label in {mask.path.name} "
+                "(is the json from another scan, or in another axis order?)",
+            )
+    return order
+
+
+def is_done(root: Path, pid: str, labels_only: bool) -> bool:
+    """True if the patient's curve json and every crop it lists exist."""
+    path = curve_path(root, pid)
+    if not path.exists():
+        return False
+    try:
+        crops = json.loads(path.read_text())["crops"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for vid in crops:
+        ct, label = straightened_paths(root, pid, int(vid))
+        if not label.exists() or (not labels_only and not ct.exists()):
+            return False
+    return True
+
+
+def keep_bodies(
+    labels: np.ndarray, affine: np.ndarray, affines: dict, bodies: dict, spacing_mm: float
+) -> np.ndarray:
+    """De-pedicle a crop: each vertebra keeps the voxels that lie in its own body.
+
+    A vertebra's body is found in its own crop, where it is aligned with the axes; in another
+    crop it may be tilted by the curvature between the two, so its voxels there are mapped
+    (one rigid transform) into its own crop and kept where its body is. Vertebrae without a
+    crop of their own (partial ones at the field-of-view edge) are de-pedicled in place.
+    """
+    out = labels.copy()
+    for vid in np.flatnonzero(np.bincount(labels.ravel())):
+        if not label_schemes.is_vertebra(vid):
+            continue
+        sel = labels == vid
+        if int(vid) not in bodies:
+            out[sel & ~body_mask(sel, spacing_mm)] = 0
+            continue
+        idx = np.argwhere(sel)
+        to_own = np.linalg.inv(affines[int(vid)]) @ affine
+        own = idx @ to_own[:3, :3].T + to_own[:3, 3]
+        inside = ndimage.map_coordinates(
+            bodies[int(vid)].astype(np.uint8), own.T, order=0, mode="constant", cval=0
+        )
+        drop = idx[inside == 0]
+        out[tuple(drop.T)] = 0
+    return out
+
+
+def curve_record(
+    pid: str, curve: SpineCurve, opt: StraightenOptions, crops: dict, centroids_mm: dict, sources: dict
+) -> dict:
+    return {
+        "pid": pid,
+        "sources": sources,
+        "spacing_mm": opt.spacing_mm,
+        "crop_shape": list(opt.crop_shape),
+        "window_hu": list(opt.window),
+        "frame": "world RAS mm; tangent to inferior, ap to posterior, lr to left",
+        "origin_row": curve.origin_row,
+        "points_mm": np.round(curve.points, 3).tolist(),
+        "tangent": np.round(curve.tangent, 5).tolist(),
+        "ap": np.round(curve.ap, 5).tolist(),
+        "lr": np.round(curve.lr, 5).tolist(),
+        "body_centroids_mm": {str(v): np.round(c, 3).tolist() for v, c in centroids_mm.items()},
+        "crops": {str(v): c for v, c in crops.items()},
+    }
+
+
+def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> PatientResult:
+    """Straighten one patient and write its crops; an :class:`InputError` leaves nothing behind."""
+    start = time.perf_counter()
+    root = Path(root)
+    if not opt.overwrite and is_done(root, pid, opt.labels_only):
+        return PatientResult(pid, skipped=True)
+    case = raw_case(root, pid)
+    if not opt.labels_only and case.ct is None:
+        raise input_error(case.folder, f"no CT {pid}.nii.gz (pass --labels_only for mask-only data)")
+    ct, mask = load_case(None if opt.labels_only else case.ct, case.mask, opt.label_scheme)
+    centroids = read_centroids(case.centroids)
+    order = ordered_vertebrae(centroids, mask, case.centroids)
+    world = {v: voxel_to_world(mask.affine, centroids[v]) for v in order}
+
+    n_rows, n_ap, n_lr = opt.crop_shape
+    plane = (n_ap, n_lr)
+    try:
+        first = fit_spine_curve(
+            np.array([world[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm
+        )
+        along = depedicle(straighten(mask.array, mask.affine, first, plane, order=0), opt.spacing_mm)
+        bodies = {}
+        for v in order:
+            idx = np.argwhere(along == v)
+            if idx.size == 0:
+                raise input_error(
+                    case.mask, f"label {v} has no body left after straightening and de-pedicling"
+                )
+            bodies[v] = index_to_world(first, plane, idx.mean(axis=0))
+        curve = fit_spine_curve(
+            np.array([bodies[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm
+        )
+    except ValueError as exc:
+        raise input_error(case.centroids, str(exc)) from exc
+    affines, crops = {}, {}
+    for v in order:
+        row = curve.project(bodies[v])
+        affines[v] = crop_affine(curve, row, opt.crop_shape)
+        centre = affines[v] @ np.r_[np.asarray(opt.crop_shape) // 2, 1.0]
+        crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}
+    raw_labels = {v: resample_to_grid(mask.array, mask.affine, affines[v], opt.crop_shape, 0) for v in order}
+    own_body = {v: body_mask(raw_labels[v] == v, opt.spacing_mm) for v in order}
+
+    outputs = []
+    for v in order:
+        labels = keep_bodies(raw_labels[v], affines[v], affines, own_body, opt.spacing_mm)
+        image = None
+        if ct is not None:
+            hu = resample_to_grid(ct.array, ct.affine, affines[v], opt.crop_shape, 1, AIR_HU)
+            image = window_to_uint8(hu, *opt.window)
+        outputs.append((v, labels, image))
+
+    for v, labels, image in outputs:
+        ct_path, label_path = straightened_paths(root, pid, v)
+        note = f"HealthiVert crop {pid} {label_schemes.vertebra_name(v)}"
+        save_nifti(label_path, labels, affines[v], dtype=np.uint8, descrip=note)
+        if image is not None:
+            save_nifti(ct_path, image, affines[v], descrip=note)
+    sources = {
+        "mask": str(case.mask),
+        "ct": None if ct is None else str(case.ct),
+        "centroids": str(case.centroids),
+    }
+    write_json(curve_path(root, pid), curve_record(pid, curve, opt, crops, bodies, sources))
+    return PatientResult(pid, list(order), time.perf_counter() - start)
+
+
+def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientResult | None, str | None]:
+    """Worker entry point: the result, or the input error's message."""
+    try:
+        return straighten_patient(root, pid, opt), None
+    except InputError as exc:
+        return None, str(exc)
