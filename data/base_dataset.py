@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch.utils.data
 
+from util.atomic import read_json
 from util.errors import input_error
 
 SPLITS = ("train", "val", "test")
@@ -47,12 +47,7 @@ def split_key(key: str) -> tuple[str, int]:
 def read_split(path: str | os.PathLike, phase: str | None = None) -> dict:
     """Read ``vertebra_data.json``; with ``phase``, that split's {key: grade} (an error if empty)."""
     path = Path(path)
-    if not path.exists():
-        raise input_error(path, "split file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise input_error(path, f"unreadable split file ({exc})") from exc
+    data = read_json(path, "split file")
     if not isinstance(data, dict) or not set(data) <= set(SPLITS):
         raise input_error(path, f"expected {{{'|'.join(SPLITS)}: {{'<pid>_<vid>': grade}}}}")
     for name, entries in data.items():

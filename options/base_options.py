@@ -10,15 +10,13 @@ the checkpoints and seeds the random generators. :func:`load_options` reads a sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from util.atomic import write_json
+from util.atomic import read_json, write_json
 from util.checkpoint import seed_everything
-from util.errors import input_error
 
 
 class BaseOptions:
@@ -161,13 +159,7 @@ def save_options(opt: argparse.Namespace, path: str | os.PathLike) -> None:
 
 def load_options(path: str | os.PathLike, **overrides) -> argparse.Namespace:
     """Read a saved ``opt.json`` back into a namespace, with ``overrides`` applied."""
-    path = Path(path)
-    if not path.exists():
-        raise input_error(path, "saved options not found (opt.json is written when training starts)")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise input_error(path, f"unreadable options file ({exc})") from exc
+    values = read_json(path, "saved options", "opt.json is written when training starts")
     if values.get("max_dataset_size") == "inf":
         values["max_dataset_size"] = float("inf")
     values.update(overrides)

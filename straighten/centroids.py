@@ -12,7 +12,6 @@ voxel size.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import label_schemes
-from util.atomic import write_json
+from util.atomic import read_json, write_json
 from util.errors import input_error
 
 MIN_CRANIAL_VOLUME_MM3 = 6000.0
@@ -85,12 +84,7 @@ def write_centroids(path: str | os.PathLike, centroids: dict[int, np.ndarray]) -
 def read_centroids(path: str | os.PathLike) -> dict[int, np.ndarray]:
     """Read a centroid json in the reference format; clear errors for anything else."""
     path = Path(path)
-    if not path.exists():
-        raise input_error(path, "centroid file not found; write it with straighten/location_json_local.py")
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise input_error(path, f"unreadable centroid json ({exc})") from exc
+    records = read_json(path, "centroid file", "write it with straighten/location_json_local.py")
     if not isinstance(records, list):
         raise input_error(path, "centroid json must be a list of {label, X, Y, Z} records")
     if any(isinstance(r, dict) and "direction" in r for r in records):

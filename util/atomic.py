@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from util.errors import input_error
+
 
 def _file_mode() -> int:
     umask = os.umask(0)
@@ -53,3 +55,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON atomically (stable key order, newline at the end)."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any:
+    """Read a JSON file; a missing or unreadable file raises an InputError naming it and ``what`` it is."""
+    path = Path(path)
+    if not path.exists():
+        raise input_error(path, f"{what} not found{'; ' + missing_hint if missing_hint else ''}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise input_error(path, f"unreadable {what} ({exc})") from exc
