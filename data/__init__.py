@@ -55,7 +55,7 @@ class DatasetLoader:
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return min(len(self.dataset), self.opt.max_dataset_size)
+        return int(min(len(self.dataset), self.opt.max_dataset_size))
 
     def __iter__(self):
         for i, batch in enumerate(self.dataloader):

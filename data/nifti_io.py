@@ -117,15 +117,13 @@ def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
         mapped = label_schemes.to_verse(labels, label_scheme)
     except KeyError as exc:
         raise input_error(path, str(exc)) from exc
-    dropped = np.setdiff1d(np.unique(labels), list(label_schemes.SCHEMES[label_scheme]) + [0])
-    if dropped.size:
+    present = np.flatnonzero(np.bincount(labels.ravel()))
+    dropped = sorted(set(present.tolist()) - set(label_schemes.SCHEMES[label_scheme]) - {0})
+    if dropped:
         log.info(
-            "%s: ids %s are not vertebrae in the %s scheme; set to background",
-            path,
-            dropped.tolist(),
-            label_scheme,
+            "%s: ids %s are not vertebrae in the %s scheme; set to background", path, dropped, label_scheme
         )
-    if not any(label_schemes.is_vertebra(v) for v in np.unique(mapped)):
+    if not any(label_schemes.is_vertebra(v) for v in np.flatnonzero(np.bincount(mapped.ravel()))):
         raise input_error(path, f"mask has no vertebra labels (label scheme {label_scheme!r})")
     return Volume(mapped, affine, Path(path))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -122,8 +123,11 @@ class BaseOptions:
 def _gpu_ids(spec: str) -> list[int]:
     if spec == "auto":
         return [0] if torch.cuda.is_available() else []
-    ids = [int(s) for s in str(spec).split(",") if s.strip() != ""]
-    return [i for i in ids if i >= 0]
+    ids = [i for i in (int(s) for s in str(spec).split(",") if s.strip() != "") if i >= 0]
+    if ids and not torch.cuda.is_available():
+        warnings.warn(f"--gpu_ids {spec}: CUDA is not available here; running on the CPU", stacklevel=3)
+        return []
+    return ids
 
 
 def device_of(opt: argparse.Namespace) -> torch.device:

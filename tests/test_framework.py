@@ -55,6 +55,9 @@ def test_parse_takes_an_explicit_list_and_has_no_side_effects(tmp_path, monkeypa
     assert not (tmp_path / "ckpt").exists()
     test_opt = TestOptions().parse([*TINY, "--phase", "val"])
     assert test_opt.phase == "val" and test_opt.serial_batches and not test_opt.isTrain
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="running on the CPU"):
+            assert TrainOptions().parse([*TINY, "--gpu_ids", "0"]).gpu_ids == []
 
 
 def test_setup_saves_options_that_load_back(tmp_path, capsys):

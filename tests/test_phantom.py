@@ -161,6 +161,21 @@ def test_same_seed_same_bytes(tmp_path):
     assert other != digests[0]["raw/phantom000/phantom000.nii.gz"]
 
 
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    for run, workers in (("one", 1), ("two", 2)):
+        generate(
+            tmp_path / run,
+            patients=2,
+            seed=9,
+            spacing_mm=3.0,
+            levels="L2-L4",
+            workers=workers,
+            progress=False,
+        )
+    for path in sorted((tmp_path / "one").rglob("*.*")):
+        assert path.read_bytes() == (tmp_path / "two" / path.relative_to(tmp_path / "one")).read_bytes(), path
+
+
 def test_cli_refuses_to_overwrite_and_checks_arguments(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--patients", "1", "--spacing_mm", "3", "--levels", "L2-L3"]) == 0
     assert main(["--out", str(tmp_path), "--patients", "1", "--spacing_mm", "3"]) == 2
