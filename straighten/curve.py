@@ -16,9 +16,11 @@ lordosis of radius 150 mm, a body whose centre lies 15 mm off the curve is stret
 and shrunk on the other by about 10 %. Per-vertebra crops therefore use :func:`crop_affine`: the
 planes perpendicular to the curve at the vertebra, one rigid reslice with a true world affine.
 
-Why not the ``straighten`` package that the reference vendors: it works in voxel units, joins
-the centroids with straight segments (the tangent jumps at every vertebra) and imports a SciPy
-module that newer SciPy removes; a spline in mm fixes all three.
+Why not the ``straighten`` package (neuro-ml; the reference vendors a copy): it samples the
+polyline through the centroids (straight segments between vertebrae), works along the array
+axes (per-axis spacing, but no affine, so no oblique or flipped scans), and its default frame
+(Frenet-Serret) can twist about the curve. A spline in world mm with a posterior-anchored frame,
+on scipy, replaces it in a few dozen lines.
 """
 
 from __future__ import annotations
