@@ -79,6 +79,7 @@ def fit_spine_curve(
     extend_mm: float = 0.0,
     smoothing_mm: float = 1.0,
     posterior: np.ndarray = POSTERIOR,
+    degree: int = 3,
 ) -> SpineCurve:
     """Fit the curve through control points (K, 3) in world mm, ordered cranial to caudal.
 
@@ -89,6 +90,8 @@ def fit_spine_curve(
         smoothing_mm: root-mean-square distance the spline may keep from the control points
             (0 interpolates them exactly).
         posterior: the patient's posterior direction in world coordinates.
+        degree: 3 for the smoothing spline (cubic, or lower with fewer points); 1 for the
+            polyline through the points, which cannot overshoot past an odd end point.
     """
     pts = np.asarray(control_mm, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 2:
@@ -99,11 +102,12 @@ def fit_spine_curve(
     if np.any(np.diff(chord) < 1e-6):
         raise ValueError("two control points coincide")
 
-    if len(pts) == 2:
-        direction = (pts[1] - pts[0]) / chord[-1]
+    if len(pts) == 2 or degree == 1:
         fine_s = np.linspace(0.0, chord[-1], max(int(chord[-1] / 0.1), 2) + 1)
-        fine = pts[0] + fine_s[:, None] * direction
-        fine_t = np.repeat(direction[None], len(fine_s), axis=0)
+        fine = np.stack([np.interp(fine_s, chord, pts[:, axis]) for axis in range(3)], axis=1)
+        segment = np.clip(np.searchsorted(chord, fine_s, side="right") - 1, 0, len(pts) - 2)
+        directions = np.diff(pts, axis=0) / np.diff(chord)[:, None]
+        fine_t = directions[segment]
     else:
         k = min(3, len(pts) - 1)
         tck, _ = interpolate.splprep(pts.T, u=chord, k=k, s=len(pts) * smoothing_mm**2)

@@ -191,8 +191,10 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     n_rows, n_ap, n_lr = opt.crop_shape
     plane = (n_ap, n_lr)
     try:
+        # the polyline: a partial end vertebra's centroid (mostly posterior elements) would make a
+        # spline overshoot; this pass only has to find the bodies
         first = fit_spine_curve(
-            np.array([world[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm
+            np.array([world[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, degree=1
         )
         along = depedicle(straighten(mask.array, mask.affine, first, plane, order=0), opt.spacing_mm)
         bodies = {}
@@ -203,9 +205,12 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
                     case.mask, f"label {v} has no body left after straightening and de-pedicling"
                 )
             bodies[v] = index_to_world(first, plane, idx.mean(axis=0))
-        curve = fit_spine_curve(
-            np.array([bodies[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm
-        )
+        through = np.array([bodies[v] for v in order])
+        try:
+            curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm)
+        except ValueError:
+            log.warning("%s: the spline through the bodies overshoots at an end; using the polyline", pid)
+            curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, degree=1)
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
     affines, crops = {}, {}

@@ -111,3 +111,21 @@ def test_the_straight_phantom_comes_out_unchanged(tmp_path):
     box = (slice(k_c, k_c + len(curve)), slice(i_c - 30, i_c + 30), slice(j_c - 15, j_c + 15))
     np.testing.assert_array_equal(out_l, can_l[box])
     np.testing.assert_allclose(out_c, can_c[box], atol=1e-3)
+
+
+def test_polyline_samples_lie_on_its_segments():
+    pts = np.array([[0, 0, 100.0], [0, 10, 70.0], [0, 12, 40.0], [0, 0, 10.0]])
+    curve = fit_spine_curve(pts, step_mm=0.5, degree=1)
+
+    def distance_to_polyline(x):
+        d = []
+        for a, b in zip(pts[:-1], pts[1:], strict=True):
+            t = np.clip((x - a) @ (b - a) / ((b - a) @ (b - a)), 0, 1)
+            d.append(np.linalg.norm(x - (a + t * (b - a))))
+        return min(d)
+
+    assert max(distance_to_polyline(x) for x in curve.points) < 1e-9
+    steps = np.linalg.norm(np.diff(curve.points, axis=0), axis=1)
+    assert steps.max() <= 0.5 + 1e-9 and steps.min() > 0.45  # corners cut by under 0.05 mm
+    first = (pts[1] - pts[0]) / np.linalg.norm(pts[1] - pts[0])
+    np.testing.assert_allclose(curve.tangent[:10], np.repeat(first[None], 10, axis=0), atol=1e-9)

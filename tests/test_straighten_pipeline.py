@@ -246,3 +246,21 @@ def test_bad_inputs_give_one_clear_error_and_no_crops(phantom_2mm, tmp_path, cap
         line = next((x for x in err.splitlines() if message in x), None)
         assert line is not None and pid in line, (pid, err)
         assert no_outputs(root, pid), pid
+
+
+def test_a_partial_end_vertebra_does_not_derail_the_curve(tmp_path):
+    """Patient 7 of seed 5: the visible part of T9 is mostly its spinous process, far behind its body."""
+    from data.label_schemes import parse_levels
+    from data.phantom import generate_patient
+
+    generate_patient(tmp_path, 7, 5, parse_levels("T10-L5"), 2.0, 0.4)
+    args = ["--dataroot", str(tmp_path), "--spacing_mm", "2.0", "--crop_mm", "128", "128", "64"]
+    assert straighten_mask_3d.main(args) == 0
+    found = json.loads((tmp_path / "straightened/curve/phantom007.json").read_text())["body_centroids_mm"]
+    geo = json.loads((tmp_path / "truth/phantom007/phantom007_geometry.json").read_text())
+    for g in geo["vertebrae"]:
+        if str(g["vid"]) not in found:
+            continue
+        offset = np.array(found[str(g["vid"])]) - np.array(g["centre_mm"])
+        off_axis = offset - (offset @ np.array(g["axes"]["height"])) * np.array(g["axes"]["height"])
+        assert np.linalg.norm(off_axis) < 4.0, (g["vid"], np.round(off_axis, 1))
