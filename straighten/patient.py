@@ -1,9 +1,10 @@
 """Straighten one patient: reorient and resample through the affine, fit the spine curve,
 de-pedicle, and cut one crop per vertebra centred on its body.
 
-Two passes. The labels straightened along a curve through the vertebra centroids are
-de-pedicled to find each vertebral body; the final curve runs through the body centroids (the
-posterior elements no longer pull it about, so its tangent follows each body's axis). Each crop
+Two passes. The labels straightened along the polyline through the vertebra centroids are
+de-pedicled to find each vertebral body; the final curve, a smoothing spline, runs through the
+body centroids (the posterior elements no longer pull it about, so its tangent follows each
+body's axis). Each crop
 is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
 there): the target keeps its true shape and the crop's affine is its true scanner position.
 
