@@ -126,6 +126,31 @@ def is_done(root: Path, pid: str, labels_only: bool) -> bool:
     return True
 
 
+def centred_crop(
+    mask: Volume, vid: int, affine: np.ndarray, shape: tuple[int, int, int], spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(affine, labels, body) of a crop whose centre row holds the centroid of ``vid``'s body.
+
+    The body found in the first pass sits within a few rows of the centre; the crop is moved
+    along its own axis by what remains (a rigid move, so one step is enough) and resampled.
+    """
+
+    def sample(aff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = resample_to_grid(mask.array, mask.affine, aff, shape, 0)
+        body = body_mask(labels == vid, spacing_mm)
+        if not body.any():
+            raise input_error(mask.path, f"label {vid}: no vertebral body found in its crop")
+        return labels, body
+
+    labels, body = sample(affine)
+    shift = float(np.nonzero(body)[0].mean()) - shape[0] // 2
+    if abs(shift) >= 0.5:
+        affine = affine.copy()
+        affine[:3, 3] += shift * affine[:3, 0]
+        labels, body = sample(affine)
+    return affine, labels, body
+
+
 def keep_bodies(
     labels: np.ndarray, affine: np.ndarray, affines: dict, bodies: dict, spacing_mm: float
 ) -> np.ndarray:
@@ -214,14 +239,14 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
             curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, degree=1)
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
-    affines, crops = {}, {}
+    affines, raw_labels, own_body, crops = {}, {}, {}, {}
     for v in order:
         row = curve.project(bodies[v])
-        affines[v] = crop_affine(curve, row, opt.crop_shape)
+        affines[v], raw_labels[v], own_body[v] = centred_crop(
+            mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm
+        )
         centre = affines[v] @ np.r_[np.asarray(opt.crop_shape) // 2, 1.0]
         crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}
-    raw_labels = {v: resample_to_grid(mask.array, mask.affine, affines[v], opt.crop_shape, 0) for v in order}
-    own_body = {v: body_mask(raw_labels[v] == v, opt.spacing_mm) for v in order}
 
     outputs = []
     for v in order:
