@@ -52,7 +52,7 @@ from data.phantom_anatomy import (
     local_axes,
 )
 from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
-from straighten.centroids import complete_vertebrae, label_centroids, label_volumes_mm3, write_centroids
+from straighten.centroids import complete_vertebra_centroids, write_centroids
 from util.atomic import write_json, write_text
 from util.errors import InputError
 
@@ -643,9 +643,7 @@ def generate_patient(
     raw, truth = out / "raw" / pid, out / "truth" / pid
     save_nifti(raw / f"{pid}.nii.gz", vols["ct"], aff)
     save_nifti(raw / f"{pid}_msk.nii.gz", vols["mask"], aff)
-    volumes = label_volumes_mm3(vols["mask"], spacing**3)
-    kept = complete_vertebrae(volumes)
-    write_centroids(raw / f"{pid}.json", label_centroids(vols["mask"], kept))
+    write_centroids(raw / f"{pid}.json", complete_vertebra_centroids(vols["mask"], spacing**3)[0])
     save_nifti(truth / f"{pid}_healthy.nii.gz", vols["healthy_ct"], aff)
     save_nifti(truth / f"{pid}_healthy_msk.nii.gz", vols["healthy_mask"], aff)
     save_nifti(truth / f"{pid}_body_msk.nii.gz", vols["body"], aff)

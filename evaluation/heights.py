@@ -71,16 +71,14 @@ def heights_from_columns(column_heights_mm: np.ndarray, lr_fraction: float = 0.4
     heights = cols[:, keep]
 
     n_ap = sub.shape[0]
-    has = sub.any(axis=0)
     j0 = np.argmax(sub, axis=0)
     j1 = n_ap - 1 - np.argmax(sub[::-1], axis=0)
     j = np.arange(n_ap)[:, None]
     t = (j - j0[None, :] + 0.5) / (j1 - j0 + 1)[None, :]
     region = np.minimum((t * 3).astype(np.int64), 2)
-    valid = sub & has[None, :]
     out = []
     for r in range(3):
-        values = heights[valid & (region == r)]
+        values = heights[sub & (region == r)]
         out.append(float(np.median(values)) if values.size else float("nan"))
     return BodyHeights(*out)
 

@@ -28,7 +28,7 @@ MIN_CAUDAL_VOLUME_MM3 = 8000.0
 
 def vertebra_labels(mask: np.ndarray) -> list[int]:
     """Vertebra ids present in ``mask`` (sacrum, coccyx and background excluded), cranial to caudal."""
-    present = np.unique(mask)
+    present = np.flatnonzero(np.bincount(np.asarray(mask).ravel().astype(np.int64, copy=False)))
     return label_schemes.sort_spine_order(int(v) for v in present if label_schemes.is_vertebra(v))
 
 
@@ -66,6 +66,18 @@ def complete_vertebrae(
     if order and volumes_mm3[order[-1]] < min_caudal_mm3:
         order = order[:-1]
     return order
+
+
+def complete_vertebra_centroids(
+    mask: np.ndarray,
+    voxel_volume_mm3: float,
+    min_cranial_mm3: float = MIN_CRANIAL_VOLUME_MM3,
+    min_caudal_mm3: float = MIN_CAUDAL_VOLUME_MM3,
+) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """(centroids of the complete vertebrae, volumes in mm³ of the partial ones left out)."""
+    volumes = label_volumes_mm3(mask, voxel_volume_mm3)
+    kept = complete_vertebrae(volumes, min_cranial_mm3, min_caudal_mm3)
+    return label_centroids(mask, kept), {v: vol for v, vol in volumes.items() if v not in kept}
 
 
 def centroid_records(centroids: dict[int, np.ndarray]) -> list[dict]:

@@ -27,9 +27,7 @@ from data.nifti_io import load_mask
 from straighten.centroids import (
     MIN_CAUDAL_VOLUME_MM3,
     MIN_CRANIAL_VOLUME_MM3,
-    complete_vertebrae,
-    label_centroids,
-    label_volumes_mm3,
+    complete_vertebra_centroids,
     write_centroids,
 )
 from util.errors import InputError, input_error
@@ -38,13 +36,12 @@ from util.errors import InputError, input_error
 def centroids_for(mask_path: Path, scheme: str, min_cranial: float, min_caudal: float):
     """(centroids of the complete vertebrae, the labels left out) of one mask."""
     mask = load_mask(mask_path, scheme)
-    voxel_mm3 = float(np.prod(mask.spacing))
-    volumes = label_volumes_mm3(mask.array, voxel_mm3)
-    kept = complete_vertebrae(volumes, min_cranial, min_caudal)
-    if not kept:
+    centroids, dropped = complete_vertebra_centroids(
+        mask.array, float(np.prod(mask.spacing)), min_cranial, min_caudal
+    )
+    if not centroids:
         raise input_error(mask_path, "no complete vertebra (every label is below the volume thresholds)")
-    dropped = {v: volumes[v] for v in volumes if v not in kept}
-    return label_centroids(mask.array, kept), dropped
+    return centroids, dropped
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from scipy import ndimage
 from data import label_schemes
 from data.layout import curve_path, raw_case, straightened_paths
 from data.nifti_io import Volume, load_case, resample_to_grid, save_nifti, voxel_to_world
-from straighten.centroids import read_centroids
+from straighten.centroids import read_centroids, vertebra_labels
 from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
 from straighten.depedicle import body_mask, depedicle
 from util.atomic import write_json
@@ -79,7 +79,7 @@ def ordered_vertebrae(centroids: dict[int, np.ndarray], mask: Volume, json_path:
     partial ones the centroid step left out); a centroid far from its label.
     """
     vids = [v for v in centroids if label_schemes.is_vertebra(v)]
-    present = {int(v) for v in np.unique(mask.array) if label_schemes.is_vertebra(v)}
+    present = set(vertebra_labels(mask.array))
     absent = sorted(set(vids) - present)
     if absent:
         names = ", ".join(f"{label_schemes.vertebra_name(v)} ({v})" for v in absent)
