@@ -1,0 +1,188 @@
+"""Straightened crops: find them, decode them once, keep them decoded.
+
+A straightened folder holds ``CT/<pid>_<vid>.nii.gz`` (uint8, HU window mapped to 0-255) and
+``label/<pid>_<vid>.nii.gz`` (VerSe ids, de-pedicled), one pair per vertebra, axes (height
+superior->inferior, anterior->posterior, right->left). Every reader of crops (datasets, the
+attention classifier, synthesis, evaluation) goes through :class:`CropStore`, so an epoch never
+re-reads ``.nii.gz``: decoded arrays are kept in memory, or with ``cache_dir`` as ``.npy`` files
+that are memory-mapped (for datasets larger than memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.nifti_io import _read, voxel_sizes
+from util.errors import input_error
+
+log = logging.getLogger(__name__)
+
+CROP_SUFFIX = ".nii.gz"
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One vertebra's straightened crop."""
+
+    key: str  # "<pid>_<vid>"
+    pid: str
+    vid: int
+    label: np.ndarray  # uint8 VerSe ids, (height, AP, LR)
+    ct: np.ndarray | None  # uint8 0-255, same grid; None for label-only data
+    affine: np.ndarray  # voxel -> world (mm)
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        return voxel_sizes(self.affine)
+
+
+def straightened_dir(dataroot: str | os.PathLike) -> Path:
+    """The folder holding ``CT/`` and ``label/``: ``dataroot`` itself, or its ``straightened/``."""
+    root = Path(dataroot)
+    if (root / "label").is_dir() or (root / "CT").is_dir():
+        return root
+    if (root / "straightened" / "label").is_dir():
+        log.info("%s holds no label/ folder; using %s", root, root / "straightened")
+        return root / "straightened"
+    raise input_error(root, "no straightened crops: expected label/ and CT/ here or under straightened/")
+
+
+def crop_key(pid: str, vid: int) -> str:
+    return f"{pid}_{int(vid)}"
+
+
+def _keys_in(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    return {
+        p.name[: -len(CROP_SUFFIX)]
+        for p in folder.iterdir()
+        if p.name.endswith(CROP_SUFFIX) and not p.name.startswith(".")
+    }
+
+
+class CropStore:
+    """The crops of one straightened folder, decoded on first use and cached.
+
+    Args:
+        dataroot: the straightened folder, or a dataset root holding ``straightened/``.
+        need_ct: only list crops that have both CT and label (False: label crops are enough).
+        cache_dir: keep decoded arrays as memory-mapped ``.npy`` files here instead of in memory.
+    """
+
+    def __init__(self, dataroot: str | os.PathLike, need_ct: bool = True, cache_dir: str | None = None):
+        self.folder = straightened_dir(dataroot)
+        self.need_ct = need_ct
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        labels = _keys_in(self.folder / "label")
+        cts = _keys_in(self.folder / "CT")
+        self._keys = sorted(labels & cts if need_ct else labels)
+        self._cache: dict[str, Crop] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        """(CT path, label path) of a crop."""
+        return self.folder / "CT" / f"{key}{CROP_SUFFIX}", self.folder / "label" / f"{key}{CROP_SUFFIX}"
+
+    def load(self, key: str) -> Crop:
+        """The decoded crop ``key`` ("<pid>_<vid>")."""
+        crop = self._cache.get(key)
+        if crop is None:
+            crop = self._decode(key)
+            self._cache[key] = crop
+        return crop
+
+    # --- decoding ---------------------------------------------------------------------------
+    def _decode(self, key: str) -> Crop:
+        pid, _, vid = key.rpartition("_")
+        if not pid or not vid.isdigit():
+            raise input_error(self.folder, f"crop name {key!r} is not '<pid>_<vertebra id>'")
+        ct_path, label_path = self.paths(key)
+        cached = self._from_disk_cache(key)
+        if cached is not None:
+            label, ct, affine = cached
+        else:
+            label_raw, affine = _read(label_path, "label crop")
+            label = _as_uint8(label_raw, label_path)
+            ct = None
+            if self.need_ct or ct_path.exists():
+                ct_raw, ct_affine = _read(ct_path, "CT crop")
+                if ct_raw.shape != label.shape:
+                    raise input_error(
+                        ct_path, f"shape {ct_raw.shape} differs from its label crop {label.shape}"
+                    )
+                if not np.allclose(ct_affine, affine, atol=1e-3):
+                    raise input_error(ct_path, "affine differs from its label crop")
+                ct = _as_uint8(ct_raw, ct_path)
+            self._to_disk_cache(key, label, ct, affine)
+        return Crop(key, pid, int(vid), label, ct, affine)
+
+    def _cache_files(self, key: str) -> tuple[Path, Path, Path]:
+        assert self.cache_dir is not None
+        return (
+            self.cache_dir / f"{key}_label.npy",
+            self.cache_dir / f"{key}_ct.npy",
+            self.cache_dir / f"{key}_affine.npy",
+        )
+
+    def _from_disk_cache(self, key: str):
+        if self.cache_dir is None:
+            return None
+        label_f, ct_f, aff_f = self._cache_files(key)
+        if not (label_f.exists() and aff_f.exists()):
+            return None
+        _, label_path = self.paths(key)
+        if label_f.stat().st_mtime < label_path.stat().st_mtime:
+            return None  # the crop was rewritten after it was cached
+        ct = np.load(ct_f, mmap_mode="r") if ct_f.exists() else None
+        if self.need_ct and ct is None:
+            return None
+        return np.load(label_f, mmap_mode="r"), ct, np.load(aff_f)
+
+    def _to_disk_cache(self, key: str, label: np.ndarray, ct: np.ndarray | None, affine: np.ndarray) -> None:
+        if self.cache_dir is None:
+            return
+        from util.atomic import atomic_path
+
+        label_f, ct_f, aff_f = self._cache_files(key)
+        for path, arr in ((label_f, label), (ct_f, ct), (aff_f, affine)):
+            if arr is None:
+                continue
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+
+
+def _as_uint8(data: np.ndarray, path: Path) -> np.ndarray:
+    arr = np.asarray(data)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise input_error(path, "crop contains NaN or infinite values")
+        arr = np.rint(arr)
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+        raise input_error(path, f"values outside 0-255 ({arr.min()}..{arr.max()}); not a straightened crop")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write an array on a crop's grid (atomic, uint8 kept, float as float32)."""
+    from data.nifti_io import save_nifti
+
+    dtype = np.uint8 if array.dtype == np.uint8 else np.float32
+    save_nifti(path, array, affine, dtype=dtype)
+
+
+__all__ = ["Crop", "CropStore", "crop_key", "save_like", "straightened_dir"]

@@ -1,0 +1,52 @@
+"""The crop store: finds crops, decodes once, memory-maps a disk cache, names bad files."""
+
+import numpy as np
+import pytest
+
+from data.crops import CropStore, straightened_dir
+from tests.conftest import write_nifti
+from util.errors import InputError
+
+
+def _crops(root, key="p1_20", shape=(8, 6, 4)):
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 1:4, 1:3] = 20
+    ct = (np.arange(np.prod(shape)) % 256).reshape(shape).astype(np.uint8)
+    write_nifti(root / "straightened" / "label" / f"{key}.nii.gz", label, aff)
+    write_nifti(root / "straightened" / "CT" / f"{key}.nii.gz", ct, aff)
+    return label, ct
+
+
+def test_store_lists_decodes_and_caches(tmp_path):
+    label, ct = _crops(tmp_path)
+    (tmp_path / "straightened" / "label" / ".p1_20.nii.gz.abc.tmp.nii.gz").write_bytes(b"")
+    store = CropStore(tmp_path)  # given the dataset root, it uses straightened/
+    assert store.folder == tmp_path / "straightened" and store.keys() == ["p1_20"]
+    crop = store.load("p1_20")
+    assert crop.pid == "p1" and crop.vid == 20 and crop.ct.dtype == np.uint8
+    np.testing.assert_array_equal(crop.label, label)
+    np.testing.assert_array_equal(crop.ct, ct)
+    np.testing.assert_allclose(crop.spacing_mm, 2.0)
+    assert store.load("p1_20") is crop
+
+
+def test_disk_cache_is_memory_mapped_and_equal(tmp_path):
+    label, ct = _crops(tmp_path)
+    CropStore(tmp_path / "straightened", cache_dir=str(tmp_path / "cache")).load("p1_20")
+    again = CropStore(tmp_path / "straightened", cache_dir=str(tmp_path / "cache")).load("p1_20")
+    assert isinstance(again.label, np.memmap)
+    np.testing.assert_array_equal(again.ct, ct)
+
+
+def test_bad_crops_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="no straightened crops"):
+        straightened_dir(tmp_path)
+    _crops(tmp_path)
+    write_nifti(
+        tmp_path / "straightened" / "CT" / "p1_20.nii.gz",
+        np.full((8, 6, 4), 900, np.int16),
+        np.diag([2.0, 2.0, 2.0, 1.0]),
+    )
+    with pytest.raises(InputError, match=r"CT/p1_20.nii.gz: values outside 0-255"):
+        CropStore(tmp_path).load("p1_20")
