@@ -36,8 +36,10 @@ def _volumes():
 @pytest.fixture
 def root(tmp_path):
     ct, label = _volumes()
+    t13 = np.where(label == 19, 28, label).astype(np.uint8)  # p2 has a T13 (28) between T12 and L1
     for key in ("p1_19", "p1_20", "p1_21", "p2_20", "p2_21"):
-        write_nifti(tmp_path / "straightened" / "label" / f"{key}.nii.gz", label, AFFINE)
+        lab = t13 if key.startswith("p2") else label
+        write_nifti(tmp_path / "straightened" / "label" / f"{key}.nii.gz", lab, AFFINE)
         write_nifti(tmp_path / "straightened" / "CT" / f"{key}.nii.gz", ct, AFFINE)
     write_json(tmp_path / "vertebra_data.json", SPLIT)
     return tmp_path
@@ -98,6 +100,10 @@ def test_validation_takes_the_central_slice_deterministically(root):
     first = [int(ds[i]["slice_index"]) for i in range(len(ds))]
     ds.set_epoch(7)
     assert first == [int(ds[i]["slice_index"]) for i in range(len(ds))] == [5, 5]
+    s = ds[0]  # p2_20: T13 above (not in the split: not a normal neighbour), L2 below (normal)
+    assert (int(s["upper_vid"]), int(s["lower_vid"])) == (28, 21)
+    nm = s["neighbour_mask"][0, :, 7].numpy()
+    assert nm[:16].sum() == 0 and nm[36:46].all() and nm.sum() == 10
     assert torch.equal(ds[0]["ct_masked"], ds[0]["ct_masked"])
 
 
@@ -166,6 +172,18 @@ def test_taller_than_the_hole_and_no_valid_slice(root):
     ds = AlignedSagittalDataset(_opt(root, min_area_mm2=1000.0))
     with pytest.raises(InputError, match=r"label/p1_19.nii.gz: vertebra 19 covers less than"):
         ds[0]
+
+
+def test_small_target_pieces_are_ignored_and_volumes_never_modified(root):
+    ct, label = _volumes()
+    label[44:46, 16:18, :] = 20  # a 4-pixel stray piece of the target on every slice
+    write_nifti(root / "straightened" / "label" / "p1_20.nii.gz", label, AFFINE)
+    ds = AlignedSagittalDataset(_opt(root))
+    before = ds.store.load("p1_20").label.copy()
+    s = ds[1]
+    assert (int(s["x1"]), int(s["x2"])) == (18, 30) and s["target_mask"][0, 44:46].sum() == 0
+    np.testing.assert_array_equal(ds.store.load("p1_20").label, before)
+    assert int(AlignedSagittalDataset(_opt(root, min_area_mm2=1.0))[1]["x2"]) == 46
 
 
 def test_coronal_gives_the_same_image_size_padded_and_centred(root):
