@@ -218,3 +218,38 @@ def test_dataset_root_options_and_workers(root):
         want = {ds.keys[i]: int(ds[i]["slice_index"]) for i in range(len(ds))}
         assert got == want, epoch
         assert batches[0]["ct_masked"].shape == (2, 1, 48, 20) and batches[0]["x1"].shape == (2, 1)
+
+
+@pytest.mark.slow
+def test_straightened_phantom_samples_in_both_planes(phantom_2mm, tmp_path):
+    """Real crops: every vertebra of every split gives a sample; heights agree with the truth."""
+    import csv
+    import shutil
+
+    from straighten import straighten_mask_3d
+
+    root = tmp_path / "copy"
+    shutil.copytree(phantom_2mm / "raw", root / "raw")
+    shutil.copy(phantom_2mm / "vertebra_data.json", root / "vertebra_data.json")
+    assert straighten_mask_3d.main(["--dataroot", str(root), "--spacing_mm", "2.0", "--workers", "2"]) == 0
+    with open(phantom_2mm / "truth" / "vertebrae.csv") as f:
+        truth = {f"{r['pid']}_{r['vid']}": r for r in csv.DictReader(f)}
+    for cls in (AlignedSagittalDataset, AlignedCoronalDataset):
+        for phase in ("train", "val", "test"):
+            ds = cls(_opt(root, dataroot=str(root), phase=phase, vert_class="all", mask_height_mm=40.0))
+            for i in range(len(ds)):
+                s = ds[i]
+                assert s["ct"].shape == s["cam"].shape == (1, 128, 128)
+                assert (
+                    int(s["hole_rows"]) == 20
+                    and (s["ct_masked"][0, int(s["band_top"]) : int(s["band_bottom"])] == -1).all()
+                )
+                vid = int(s["key"].rpartition("_")[2])
+                assert int(s["upper_vid"]) == vid - 1  # T9-L5 drawn whole, with a T8 above
+                assert int(s["lower_vid"]) == (0 if vid == 24 else vid + 1)  # the sacrum is not one
+                row = truth[s["key"]]
+                if cls is AlignedSagittalDataset and int(row["grade"]) == 0:
+                    healthy = max(float(row[f"healthy_{r}_mm"]) for r in ("anterior", "middle", "posterior"))
+                    # the slice's row extent (largest over its columns, tilt included) is at least the
+                    # median column height and at most 3 voxels more
+                    assert -2.0 <= float(s["height"]) * 2.0 - healthy <= 6.0, s["key"]
