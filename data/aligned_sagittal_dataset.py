@@ -251,7 +251,8 @@ class AlignedSagittalDataset(BaseDataset):
                 f"vertebra {crop.vid} covers less than --min_area_mm2 {self.min_area_mm2:g} mm² "
                 f"on every {self.plane} slice",
             )
-        present = [int(v) for v in np.unique(crop.label) if v and is_vertebra(int(v))]
+        counts = np.bincount(np.asarray(crop.label).ravel(), minlength=256)  # uint8 ids; faster than unique
+        present = [v for v in np.flatnonzero(counts).tolist() if v and is_vertebra(v)]
         upper, lower = neighbours(crop.vid, present) if is_vertebra(crop.vid) else (None, None)
         return VertebraSlices(
             slices=slices,
