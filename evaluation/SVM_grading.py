@@ -108,7 +108,7 @@ def load_table(opt: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
     return joined, names
 
 
-def save_confusion(path: Path, matrix: list[list[int]], labels: list[int], title: str) -> None:
+def save_confusion(path: Path, matrix: list[list[int]], labels: list[int], title: str, classes: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,11 +119,14 @@ def save_confusion(path: Path, matrix: list[list[int]], labels: list[int], title
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-    ticks = [str(c) for c in labels]
+    ticks = (
+        [("normal", "fractured")[c] for c in labels] if classes == "fracture" else [str(c) for c in labels]
+    )
     ax.set_xticks(range(len(labels)), ticks)
     ax.set_yticks(range(len(labels)), ticks)
-    ax.set_xlabel("predicted grade")
-    ax.set_ylabel("true grade")
+    noun = "class" if classes == "fracture" else "Genant grade"
+    ax.set_xlabel(f"predicted {noun}")
+    ax.set_ylabel(f"true {noun}")
     ax.set_title(title, fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -170,7 +173,11 @@ def run(opt: argparse.Namespace) -> dict:
     )
     what = f"{opt.features} RHLV, {opt.classes}"
     save_confusion(
-        out / "confusion_test.png", test["confusion_matrix"], test["labels"], f"{opt.test_split}: {what}"
+        out / "confusion_test.png",
+        test["confusion_matrix"],
+        test["labels"],
+        f"{opt.test_split}: {what}",
+        opt.classes,
     )
     pooled = cv["pooled"]
     save_confusion(
@@ -178,6 +185,7 @@ def run(opt: argparse.Namespace) -> dict:
         pooled["confusion_matrix"],
         pooled["labels"],
         f"{opt.folds}-fold CV ({'+'.join(fit_splits)}): {what}",
+        opt.classes,
     )
     cv_json = {k: v for k, v in cv.items() if k not in ("predictions", "fold")}
     metrics = {
