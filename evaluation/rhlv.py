@@ -68,12 +68,17 @@ def rhlv(h_syn: np.ndarray, h_ori: np.ndarray) -> np.ndarray:
 def design_heights(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
     """(all, anterior, middle, posterior) in mm of one body mask by the DESIGN definition.
 
-    ``all`` is the mean of the three region heights. An empty mask gives NaN.
+    ``all`` is the mean of the three region heights. A mask that cannot be measured (empty, or
+    refused by the height definition) gives NaN, logged, so one vertebra does not stop a dataset.
     """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.full(4, np.nan)
-    regions = body_heights(mask, tuple(float(s) for s in spacing_mm)).as_array()
+    try:
+        regions = body_heights(mask, tuple(float(s) for s in spacing_mm)).as_array()
+    except ValueError as exc:
+        log.warning("a body mask of %d voxels could not be measured: %s", int(mask.sum()), exc)
+        return np.full(4, np.nan)
     return np.r_[np.nanmean(regions) if np.isfinite(regions).any() else np.nan, regions]
 
 
