@@ -1,0 +1,154 @@
+"""Reading what the evaluation scripts compare: split entries, synthesis outputs, phantom truth.
+
+Synthesis outputs are ``<out>/CT_fake/<pid>_<vid>.nii.gz`` and ``<out>/label_fake/<pid>_<vid>.nii.gz``
+on the grid of the crop ``<pid>_<vid>`` (DESIGN.md); a file on another grid is an input error.
+Phantom truth is ``truth/vertebrae.csv`` and ``truth/<pid>/<pid>_healthy[_msk].nii.gz``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.base_dataset import SPLITS, read_split, split_key
+from data.crops import CROP_SUFFIX, Crop
+from data.nifti_io import _read
+from evaluation.heights import REGIONS
+from util.errors import input_error
+
+FAKE_KINDS = ("CT_fake", "label_fake")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One vertebra of the split file."""
+
+    key: str
+    pid: str
+    vid: int
+    grade: int | None  # None: no split file
+    split: str | None
+
+
+def split_entries(json_path: str | os.PathLike, phases: tuple[str, ...] = SPLITS) -> list[Entry]:
+    """Every vertebra of ``vertebra_data.json`` in ``phases``; an error if none is listed."""
+    data = read_split(json_path)
+    entries = [
+        Entry(key, *split_key(key), int(grade), phase)
+        for phase in phases
+        for key, grade in sorted(data.get(phase, {}).items())
+    ]
+    if not entries:
+        raise input_error(json_path, f"no vertebrae in split(s) {', '.join(phases)}")
+    return entries
+
+
+def fake_path(output_folder: str | os.PathLike, kind: str, key: str) -> Path:
+    return Path(output_folder) / kind / f"{key}{CROP_SUFFIX}"
+
+
+def check_output_folder(output_folder: str | os.PathLike, kinds: tuple[str, ...]) -> Path:
+    """The synthesis output folder, checked to hold the ``kinds`` sub-folders."""
+    folder = Path(output_folder)
+    if not folder.is_dir():
+        raise input_error(folder, "synthesis output folder not found")
+    for kind in kinds:
+        if not (folder / kind).is_dir():
+            raise input_error(folder, f"no {kind}/ folder (expected eval_3d_sagittal_twostage.py output)")
+    return folder
+
+
+def load_fake(output_folder: str | os.PathLike, kind: str, crop: Crop) -> np.ndarray:
+    """A synthesis output of ``crop`` (float64), checked to lie on the crop's grid."""
+    path = fake_path(output_folder, kind, crop.key)
+    data, affine = _read(path, kind)
+    if data.shape != crop.label.shape:
+        raise input_error(path, f"shape {data.shape} differs from its crop {crop.label.shape}")
+    if not np.allclose(affine, crop.affine, atol=1e-3):
+        raise input_error(path, "affine differs from its crop's (not written on the crop's grid)")
+    arr = np.asarray(data, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise input_error(path, f"{kind} contains NaN or infinite values")
+    return arr
+
+
+def target_of(labels: np.ndarray, vid: int) -> np.ndarray:
+    """The binary mask of vertebra ``vid`` in a label volume (rounded; a 0/1 volume is taken as is)."""
+    lab = np.rint(np.asarray(labels)).astype(np.int64)
+    target = lab == int(vid)
+    if not target.any() and lab.max(initial=0) == 1:
+        return lab == 1  # a binary synthesised target mask
+    return target
+
+
+@dataclass(frozen=True)
+class TruthRow:
+    """One row of a phantom's ``truth/vertebrae.csv``."""
+
+    pid: str
+    vid: int
+    grade: int
+    fracture_type: str
+    healthy_mm: np.ndarray  # anterior, middle, posterior
+    fractured_mm: np.ndarray
+
+    @property
+    def reduction(self) -> np.ndarray:
+        """True relative height loss per region, (healthy - fractured) / healthy."""
+        return (self.healthy_mm - self.fractured_mm) / self.healthy_mm
+
+
+def read_truth_table(truth_dir: str | os.PathLike) -> dict[tuple[str, int], TruthRow]:
+    """``truth/vertebrae.csv`` keyed by (pid, vid)."""
+    path = Path(truth_dir) / "vertebrae.csv"
+    if not path.exists():
+        raise input_error(path, "phantom truth table not found (is --truth a phantom's truth/ folder?)")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        table = {}
+        for r in rows:
+            table[(r["pid"], int(r["vid"]))] = TruthRow(
+                r["pid"],
+                int(r["vid"]),
+                int(r["grade"]),
+                r["fracture_type"],
+                np.array([float(r[f"healthy_{g}_mm"]) for g in REGIONS]),
+                np.array([float(r[f"fractured_{g}_mm"]) for g in REGIONS]),
+            )
+    except (KeyError, ValueError) as exc:
+        raise input_error(path, f"not a phantom truth table ({exc})") from exc
+    if not table:
+        raise input_error(path, "truth table has no rows")
+    return table
+
+
+def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...], what: str) -> list[dict]:
+    """Rows of a CSV file, checked to have the ``required`` columns."""
+    path = Path(path)
+    if not path.exists():
+        raise input_error(path, f"{what} not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise input_error(path, f"{what} lacks columns {', '.join(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise input_error(path, f"{what} has no rows")
+    return rows
+
+
+def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """CSV text of ``rows`` with ``columns`` in that order."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,313 @@
+"""Relative height loss of a vertebra (RHLV) against its pseudo-healthy estimate: pure functions.
+
+RHLV per region r (anterior, middle, posterior) is ``(H_syn,r - H_ori,r) / H_syn,r``: H_syn is the
+healthy height (the synthesised pseudo-healthy vertebra, or the neighbour estimate), H_ori the
+height of the vertebra as scanned. ``all`` uses the mean of the three region heights.
+
+Two height definitions, each returning (all, anterior, middle, posterior) in mm:
+
+- ``design`` (default): :func:`evaluation.heights.body_heights`, the one definition of DESIGN.md
+  (medians of column extents over the central 40 % of the left-right extent, AP thirds). Each mask
+  is measured on its own.
+- ``reference``: the reference's filtered column means (REFERENCE.md section 8), kept so its
+  numbers can be reproduced: pixel counts per AP column on the central sagittal slices, thirds
+  cut on the *synthesised* mask's AP extent and applied to both masks, the synthesised heights
+  scaled up when the original's maximum is larger, columns under 0.7 x the centre column dropped,
+  and the kept columns averaged.
+
+The neighbour baseline (:func:`neighbour_estimate`) needs no GAN: a vertebra's healthy heights are
+the mean of its adjacent vertebrae's heights, region by region, each neighbour measured on its own
+crop; a neighbour that looks deformed itself (smallest region under 0.8 x its largest) is left out
+while another neighbour is usable.
+
+Arrays follow the crop axes: 0 = height (superior to inferior), 1 = anterior to posterior,
+2 = right to left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from evaluation.heights import REGIONS, body_heights, column_heights
+
+log = logging.getLogger(__name__)
+
+HEIGHT_DEFINITIONS = ("design", "reference")
+ALL_REGIONS = ("all", *REGIONS)
+# A neighbour whose smallest region height is under this share of its largest looks deformed
+# (the Genant mild boundary, 20 % reduction) and is not used while another neighbour is.
+NEIGHBOUR_SHAPE_RATIO = 0.8
+# REFERENCE.md section 8: the column filter used by the reference's main().
+REFERENCE_COLUMN_THRESHOLD = 0.7
+
+RHLV_COLUMNS = (
+    "vertebra",
+    "pid",
+    "vid",
+    "grade",
+    "split",
+    *(f"h_syn_{r}" for r in REGIONS),
+    *(f"h_ori_{r}" for r in REGIONS),
+    *(f"rhlv_{r}" for r in ALL_REGIONS),
+)
+
+
+def rhlv(h_syn: np.ndarray, h_ori: np.ndarray) -> np.ndarray:
+    """(H_syn - H_ori) / H_syn element-wise; NaN where H_syn is not a positive finite height."""
+    syn = np.asarray(h_syn, dtype=np.float64)
+    ori = np.asarray(h_ori, dtype=np.float64)
+    ok = np.isfinite(syn) & (syn > 0)
+    out = np.full(np.broadcast(syn, ori).shape, np.nan)
+    np.divide(syn - ori, syn, out=out, where=ok)
+    return out
+
+
+def design_heights(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """(all, anterior, middle, posterior) in mm of one body mask by the DESIGN definition.
+
+    ``all`` is the mean of the three region heights. A mask that cannot be measured (empty, or
+    refused by the height definition) gives NaN, logged, so one vertebra does not stop a dataset.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.full(4, np.nan)
+    try:
+        regions = body_heights(mask, tuple(float(s) for s in spacing_mm)).as_array()
+    except ValueError as exc:
+        log.warning("a body mask of %d voxels could not be measured: %s", int(mask.sum()), exc)
+        return np.full(4, np.nan)
+    return np.r_[np.nanmean(regions) if np.isfinite(regions).any() else np.nan, regions]
+
+
+def _reference_slices(ori: np.ndarray) -> range:
+    """REFERENCE section 8 step 2: slices [centre - L, centre + L) of the original's axis-2 extent."""
+    lr = np.flatnonzero(ori.any(axis=(0, 1)))
+    lo, hi = int(lr[0]), int(lr[-1])
+    centre, half = (lo + hi) // 2, (hi - lo) // 5
+    if half == 0:
+        return range(centre, centre + 1)
+    return range(centre - half, centre + half)
+
+
+def reference_heights_pair(
+    syn: np.ndarray,
+    ori: np.ndarray,
+    spacing_mm: Sequence[float],
+    threshold: float = REFERENCE_COLUMN_THRESHOLD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's filtered column means of a synthesised and an original mask (REFERENCE 8).
+
+    Args:
+        syn: the synthesised (healthy) binary mask of the vertebra.
+        ori: the original binary mask, same grid.
+        spacing_mm: voxel size per axis; column pixel counts are converted with ``spacing_mm[0]``.
+        threshold: columns under this share of the centre column's height are dropped.
+
+    Returns:
+        (H_syn, H_ori), each (all, anterior, middle, posterior) in mm; NaN where nothing is kept.
+        Measuring one mask alone is ``reference_heights_pair(m, m, ...)`` (the scaling is then 1).
+    """
+    syn = np.asarray(syn, dtype=bool)
+    ori = np.asarray(ori, dtype=bool)
+    if syn.shape != ori.shape:
+        raise ValueError(f"masks differ in shape: {syn.shape} vs {ori.shape}")
+    if not ori.any() or not syn.any():
+        return np.full(4, np.nan), np.full(4, np.nan)
+    pooled_syn: list[list[np.ndarray]] = [[] for _ in range(4)]
+    pooled_ori: list[list[np.ndarray]] = [[] for _ in range(4)]
+    for k in _reference_slices(ori):
+        if not 0 <= k < ori.shape[2]:
+            continue
+        s2, o2 = syn[:, :, k], ori[:, :, k]
+        if not s2.any() or not o2.any():
+            continue
+        cs, co = s2.sum(axis=0).astype(np.float64), o2.sum(axis=0).astype(np.float64)
+        cols = np.flatnonzero(s2.any(axis=0))
+        ymin, ymax = cols[0], cols[-1]
+        t1 = ymin + (ymax - ymin) / 3
+        t2 = ymin + 2 * (ymax - ymin) / 3
+        j = np.arange(cs.size)
+        parts = (j >= 0, j < t1, (j >= t1) & (j < t2), j >= t2)
+        centre_s = cs[int(np.flatnonzero(cs).mean())]
+        centre_o = co[int(np.flatnonzero(co).mean())]
+        for r, part in enumerate(parts):
+            hs, ho = cs[part], co[part]
+            c_s = centre_s
+            if ho.size and hs.size and ho.max() > hs.max() > 0:
+                ratio = ho.max() / hs.max()
+                hs = hs * ratio
+                if r == 0:
+                    c_s = centre_s * ratio
+            pooled_syn[r].append(hs[hs > threshold * c_s])
+            pooled_ori[r].append(ho[ho > threshold * centre_o])
+
+    def mean_mm(chunks: list[np.ndarray]) -> float:
+        values = np.concatenate(chunks) if chunks else np.empty(0)
+        return float(values.mean() * float(spacing_mm[0])) if values.size else float("nan")
+
+    return (
+        np.array([mean_mm(c) for c in pooled_syn]),
+        np.array([mean_mm(c) for c in pooled_ori]),
+    )
+
+
+def vertebra_heights(mask: np.ndarray, spacing_mm: Sequence[float], definition: str = "design") -> np.ndarray:
+    """(all, anterior, middle, posterior) in mm of one vertebra's body mask by ``definition``."""
+    if definition == "design":
+        return design_heights(mask, spacing_mm)
+    if definition == "reference":
+        return reference_heights_pair(mask, mask, spacing_mm)[0]
+    raise ValueError(f"unknown height definition {definition!r}; choose from {HEIGHT_DEFINITIONS}")
+
+
+def paired_heights(
+    syn: np.ndarray, ori: np.ndarray, spacing_mm: Sequence[float], definition: str = "design"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H_syn, H_ori) of a synthesised and an original mask on one grid, each (all, ant, mid, post)."""
+    if definition == "reference":
+        return reference_heights_pair(syn, ori, spacing_mm)
+    return vertebra_heights(syn, spacing_mm, definition), vertebra_heights(ori, spacing_mm, definition)
+
+
+def looks_deformed(heights: np.ndarray, ratio: float = NEIGHBOUR_SHAPE_RATIO) -> bool:
+    """True if the smallest region height is under ``ratio`` x the largest (a likely fracture)."""
+    regions = np.asarray(heights, dtype=np.float64)[-3:]
+    if not np.isfinite(regions).all():
+        return True
+    return bool(regions.min() < ratio * regions.max())
+
+
+def neighbour_estimate(neighbour_heights: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Healthy (all, ant, mid, post) heights of a vertebra from its neighbours' heights.
+
+    The mean over the usable neighbours, region by region (between an upper and a lower neighbour
+    this interpolates the level's height linearly). Neighbours that look deformed are left out
+    unless every measured neighbour does.
+
+    Returns:
+        (estimate, indices of the neighbours used); NaN and [] when no neighbour was measured.
+    """
+    heights = [np.asarray(h, dtype=np.float64) for h in neighbour_heights]
+    measured = [i for i, h in enumerate(heights) if np.isfinite(h[-3:]).all()]
+    if not measured:
+        return np.full(4, np.nan), []
+    used = [i for i in measured if not looks_deformed(heights[i])] or measured
+    return np.mean([heights[i] for i in used], axis=0), used
+
+
+def column_loss_map(syn_column_heights_mm: np.ndarray, ori_column_heights_mm: np.ndarray) -> np.ndarray:
+    """Per-column height loss (H_syn - H_ori) / H_syn on the AP x LR grid.
+
+    NaN where either column is absent: the map covers the columns both vertebrae share.
+    """
+    return rhlv(syn_column_heights_mm, ori_column_heights_mm)
+
+
+def column_map(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Column heights (mm) over the AP x LR grid of one body mask (NaN where absent)."""
+    return column_heights(np.asarray(mask, dtype=bool), float(spacing_mm[0]))
+
+
+def mean_column_map(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean of several column-height maps on the same grid, only where every map has a column.
+
+    Neighbour crops are centred on their own bodies, so index (j, k) is the same place relative to
+    each body; averaging them gives a per-column healthy estimate for the height-loss map.
+    """
+    stack = np.stack([np.asarray(m, dtype=np.float64) for m in maps])
+    out = stack.mean(axis=0)
+    out[~np.isfinite(stack).all(axis=0)] = np.nan
+    return out
+
+
+def rhlv_row(
+    key: str,
+    pid: str,
+    vid: int,
+    grade: int | None,
+    split: str | None,
+    h_syn: np.ndarray,
+    h_ori: np.ndarray,
+) -> dict:
+    """One ``rhlv.csv`` row (heights rounded to 0.001 mm, RHLV to 1e-5)."""
+    loss = rhlv(h_syn, h_ori)
+    row: dict = {"vertebra": key, "pid": pid, "vid": int(vid), "grade": "" if grade is None else int(grade)}
+    row["split"] = split or ""
+    for prefix, values in (("h_syn", h_syn), ("h_ori", h_ori)):
+        for i, region in enumerate(REGIONS, start=1):
+            row[f"{prefix}_{region}"] = _rounded(values[i], 3)
+    for i, region in enumerate(ALL_REGIONS):
+        row[f"rhlv_{region}"] = _rounded(loss[i], 5)
+    return row
+
+
+def _rounded(value: float, digits: int) -> float | str:
+    return round(float(value), digits) if np.isfinite(value) else ""
+
+
+__all__ = [
+    "ALL_REGIONS",
+    "HEIGHT_DEFINITIONS",
+    "RHLV_COLUMNS",
+    "column_loss_map",
+    "column_map",
+    "design_heights",
+    "looks_deformed",
+    "mean_column_map",
+    "neighbour_estimate",
+    "paired_heights",
+    "reference_heights_pair",
+    "rhlv",
+    "rhlv_row",
+    "truth_errors",
+    "vertebra_heights",
+]
+
+
+def truth_errors(rows: Sequence[dict], truth: dict) -> dict:
+    """Errors of ``rhlv.csv`` rows against a phantom's truth, per split and overall.
+
+    Args:
+        rows: rows as written by :func:`rhlv_row`.
+        truth: {(pid, vid): row} with ``grade``, ``healthy_mm`` and ``reduction`` (per region).
+
+    Returns:
+        For the fractured vertebrae (truth grade >= 1) and for all: the mean absolute error of the
+        healthy height estimate H_syn (mm) and of RHLV against the true relative height loss,
+        over the three regions, and how many vertebrae were compared.
+    """
+    groups: dict[str, dict[str, list]] = {}
+    for row in rows:
+        t = truth.get((row["pid"], int(row["vid"])))
+        if t is None:
+            continue
+        h_syn = np.array([_number(row[f"h_syn_{r}"]) for r in REGIONS])
+        loss = np.array([_number(row[f"rhlv_{r}"]) for r in REGIONS])
+        h_err, r_err = np.abs(h_syn - t.healthy_mm), np.abs(loss - t.reduction)
+        for split in ("all", row.get("split") or "none"):
+            for subset in ("all", "fractured") if t.grade >= 1 else ("all",):
+                g = groups.setdefault(f"{split}/{subset}", {"h": [], "r": []})
+                g["h"].append(h_err)
+                g["r"].append(r_err)
+    out = {}
+    for name, g in sorted(groups.items()):
+        h, r = np.array(g["h"]), np.array(g["r"])
+        out[name] = {
+            "n": len(h),
+            "height_mae_mm": _finite_mean(h),
+            "rhlv_mae": _finite_mean(r),
+            "n_unmeasured": int((~np.isfinite(h).all(axis=1)).sum()),
+        }
+    return out
+
+
+def _number(value) -> float:
+    return float(value) if value not in ("", None) else float("nan")
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    ok = values[np.isfinite(values)]
+    return round(float(ok.mean()), 5) if ok.size else None

@@ -1,0 +1,213 @@
+"""RHLV: known shapes, the neighbour baseline, the CLI on tiny crops, a real fractured scan."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from data.nifti_io import save_nifti
+from evaluation import RHLV_quantification
+from evaluation.rhlv import (
+    RHLV_COLUMNS,
+    design_heights,
+    looks_deformed,
+    neighbour_estimate,
+    paired_heights,
+    rhlv,
+)
+from tests.conftest import shared
+
+SHAPE = (48, 32, 24)  # height, AP, LR
+SPACING = (1.0, 1.0, 1.0)
+
+
+def body(
+    shape=SHAPE, rows=(16, 32), ap=(10, 22), lr=(6, 18), anterior_loss: float = 0.0, row_shift: int = 0
+) -> np.ndarray:
+    """A box body; ``anterior_loss`` lowers the superior endplate of the anterior third by that share,
+    ramps it back to nothing over the middle third, and leaves the posterior third whole."""
+    mask = np.zeros(shape, bool)
+    h = rows[1] - rows[0]
+    for j in range(*ap):
+        t = (j - ap[0] + 0.5) / (ap[1] - ap[0])
+        loss = anterior_loss if t < 1 / 3 else anterior_loss * max(0.0, (2 / 3 - t) * 3) if t < 2 / 3 else 0.0
+        top = rows[0] + int(round(loss * h)) + row_shift
+        mask[top : rows[1] + row_shift, j, lr[0] : lr[1]] = True
+    return mask
+
+
+@pytest.mark.parametrize("definition", ["design", "reference"])
+def test_unchanged_box_has_no_height_loss(definition):
+    box = body()
+    h_syn, h_ori = paired_heights(box, box, SPACING, definition)
+    np.testing.assert_allclose(h_ori[1:], 16.0)
+    np.testing.assert_allclose(rhlv(h_syn, h_ori), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("definition", ["design", "reference"])
+def test_anterior_wedge_of_25_percent(definition):
+    healthy, wedge = body(), body(anterior_loss=0.25)
+    loss = rhlv(*paired_heights(healthy, wedge, SPACING, definition))
+    assert loss[1] == pytest.approx(0.25, abs=0.03)  # anterior
+    assert 0.02 < loss[2] < 0.2  # middle: part of the ramp
+    assert loss[3] == pytest.approx(0.0, abs=0.02)  # posterior
+
+
+def test_heights_follow_the_voxel_size():
+    box = body()
+    assert design_heights(box, (2.0, 1.0, 1.0))[1:] == pytest.approx([32.0] * 3)
+    assert np.isnan(design_heights(np.zeros(SHAPE, bool), SPACING)).all()
+
+
+def test_rhlv_is_nan_without_a_healthy_height():
+    out = rhlv(np.array([20.0, 0.0, np.nan]), np.array([15.0, 10.0, 10.0]))
+    assert out[0] == pytest.approx(0.25) and np.isnan(out[1:]).all()
+
+
+def test_neighbour_estimate_leaves_out_a_deformed_neighbour():
+    upper = np.array([20.0, 20.0, 20.0, 20.0])
+    lower = np.array([24.0, 24.0, 24.0, 24.0])
+    fractured = np.array([15.0, 10.0, 15.0, 20.0])
+    est, used = neighbour_estimate([upper, lower])
+    assert used == [0, 1] and est == pytest.approx([22.0] * 4)
+    assert looks_deformed(fractured) and not looks_deformed(upper)
+    est, used = neighbour_estimate([fractured, lower])
+    assert used == [1] and est == pytest.approx(lower)
+    est, used = neighbour_estimate([fractured])  # the only one: used anyway
+    assert used == [0]
+    est, used = neighbour_estimate([np.full(4, np.nan)])
+    assert used == [] and np.isnan(est).all()
+
+
+# --- the CLI on a tiny straightened folder ---------------------------------------------------
+AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def crop_labels(target: int, upper: int | None, lower: int | None, target_body: np.ndarray) -> np.ndarray:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[target_body] = target
+    if upper:
+        labels[body(rows=(0, 12))] = upper
+    if lower:
+        labels[body(rows=(36, 48))] = lower
+    return labels
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    """Patient p: T12 (19), T13 (28, a 25 % anterior wedge), L1 (20); L2 (21) absent; L3 (22).
+
+    ``O/label_fake`` holds the crops with T13 restored to a box (a perfect synthesis)."""
+    root = tmp_path / "D"
+    levels = [19, 28, 20, 22]
+    for i, vid in enumerate(levels):
+        target = body(anterior_loss=0.25) if vid == 28 else body()
+        upper = levels[i - 1] if i else None
+        lower = levels[i + 1] if i + 1 < len(levels) else None
+        labels = crop_labels(vid, upper, lower, target)
+        save_nifti(root / "straightened" / "label" / f"p_{vid}.nii.gz", labels, AFFINE, dtype=np.uint8)
+        fake = crop_labels(vid, upper, lower, body())
+        save_nifti(tmp_path / "O" / "label_fake" / f"p_{vid}.nii.gz", fake, AFFINE, dtype=np.uint8)
+    split = {"train": {"p_19": 0, "p_28": 2}, "val": {}, "test": {"p_20": 0, "p_22": 0}}
+    (root / "vertebra_data.json").write_text(json.dumps(split))
+    return tmp_path
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == RHLV_COLUMNS
+        return {r["vertebra"]: r for r in reader}
+
+
+@pytest.mark.parametrize("method", ["gan", "neighbors"])
+def test_cli_measures_the_wedge(tiny_root, method):
+    d = tiny_root / "D"
+    args = ["--label-folder", str(d / "straightened" / "label"), "--result-folder", str(tiny_root / "Q")]
+    args += ["--json-path", str(d / "vertebra_data.json"), "--method", method]
+    if method == "gan":
+        args += ["--output-folder", str(tiny_root / "O")]
+    assert RHLV_quantification.main(args) == 0
+    rows = read_rows(tiny_root / "Q" / "rhlv.csv")
+    assert set(rows) == {"p_19", "p_28", "p_20", "p_22"}
+    wedge = rows["p_28"]
+    assert (wedge["grade"], wedge["split"], wedge["vid"]) == ("2", "train", "28")
+    assert float(wedge["rhlv_anterior"]) == pytest.approx(0.25, abs=0.03)
+    assert float(wedge["rhlv_posterior"]) == pytest.approx(0.0, abs=0.02)
+    assert float(wedge["h_syn_posterior"]) == pytest.approx(16.0)
+    healthy = ("p_19", "p_20", "p_22") if method == "gan" else ("p_20", "p_22")  # p_20 leaves out T13
+    for key in healthy:
+        assert float(rows[key]["rhlv_anterior"]) == pytest.approx(0.0, abs=0.02)
+    if method == "neighbors":  # T12's only neighbour is the wedge: the baseline's known weakness
+        assert float(rows["p_19"]["rhlv_anterior"]) == pytest.approx(1 - 16 / 12, abs=0.02)
+    assert (tiny_root / "Q" / "maps" / "p_28.png").stat().st_size > 0
+    # a rerun skips the finished folder
+    stamp = (tiny_root / "Q" / "rhlv.csv").stat().st_mtime_ns
+    assert RHLV_quantification.main(args) == 0
+    assert (tiny_root / "Q" / "rhlv.csv").stat().st_mtime_ns == stamp
+
+
+def test_neighbors_steps_over_missing_levels_and_t13(tiny_root):
+    d = tiny_root / "D"
+    store = RHLV_quantification.open_store(str(d / "straightened" / "label"))
+    m = RHLV_quantification.Measurer(store, "design")
+    assert m.neighbour_keys(store.load("p_28")) == ["p_19", "p_20"]  # T12 above T13, L1 below
+    assert m.neighbour_keys(store.load("p_22")) == ["p_20"]  # L2 is missing: L1 above, nothing below
+
+
+def test_cli_bad_inputs_give_one_line(tiny_root, capsys):
+    d = tiny_root / "D"
+    label = str(d / "straightened" / "label")
+    q = str(tiny_root / "Qbad")
+    assert RHLV_quantification.main(["--label-folder", str(tiny_root / "nope"), "--result-folder", q]) == 2
+    assert RHLV_quantification.main(["--label-folder", label, "--result-folder", q, "--method", "gan"]) == 2
+    (tiny_root / "empty.json").write_text(json.dumps({"train": {}, "val": {}, "test": {}}))
+    args = ["--label-folder", label, "--result-folder", q, "--method", "neighbors"]
+    assert RHLV_quantification.main([*args, "--json-path", str(tiny_root / "empty.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert not (tiny_root / "Qbad" / "rhlv.csv").exists()
+
+
+def test_cli_rejects_a_synthesis_on_another_grid(tiny_root, capsys):
+    fake = tiny_root / "O" / "label_fake" / "p_19.nii.gz"
+    save_nifti(fake, np.zeros((10, 10, 10), np.uint8), AFFINE, dtype=np.uint8)
+    d = tiny_root / "D"
+    args = ["--label-folder", str(d / "straightened" / "label"), "--result-folder", str(tiny_root / "Q")]
+    args += ["--output-folder", str(tiny_root / "O"), "--json-path", str(d / "vertebra_data.json")]
+    assert RHLV_quantification.main(args) == 2
+    assert "differs from its crop" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_neighbors_on_a_real_fractured_scan_without_ct(tmp_path):
+    """sub-verse004 (VerSe19, mask only): T9 and T10 grade 2, L1 grade 3, the others 0."""
+    from straighten import location_json_local, straighten_mask_3d
+
+    raw = tmp_path / "raw" / "sub-verse004"
+    raw.mkdir(parents=True)
+    shutil.copy(shared("masks/sub-verse004_vert_msk.nii.gz"), raw / "sub-verse004_msk.nii.gz")
+    assert location_json_local.main(["--dataroot", str(tmp_path)]) == 0
+    crop = ["--crop_mm", "128", "96", "64"]  # room for the target and its neighbours; a quarter of the work
+    assert straighten_mask_3d.main(["--dataroot", str(tmp_path), "--labels_only", *crop]) == 0
+    split = shared("splits/verse_genant_grades.json")
+    q = tmp_path / "Q"
+    args = ["--label-folder", str(tmp_path / "straightened" / "label"), "--result-folder", str(q)]
+    assert (
+        RHLV_quantification.main([*args, "--json-path", str(split), "--method", "neighbors", "--no-maps"])
+        == 0
+    )
+    rows = read_rows(q / "rhlv.csv")
+    assert {r["pid"] for r in rows.values()} == {"sub-verse004"}
+    regions = ("anterior", "middle", "posterior")
+    worst = {k: max(float(r[f"rhlv_{g}"]) for g in regions) for k, r in rows.items()}
+    fractured = [k for k, r in rows.items() if r["grade"] in ("2", "3")]
+    normal = [k for k, r in rows.items() if r["grade"] == "0"]
+    assert fractured and normal
+    # every fractured vertebra shows more height loss than every normal one
+    assert min(worst[k] for k in fractured) > max(worst[k] for k in normal), worst
+    assert float(rows["sub-verse004_20"]["rhlv_anterior"]) > 0.4  # L1, grade 3
