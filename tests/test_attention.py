@@ -154,6 +154,7 @@ def trained(straight_2mm, tmp_path_factory):
     return ckpts / "cls" / "classifier.pth"
 
 
+@pytest.mark.slow
 def test_training_smoke_writes_weights_only_checkpoint(trained):
     state = torch.load(trained, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
@@ -164,6 +165,7 @@ def test_training_smoke_writes_weights_only_checkpoint(trained):
     assert len(saved["extra"]["history"]) == 1 and "val_auc" in saved["extra"]["history"][0]
 
 
+@pytest.mark.slow
 def test_maps_on_the_crop_grid(straight_2mm, trained, capsys):
     args = [
         "--dataroot",
@@ -273,6 +275,11 @@ def test_tiny_crops_train_and_map(tiny_crops):
     )
     heat = np.asarray(nib.load(str(tiny_crops / "heatmap" / "p0_21.nii.gz")).dataobj)
     assert heat.shape == (32, 32, 8) and heat[:, :, [0, 1, 6, 7]].max() == 0 and heat.max() <= 1
+    out = tiny_crops / "fractured_only"
+    cam_args = ["--dataroot", str(tiny_crops), "--checkpoint", str(ckpt), "--out", str(out), "--no_png"]
+    assert grad_CAM_3d_sagittal.main(cam_args + ["--min_grade", "2"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_21.nii.gz"]
+    assert grad_CAM_3d_sagittal.main(cam_args + ["--plane", "coronal", "--overwrite"]) == 2  # learnt sagittal
 
 
 @pytest.mark.gpu
