@@ -354,10 +354,13 @@ def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientRes
     bugs), and the patient's outputs are removed so that no later run takes them for finished.
     With ``overwrite`` the curve json (the mark of a finished patient) goes first, so an
     interrupted rewrite is redone too; crops of vertebrae no longer in the mask are removed.
-    Temporary files a killed run left are removed first. KeyboardInterrupt passes through.
+    Temporary files a killed run left are removed first. KeyboardInterrupt passes through, after
+    removing what this patient had written.
     """
     root_path = Path(root)
     _unlink([p for p in _patient_files(root_path, pid) if _is_temp(p)])
+    if not opt.overwrite and is_done(root_path, pid, opt.labels_only):
+        return PatientResult(pid, skipped=True), None
     try:
         if opt.overwrite:
             _unlink([curve_path(root_path, pid)])
@@ -369,3 +372,6 @@ def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientRes
         log.debug("%s failed", pid, exc_info=True)
         remove_patient_outputs(root_path, pid)
         return None, failure_line(exc, root_path / "raw" / pid)
+    except BaseException:  # Ctrl-C: the patient being written leaves nothing half done behind
+        remove_patient_outputs(root_path, pid)
+        raise

@@ -12,6 +12,12 @@ neighbours kept, posterior elements removed) and ``D/straightened/curve/<pid>.js
 Crops: axis 0 along the spine (superior to inferior) with the target's body centred, axis 1
 anterior to posterior, axis 2 right to left, ``--spacing_mm`` voxels in every direction; the
 affine states that voxel size with positions local to the curve.
+
+Faults: options are checked before any work (finite numbers, crops that fit in memory; exit 2).
+A patient that fails for any reason (bad input, unwritable output, memory) gets one ``error:``
+line naming the file, loses its outputs so no rerun takes them for finished, and the others go
+on (exit 1). A patient counts as done only if its curve json and every crop it lists are whole.
+Ctrl-C stops with one line and exit 130; the patients cut short leave no files.
 """
 
 from __future__ import annotations
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         _run_all(opt, pids, settings, results, failed)
     except (KeyboardInterrupt, SystemExit, BrokenProcessPool):
         print(
-            f"interrupted: {len(results)} patients finished, {len(failed)} failed, the rest not done "
-            "(no partial files; rerun to continue)",
+            f"interrupted: stopped after {len(results)} patients reported finished and {len(failed)} "
+            "failed; patients cut short left no files, a rerun does the rest",
             file=sys.stderr,
         )
         return 130

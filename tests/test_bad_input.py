@@ -130,8 +130,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(template, tmp_path, capsys,
     assert straighten_mask_3d.main(["--dataroot", str(root), *ARGS]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert [x for x in err.splitlines() if "interrupted" in x and "1 patients finished" in x], err
-    assert finished(root, "a") and not finished(root, "b")
+    assert [x for x in err.splitlines() if "interrupted" in x and "1 patients reported finished" in x], err
+    assert finished(root, "a") and outputs_of(root, "b") == []
     assert temp_files(root) == []
     monkeypatch.setattr(patient_mod, "save_nifti", real)
     assert straighten_mask_3d.main(["--dataroot", str(root), *ARGS]) == 0
