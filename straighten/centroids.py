@@ -42,14 +42,17 @@ REPORT_ISLAND_MM3 = 100.0
 def label_centroids(
     mask: np.ndarray,
     labels: list[int] | None = None,
-    voxel_volume_mm3: float = 1.0,
+    voxel_volume_mm3: float | None = None,
     report_island_mm3: float = REPORT_ISLAND_MM3,
 ) -> dict[int, np.ndarray]:
     """Mean voxel index (axes 0, 1, 2) of the largest connected component of each label.
 
     Stray islands of a label (a mislabelled blob elsewhere in the scan) do not move its
-    centroid; islands of ``report_island_mm3`` or more are logged with their size.
+    centroid; islands of ``report_island_mm3`` or more are logged with their size (in voxels,
+    against the same number, when ``voxel_volume_mm3`` is not given).
     """
+    unit = "mm3" if voxel_volume_mm3 is not None else "voxels"
+    voxel_volume_mm3 = 1.0 if voxel_volume_mm3 is None else float(voxel_volume_mm3)
     labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
     boxes = ndimage.find_objects(mask, max_label=max(labels, default=0)) if labels else []
     out: dict[int, np.ndarray] = {}
@@ -64,12 +67,13 @@ def label_centroids(
         big = [v for v in islands if v >= report_island_mm3]
         if big:
             log.warning(
-                "label %d (%s): %d island(s) apart from its main part (largest %.0f mm3) left out of "
+                "label %d (%s): %d island(s) apart from its main part (largest %.0f %s) left out of "
                 "its centroid",
                 vid,
                 label_schemes.vertebra_name(vid),
                 len(big),
                 max(big),
+                unit,
             )
         centre = np.asarray(ndimage.center_of_mass(comps == main), dtype=np.float64)
         out[vid] = centre + [b.start for b in box]

@@ -11,6 +11,7 @@ the mean voxel index along each axis of the mask as stored. Partially visible en
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -76,6 +77,19 @@ def stacking_problem(mask_path: Path, centroids: dict[int, np.ndarray]) -> str |
     return label_schemes.spine_problem({v: voxel_to_world(affine, c) for v, c in centroids.items()})
 
 
+class _NameFile(logging.Filter):
+    """Prefixes the centroid step's log lines (islands left out) with the mask they are about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.path:
+            record.msg = f"{self.path}: {record.msg}"
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     for name in ("min_cranial_volume_mm3", "min_caudal_volume_mm3"):
@@ -90,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written, skipped, failed = 0, 0, []
+    name_file = _NameFile()
+    centroid_log = logging.getLogger("straighten.centroids")
+    centroid_log.addFilter(name_file)
     try:
         for pid in tqdm(pids, desc="centroids", unit="patient"):
             where = Path(opt.dataroot) / "raw" / pid
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 if case.centroids.is_file() and not opt.overwrite:
                     skipped += 1
                     continue
-                where = case.mask
+                where = name_file.path = case.mask
                 centroids, dropped = centroids_for(
                     case.mask, opt.label_scheme, opt.min_cranial_volume_mm3, opt.min_caudal_volume_mm3
                 )
@@ -119,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        centroid_log.removeFilter(name_file)
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     print(
