@@ -127,12 +127,17 @@ def neighbours(vid: int, present: Iterable[int]) -> tuple[int | None, int | None
 
 
 def lookup_table(scheme: str, max_id: int) -> np.ndarray:
-    """A lookup table mapping ``scheme`` ids 0..max_id to VerSe ids (unknown ids -> 0)."""
+    """A lookup table mapping ``scheme`` ids 0..max_id to VerSe ids (unknown ids -> 0).
+
+    The table stops at the largest id the scheme knows, whatever ``max_id`` is, so a stray
+    huge id (4294967295) costs nothing; :func:`to_verse` maps ids beyond the table to 0.
+    """
     if scheme not in SCHEMES:
         raise KeyError(f"unknown label scheme {scheme!r}; available: {sorted(SCHEMES)}")
-    lut = np.zeros(max(int(max_id), 0) + 1, dtype=np.uint8)
+    top = min(max(int(max_id), 0), max(SCHEMES[scheme]))
+    lut = np.zeros(top + 1, dtype=np.uint8)
     for source, verse in SCHEMES[scheme].items():
-        if source <= max_id:
+        if source <= top:
             lut[source] = verse
     return lut
 
@@ -144,4 +149,106 @@ def to_verse(labels: np.ndarray, scheme: str) -> np.ndarray:
         return labels.astype(np.uint8)
     if labels.min() < 0:
         raise ValueError("labels must be non-negative")
-    return lookup_table(scheme, int(labels.max()))[labels]
+    lut = lookup_table(scheme, int(labels.max()))
+    if int(labels.max()) < lut.size:
+        return lut[labels]
+    return np.where(labels < lut.size, lut[np.minimum(labels, lut.size - 1)], 0).astype(np.uint8)
+
+
+def unique_ids(labels: np.ndarray) -> list[int]:
+    """The distinct non-negative integer ids of ``labels``, ascending, without huge allocations."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return []
+    if int(labels.max()) < 1 << 16:
+        return np.flatnonzero(np.bincount(labels.ravel().astype(np.int64, copy=False))).tolist()
+    return [int(v) for v in np.unique(labels)]
+
+
+def _id_list(ids: Iterable[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``'1-3, 7'``."""
+    ids = sorted(set(int(v) for v in ids))
+    runs: list[str] = []
+    start = prev = None
+    for v in [*ids, None]:
+        if prev is not None and v == prev + 1:
+            prev = v
+            continue
+        if start is not None:
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = v
+    return ", ".join(runs)
+
+
+def unknown_ids_report(present: Iterable[int], scheme: str) -> tuple[str | None, bool]:
+    """(a message naming the ids ``scheme`` does not know, whether it is fatal), or (None, False).
+
+    Fatal when another scheme explains the ids as vertebrae and ``scheme`` does not: a
+    TotalSegmentator mask read as VerSe gives one "T13" and nonsense, so it is refused with
+    the option to pass.
+    """
+    present = {int(v) for v in present} - {0}
+    unknown = present - set(SCHEMES[scheme])
+    if not unknown:
+        return None, False
+    ours = sum(is_vertebra(SCHEMES[scheme].get(v, 0)) for v in present)
+    for other, table in SCHEMES.items():
+        if other == scheme:
+            continue
+        theirs = sum(is_vertebra(table.get(v, 0)) for v in present)
+        if present - set(table) < unknown and theirs > ours:
+            return (
+                f"ids {_id_list(unknown)} are not {scheme} labels; the ids fit the {other} scheme "
+                f"({theirs} vertebrae): pass --label_scheme {other}",
+                True,
+            )
+    return f"ids {_id_list(unknown)} are not {scheme} labels; they are ignored (set to background)", False
+
+
+def parse_label_id(value: object) -> int:
+    """A label id from a json value: a whole, non-negative number; ValueError for 20.5, true, "L1"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"label {value!r} is not a number")
+    if not np.isfinite(value) or value != int(value) or value < 0:
+        raise ValueError(f"label {value!r} is not a whole non-negative number")
+    return int(value)
+
+
+# A whole vertebra (body and posterior elements) is well under this; organs are far above it.
+MAX_VERTEBRA_VOLUME_MM3 = 250_000.0
+# Neighbouring vertebrae are stacked along the spine: centroids this far apart at least.
+MIN_NEIGHBOUR_DISTANCE_MM = 5.0
+
+
+def spine_problem(
+    centres_mm: dict[int, np.ndarray], volumes_mm3: dict[int, float] | None = None
+) -> str | None:
+    """Why labelled structures cannot be a spine, or None if they can.
+
+    Args:
+        centres_mm: world centroid (RAS+, mm) of each vertebra id.
+        volumes_mm3: volume of each vertebra id, if known.
+
+    Returns:
+        A message when a label is far larger than any vertebra, or when vertebrae next to each
+        other in spine order are not stacked from superior to inferior (a heart or organ mask
+        read as C1-C3, say).
+    """
+    volumes = volumes_mm3 or {}
+    big = sorted(v for v, vol in volumes.items() if is_vertebra(v) and vol > MAX_VERTEBRA_VOLUME_MM3)
+    if big:
+        v = big[0]
+        return (
+            f"label {v} ({vertebra_name(v)}) covers {volumes[v] / 1000:.0f} cm3, far more than any "
+            "vertebra: is this a vertebra mask, and is --label_scheme right?"
+        )
+    order = sort_spine_order(v for v in centres_mm if is_vertebra(v))
+    for upper, lower in zip(order[:-1], order[1:], strict=False):
+        step = np.asarray(centres_mm[upper], float) - np.asarray(centres_mm[lower], float)
+        if step[2] < MIN_NEIGHBOUR_DISTANCE_MM * 0.5 or np.linalg.norm(step) < MIN_NEIGHBOUR_DISTANCE_MM:
+            return (
+                f"labels {upper} ({vertebra_name(upper)}) and {lower} ({vertebra_name(lower)}) are not "
+                "stacked one above the other as vertebrae are: is this a vertebra mask, and is "
+                "--label_scheme right?"
+            )
+    return None

@@ -37,20 +37,34 @@ def _first(folder: Path, pid: str, suffixes: tuple[str, ...]) -> Path | None:
 
 
 def raw_case(root: str | os.PathLike, pid: str) -> RawCase:
-    """The files of patient ``pid``; an error naming the folder if its mask is missing."""
+    """The files of patient ``pid``; an error naming the folder if its mask is missing.
+
+    The error says what is there instead: a mask path that is a directory, or the NIfTI files
+    of the folder (a misnamed mask).
+    """
     folder = Path(root) / "raw" / pid
     mask = _first(folder, pid, MASK_SUFFIXES)
     if mask is None:
-        raise input_error(folder, f"no vertebra mask ({' or '.join(pid + s for s in MASK_SUFFIXES[:2])})")
+        wanted = " or ".join(pid + s for s in MASK_SUFFIXES[:2])
+        dirs = [folder / f"{pid}{s}" for s in MASK_SUFFIXES if (folder / f"{pid}{s}").is_dir()]
+        if dirs:
+            raise input_error(dirs[0], "the vertebra mask path is a directory, not a NIfTI file")
+        found = sorted(p.name for p in folder.iterdir() if ".nii" in p.name) if folder.is_dir() else []
+        there = f"; found {', '.join(found[:5])}" if found else "; the folder holds no NIfTI file"
+        raise input_error(folder, f"no vertebra mask {wanted}{there}")
     return RawCase(pid, folder, mask, _first(folder, pid, CT_SUFFIXES), folder / f"{pid}.json")
 
 
 def list_patients(root: str | os.PathLike) -> list[str]:
-    """Patient ids under ``<root>/raw`` (folders that hold a mask), sorted."""
+    """Patient ids under ``<root>/raw``: every folder (hidden ones aside), sorted.
+
+    A folder without a usable mask is listed too, so that the commands report it by name
+    (:func:`raw_case` raises for it) instead of skipping it silently.
+    """
     raw = Path(root) / "raw"
     if not raw.is_dir():
         raise input_error(raw, "no raw/ folder: expected <root>/raw/<pid>/<pid>_msk.nii.gz")
-    pids = sorted(p.name for p in raw.iterdir() if p.is_dir() and _first(p, p.name, MASK_SUFFIXES))
+    pids = sorted(p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not pids:
         raise input_error(raw, "no patients: expected <root>/raw/<pid>/<pid>_msk.nii.gz")
     return pids

@@ -61,6 +61,14 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
+def _short(exc: BaseException, path: Path) -> str:
+    """The exception's message on one line, without the path (the error names it already)."""
+    text = str(exc) or type(exc).__name__
+    for name in (repr(str(path)), str(path), repr(path.name), path.name):
+        text = text.replace(name, "the file")
+    return " ".join(text.split())
+
+
 def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.exists():
@@ -71,11 +79,12 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise input_error(path, f"corrupt or truncated gzip data ({exc})") from exc
+        raise input_error(path, f"corrupt or truncated gzip data ({_short(exc, path)})") from exc
     except nib.filebasedimages.ImageFileError as exc:
-        raise input_error(path, f"not a readable NIfTI image ({exc})") from exc
-    except (OSError, ValueError) as exc:
-        raise input_error(path, f"unreadable {what} file ({exc})") from exc
+        raise input_error(path, f"not a readable NIfTI image ({_short(exc, path)})") from exc
+    except Exception as exc:  # any other failure to decode (header errors, memory) is the file's
+        problem = f"unreadable {what} file ({type(exc).__name__}: {_short(exc, path)})"
+        raise input_error(path, problem) from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -100,7 +109,9 @@ def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
     """Load a vertebra mask as uint8 VerSe ids.
 
     Float masks are rounded to integers (they must hold integers); ids are mapped from
-    ``label_scheme``; ids the scheme does not know are set to background with a log message.
+    ``label_scheme``; ids the scheme does not know are set to background with a warning naming
+    them, or refused when another scheme explains them (``--label_scheme`` is wrong). Any id up
+    to 2**63 is handled without a table of that size.
     """
     data, affine = _read(path, "mask")
     if np.issubdtype(data.dtype, np.floating):
@@ -110,20 +121,23 @@ def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
         if np.abs(data - rounded).max(initial=0.0) > 1e-3:
             raise input_error(path, "mask holds non-integer values; expected integer labels")
         data = rounded
+    elif not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
+        raise input_error(path, f"mask has data type {data.dtype}; expected integer labels")
     if data.min(initial=0) < 0:
         raise input_error(path, "mask holds negative labels")
+    if data.max(initial=0) > np.iinfo(np.int64).max:
+        raise input_error(path, f"mask holds a label too large to be an id ({data.max():.4g})")
     labels = data.astype(np.int64 if data.max(initial=0) > 255 else np.uint8)
     try:
         mapped = label_schemes.to_verse(labels, label_scheme)
     except KeyError as exc:
-        raise input_error(path, str(exc)) from exc
-    present = np.flatnonzero(np.bincount(labels.ravel()))
-    dropped = sorted(set(present.tolist()) - set(label_schemes.SCHEMES[label_scheme]) - {0})
-    if dropped:
-        log.info(
-            "%s: ids %s are not vertebrae in the %s scheme; set to background", path, dropped, label_scheme
-        )
-    if not any(label_schemes.is_vertebra(v) for v in np.flatnonzero(np.bincount(mapped.ravel()))):
+        raise input_error(path, exc.args[0] if exc.args else str(exc)) from exc
+    message, fatal = label_schemes.unknown_ids_report(label_schemes.unique_ids(labels), label_scheme)
+    if fatal:
+        raise input_error(path, message)
+    if message:
+        log.warning("%s: %s", path, message)
+    if not any(label_schemes.is_vertebra(v) for v in label_schemes.unique_ids(mapped)):
         raise input_error(path, f"mask has no vertebra labels (label scheme {label_scheme!r})")
     return Volume(mapped, affine, Path(path))
 

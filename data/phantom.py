@@ -749,8 +749,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def option_problem(opt: argparse.Namespace) -> str | None:
+    """The first thing wrong with the options, before any work starts, or None.
+
+    Memory is estimated generously: 32 bytes per voxel while a patient is rendered (fractured
+    and healthy CT, noise and texture in float32, labels and masks) over a field of view of
+    FOV_LR_MM x 320 mm x 45 mm per level.
+    """
+    from util.memory import too_big
+
+    if opt.seed < 0:
+        return f"--seed must be >= 0, got {opt.seed}"
+    if opt.patients < 1:
+        return f"--patients must be at least 1, got {opt.patients}"
+    if opt.workers < 1:
+        return f"--workers must be at least 1, got {opt.workers}"
+    if not np.isfinite(opt.spacing_mm) or not 0 < opt.spacing_mm <= 4:
+        return f"--spacing_mm must be a number in (0, 4], got {opt.spacing_mm}"
+    if not np.isfinite(opt.fracture_fraction) or not 0 <= opt.fracture_fraction <= 1:
+        return f"--fracture_fraction must be in [0, 1], got {opt.fracture_fraction}"
+    out = Path(opt.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    try:
+        n_levels = len(label_schemes.parse_levels(opt.levels)) + 2
+    except (KeyError, ValueError):
+        n_levels = 26  # generate() reports the bad --levels itself
+    voxels = FOV_LR_MM * 320.0 * 45.0 * n_levels / opt.spacing_mm**3
+    problem = too_big(voxels * 32 * min(opt.workers, opt.patients))
+    if problem:
+        return f"--spacing_mm {opt.spacing_mm:g}: a patient of {voxels:.3g} voxels would need {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
+    problem = option_problem(opt)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         rows = generate(

@@ -12,6 +12,7 @@ voxel size.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from scipy import ndimage
 from data import label_schemes
 from util.atomic import read_json, write_json
 from util.errors import input_error
+
+log = logging.getLogger(__name__)
 
 MIN_CRANIAL_VOLUME_MM3 = 6000.0
 MIN_CAUDAL_VOLUME_MM3 = 8000.0
@@ -32,13 +35,49 @@ def vertebra_labels(mask: np.ndarray) -> list[int]:
     return label_schemes.sort_spine_order(int(v) for v in present if label_schemes.is_vertebra(v))
 
 
-def label_centroids(mask: np.ndarray, labels: list[int] | None = None) -> dict[int, np.ndarray]:
-    """Mean voxel index (axes 0, 1, 2) of each label."""
+# Islands (components of a label apart from its largest) at least this big are logged.
+REPORT_ISLAND_MM3 = 100.0
+
+
+def label_centroids(
+    mask: np.ndarray,
+    labels: list[int] | None = None,
+    voxel_volume_mm3: float | None = None,
+    report_island_mm3: float = REPORT_ISLAND_MM3,
+) -> dict[int, np.ndarray]:
+    """Mean voxel index (axes 0, 1, 2) of the largest connected component of each label.
+
+    Stray islands of a label (a mislabelled blob elsewhere in the scan) do not move its
+    centroid; islands of ``report_island_mm3`` or more are logged with their size (in voxels,
+    against the same number, when ``voxel_volume_mm3`` is not given).
+    """
+    unit = "mm3" if voxel_volume_mm3 is not None else "voxels"
+    voxel_volume_mm3 = 1.0 if voxel_volume_mm3 is None else float(voxel_volume_mm3)
     labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
-    if not labels:
-        return {}
-    centres = ndimage.center_of_mass(np.ones(mask.shape, dtype=np.uint8), labels=mask, index=labels)
-    return {vid: np.asarray(c, dtype=np.float64) for vid, c in zip(labels, centres, strict=True)}
+    boxes = ndimage.find_objects(mask, max_label=max(labels, default=0)) if labels else []
+    out: dict[int, np.ndarray] = {}
+    for vid in labels:
+        box = boxes[vid - 1] if vid - 1 < len(boxes) else None
+        if box is None:
+            continue
+        comps, n = ndimage.label(mask[box] == vid, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(comps.ravel())[1:]
+        main = int(np.argmax(sizes)) + 1
+        islands = [s * voxel_volume_mm3 for i, s in enumerate(sizes, 1) if i != main]
+        big = [v for v in islands if v >= report_island_mm3]
+        if big:
+            log.warning(
+                "label %d (%s): %d island(s) apart from its main part (largest %.0f %s) left out of "
+                "its centroid",
+                vid,
+                label_schemes.vertebra_name(vid),
+                len(big),
+                max(big),
+                unit,
+            )
+        centre = np.asarray(ndimage.center_of_mass(comps == main), dtype=np.float64)
+        out[vid] = centre + [b.start for b in box]
+    return out
 
 
 def label_volumes_mm3(
@@ -108,10 +147,12 @@ def read_centroids(path: str | os.PathLike) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
     for i, rec in enumerate(records):
         try:
-            vid = int(rec["label"])
+            vid = label_schemes.parse_label_id(rec["label"])
             xyz = np.array([float(rec["X"]), float(rec["Y"]), float(rec["Z"])])
         except (TypeError, KeyError, ValueError) as exc:
-            raise input_error(path, f"record {i} is not {{label, X, Y, Z}} with numbers: {rec!r}") from exc
+            raise input_error(
+                path, f"record {i} is not {{label, X, Y, Z}} with numbers ({exc}): {rec!r}"
+            ) from exc
         if not np.all(np.isfinite(xyz)):
             raise input_error(path, f"record {i} (label {vid}) has non-finite coordinates")
         if vid in out:

@@ -11,6 +11,8 @@ the mean voxel index along each axis of the mask as stored. Partially visible en
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,19 +20,20 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from data import label_schemes
 from data.layout import list_patients, raw_case, shard
-from data.nifti_io import load_mask
+from data.nifti_io import load_mask, voxel_to_world
 from straighten.centroids import (
     MIN_CAUDAL_VOLUME_MM3,
     MIN_CRANIAL_VOLUME_MM3,
     complete_vertebra_centroids,
     write_centroids,
 )
-from util.errors import InputError, input_error
+from util.errors import InputError, failure_line, input_error
 
 
 def centroids_for(mask_path: Path, scheme: str, min_cranial: float, min_caudal: float):
@@ -65,8 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stacking_problem(mask_path: Path, centroids: dict[int, np.ndarray]) -> str | None:
+    """Why the centroids cannot be a spine's (not stacked superior to inferior), or None.
+
+    Reads only the mask's header (its affine) to put the centroids in world space.
+    """
+    affine = nib.load(str(mask_path)).affine
+    return label_schemes.spine_problem({v: voxel_to_world(affine, c) for v, c in centroids.items()})
+
+
+class _NameFile(logging.Filter):
+    """Prefixes the centroid step's log lines (islands left out) with the mask they are about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.path:
+            record.msg = f"{self.path}: {record.msg}"
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    for name in ("min_cranial_volume_mm3", "min_caudal_volume_mm3"):
+        value = getattr(opt, name)
+        if not math.isfinite(value) or value < 0:
+            print(f"error: --{name} must be a finite number >= 0, got {value}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     try:
         pids = shard(list_patients(opt.dataroot), opt.shard)
@@ -74,22 +104,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written, skipped, failed = 0, 0, []
-    for pid in tqdm(pids, desc="centroids", unit="patient"):
-        try:
-            case = raw_case(opt.dataroot, pid)
-            if case.centroids.exists() and not opt.overwrite:
-                skipped += 1
+    name_file = _NameFile()
+    centroid_log = logging.getLogger("straighten.centroids")
+    centroid_log.addFilter(name_file)
+    try:
+        for pid in tqdm(pids, desc="centroids", unit="patient"):
+            where = Path(opt.dataroot) / "raw" / pid
+            try:
+                case = raw_case(opt.dataroot, pid)
+                if case.centroids.is_file() and not opt.overwrite:
+                    skipped += 1
+                    continue
+                where = name_file.path = case.mask
+                centroids, dropped = centroids_for(
+                    case.mask, opt.label_scheme, opt.min_cranial_volume_mm3, opt.min_caudal_volume_mm3
+                )
+                problem = stacking_problem(case.mask, centroids)
+                if problem:
+                    raise input_error(case.mask, problem)
+                for v, vol in dropped.items():
+                    tqdm.write(f"{pid}: left out partial {label_schemes.vertebra_name(v)} ({vol:.0f} mm3)")
+                write_centroids(case.centroids, centroids)
+            except Exception as exc:  # one patient's failure of any kind must not stop the run
+                failed.append(failure_line(exc, where))
                 continue
-            centroids, dropped = centroids_for(
-                case.mask, opt.label_scheme, opt.min_cranial_volume_mm3, opt.min_caudal_volume_mm3
-            )
-        except InputError as exc:
-            failed.append(str(exc))
-            continue
-        for v, vol in dropped.items():
-            tqdm.write(f"{pid}: left out partial {label_schemes.vertebra_name(v)} ({vol:.0f} mm3)")
-        write_centroids(case.centroids, centroids)
-        written += 1
+            written += 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {written} centroid files written, the rest not done (no partial files; "
+            "rerun to continue)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        centroid_log.removeFilter(name_file)
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     print(

@@ -15,12 +15,15 @@ patient).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -31,7 +34,7 @@ from straighten.centroids import read_centroids, vertebra_labels
 from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
 from straighten.depedicle import body_mask, depedicle
 from util.atomic import write_json
-from util.errors import InputError, input_error
+from util.errors import failure_line, input_error
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +113,45 @@ def ordered_vertebrae(centroids: dict[int, np.ndarray], mask: Volume, json_path:
     return order
 
 
+def crop_is_readable(path: Path, shape: tuple[int, ...] | None = None) -> bool:
+    """Cheap check that a crop is whole: its header reads and (gzip) its stored size is complete.
+
+    The gzip trailer holds the uncompressed length; a truncated file ends elsewhere in the
+    stream, so its last four bytes do not match the length the header implies. Nothing is
+    decompressed beyond the header.
+    """
+    try:
+        img = nib.load(str(path))
+        header = img.header
+        if shape is not None and tuple(img.shape[:3]) != tuple(shape):
+            return False
+        offset = int(header["vox_offset"]) or 352
+        expected = offset + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+            if magic != b"\x1f\x8b":
+                return size >= expected
+            fh.seek(-4, 2)
+            return int.from_bytes(fh.read(4), "little") == expected % (1 << 32)
+    except Exception:  # any failure to read means the crop must be redone
+        return False
+
+
 def is_done(root: Path, pid: str, labels_only: bool) -> bool:
-    """True if the patient's curve json and every crop it lists exist."""
+    """True if the patient's curve json and every crop it lists exist and are readable."""
     path = curve_path(root, pid)
-    if not path.exists():
+    if not path.is_file():
         return False
     try:
-        crops = json.loads(path.read_text())["crops"]
-    except (OSError, ValueError, KeyError):
+        record = json.loads(path.read_text())
+        crops = record["crops"]
+        shape = tuple(int(n) for n in record["crop_shape"]) if "crop_shape" in record else None
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     for vid in crops:
         ct, label = straightened_paths(root, pid, int(vid))
-        if not label.exists() or (not labels_only and not ct.exists()):
+        if not crop_is_readable(label, shape) or (not labels_only and not crop_is_readable(ct, shape)):
             return False
     return True
 
@@ -272,9 +302,76 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     return PatientResult(pid, list(order), time.perf_counter() - start)
 
 
+def _patient_files(root: Path, pid: str) -> list[Path]:
+    """Every output file of ``pid``: crops, the curve, and temporary files a killed run left."""
+    crop = re.compile(rf"^\.?{re.escape(pid)}_\d+\.nii\.gz(\..*\.tmp.*)?$")
+    curve = re.compile(rf"^\.?{re.escape(pid)}\.json(\..*\.tmp.*)?$")
+    files = []
+    for folder, pattern in (
+        (straightened_paths(root, pid, 0)[0].parent, crop),
+        (straightened_paths(root, pid, 0)[1].parent, crop),
+        (curve_path(root, pid).parent, curve),
+    ):
+        with contextlib.suppress(OSError):
+            files += [p for p in folder.iterdir() if pattern.match(p.name) and not p.is_dir()]
+    return files
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
+def _unlink(paths: list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def remove_patient_outputs(root: str | Path, pid: str) -> None:
+    """Remove every crop, the curve and any temporary file of ``pid`` (after a failure)."""
+    _unlink(_patient_files(Path(root), pid))
+
+
+def remove_stale_crops(root: str | Path, pid: str, vertebrae: list[int], labels_only: bool) -> None:
+    """Remove the crops of ``pid`` for vertebrae not in ``vertebrae`` (no longer in the mask).
+
+    A labels-only run writes no CT crops, so the CT crops of an earlier run, which no longer
+    match the new label crops, go too.
+    """
+    root = Path(root)
+    keep = set()
+    for v in vertebrae:
+        ct, label = straightened_paths(root, pid, v)
+        keep |= {label} if labels_only else {ct, label}
+    curve = curve_path(root, pid)
+    _unlink([p for p in _patient_files(root, pid) if p not in keep and p != curve and not _is_temp(p)])
+
+
 def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientResult | None, str | None]:
-    """Worker entry point: the result, or the input error's message."""
+    """Worker entry point: the result, or one line naming the file and the problem.
+
+    Any exception ends this patient only (input errors, full disks, unwritable folders, memory,
+    bugs), and the patient's outputs are removed so that no later run takes them for finished.
+    With ``overwrite`` the curve json (the mark of a finished patient) goes first, so an
+    interrupted rewrite is redone too; crops of vertebrae no longer in the mask are removed.
+    Temporary files a killed run left are removed first. KeyboardInterrupt passes through, after
+    removing what this patient had written.
+    """
+    root_path = Path(root)
+    _unlink([p for p in _patient_files(root_path, pid) if _is_temp(p)])
+    if not opt.overwrite and is_done(root_path, pid, opt.labels_only):
+        return PatientResult(pid, skipped=True), None
     try:
-        return straighten_patient(root, pid, opt), None
-    except InputError as exc:
-        return None, str(exc)
+        if opt.overwrite:
+            _unlink([curve_path(root_path, pid)])
+        result = straighten_patient(root, pid, opt)
+        if not result.skipped:
+            remove_stale_crops(root_path, pid, result.vertebrae, opt.labels_only)
+        return result, None
+    except Exception as exc:  # one patient's failure of any kind must not stop the run
+        log.debug("%s failed", pid, exc_info=True)
+        remove_patient_outputs(root_path, pid)
+        return None, failure_line(exc, root_path / "raw" / pid)
+    except BaseException:  # Ctrl-C: the patient being written leaves nothing half done behind
+        remove_patient_outputs(root_path, pid)
+        raise

@@ -12,14 +12,23 @@ neighbours kept, posterior elements removed) and ``D/straightened/curve/<pid>.js
 Crops: axis 0 along the spine (superior to inferior) with the target's body centred, axis 1
 anterior to posterior, axis 2 right to left, ``--spacing_mm`` voxels in every direction; the
 affine states that voxel size with positions local to the curve.
+
+Faults: options are checked before any work (finite numbers, crops that fit in memory; exit 2).
+A patient that fails for any reason (bad input, unwritable output, memory) gets one ``error:``
+line naming the file, loses its outputs so no rerun takes them for finished, and the others go
+on (exit 1). A patient counts as done only if its curve json and every crop it lists are whole.
+Ctrl-C stops with one line and exit 130; the patients cut short leave no files.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,6 +40,7 @@ from data import label_schemes
 from data.layout import list_patients, shard
 from straighten.patient import StraightenOptions, run_patient
 from util.errors import InputError
+from util.memory import too_big
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +77,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bytes per crop voxel held while one patient is cut (label, body, CT crops of up to 26
+# vertebrae until they are written, plus the float CT resample), and a spine length for the
+# first-pass straightened volume: a generous upper estimate of one patient's memory.
+BYTES_PER_CROP_VOXEL = 26 * 4 + 8
+SPINE_LENGTH_MM = 800.0
+
+
+def patient_memory_bytes(spacing_mm: float, crop_mm: tuple[float, float, float]) -> float:
+    """Estimated peak memory of straightening one patient at ``spacing_mm`` (bytes)."""
+    n_rows, n_ap, n_lr = (c / spacing_mm for c in crop_mm)
+    return n_rows * n_ap * n_lr * BYTES_PER_CROP_VOXEL + SPINE_LENGTH_MM / spacing_mm * n_ap * n_lr * 4
+
+
+def option_problem(opt: argparse.Namespace) -> str | None:
+    """The first thing wrong with the options (checked before any work), or None."""
+    finite = (opt.spacing_mm, *opt.crop_mm, *opt.window, opt.smoothing_mm)
+    if not all(math.isfinite(x) for x in finite):
+        bad = next(
+            name
+            for name, vals in (
+                ("--spacing_mm", [opt.spacing_mm]),
+                ("--crop_mm", opt.crop_mm),
+                ("--window", opt.window),
+                ("--smoothing_mm", [opt.smoothing_mm]),
+            )
+            if not all(math.isfinite(x) for x in vals)
+        )
+        return f"{bad} must be finite numbers"
+    if opt.spacing_mm <= 0 or min(opt.crop_mm) <= 0:
+        return "--spacing_mm and --crop_mm must be positive"
+    if opt.window[1] <= opt.window[0]:
+        return f"--window LO HI needs LO < HI, got {opt.window[0]:g} {opt.window[1]:g}"
+    if opt.smoothing_mm < 0:
+        return "--smoothing_mm must not be negative"
+    if opt.workers < 1:
+        return f"--workers must be at least 1, got {opt.workers}"
+    crop = " ".join(f"{c:g}" for c in opt.crop_mm)
+    if min(opt.crop_mm) < opt.spacing_mm:
+        return f"--crop_mm {crop} is smaller than one voxel of --spacing_mm {opt.spacing_mm:g}"
+    need = patient_memory_bytes(opt.spacing_mm, tuple(opt.crop_mm)) * opt.workers
+    problem = too_big(need)
+    if problem:
+        shape = " x ".join(str(int(round(c / opt.spacing_mm))) for c in opt.crop_mm)
+        return (
+            f"--spacing_mm {opt.spacing_mm:g} with --crop_mm {crop} "
+            f"makes crops of {shape} voxels; {opt.workers} worker(s) would need {problem}"
+        )
+    return None
+
+
+def _quiet_interrupt(signum, frame) -> None:
+    """Workers end on Ctrl-C without a traceback (their temporary files are removed on the way)."""
+    raise SystemExit(130)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, _quiet_interrupt)
+
+
+def _run_all(opt: argparse.Namespace, pids: list[str], settings: StraightenOptions, results, failed) -> None:
+    """Straighten ``pids``, appending to ``results`` and ``failed`` as patients end."""
+    bar = tqdm(total=len(pids), desc="straighten", unit="patient")
+    try:
+        if opt.workers > 1 and len(pids) > 1:
+            pool = ProcessPoolExecutor(max_workers=opt.workers, initializer=_worker_init)
+            try:
+                futures = [pool.submit(run_patient, opt.dataroot, pid, settings) for pid in pids]
+                for fut in as_completed(futures):
+                    result, error = fut.result()
+                    (results.append(result) if result else failed.append(error))
+                    bar.update()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for pid in pids:
+                result, error = run_patient(opt.dataroot, pid, settings)
+                (results.append(result) if result else failed.append(error))
+                bar.update()
+    finally:
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if opt.spacing_mm <= 0 or opt.window[1] <= opt.window[0] or min(opt.crop_mm) <= 0:
-        print("error: --spacing_mm and --crop_mm must be positive and --window LO < HI", file=sys.stderr)
+    problem = option_problem(opt)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     settings = StraightenOptions(
         opt.spacing_mm,
@@ -88,20 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     results, failed = [], []
-    bar = tqdm(total=len(pids), desc="straighten", unit="patient")
-    if opt.workers > 1:
-        with ProcessPoolExecutor(max_workers=opt.workers) as pool:
-            futures = [pool.submit(run_patient, opt.dataroot, pid, settings) for pid in pids]
-            for fut in as_completed(futures):
-                result, error = fut.result()
-                (results.append(result) if result else failed.append(error))
-                bar.update()
-    else:
-        for pid in pids:
-            result, error = run_patient(opt.dataroot, pid, settings)
-            (results.append(result) if result else failed.append(error))
-            bar.update()
-    bar.close()
+    try:
+        _run_all(opt, pids, settings, results, failed)
+    except (KeyboardInterrupt, SystemExit, BrokenProcessPool):
+        print(
+            f"interrupted: stopped after {len(results)} patients reported finished and {len(failed)} "
+            "failed; patients cut short left no files, a rerun does the rest",
+            file=sys.stderr,
+        )
+        return 130
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     done = [r for r in results if not r.skipped]

@@ -50,3 +50,33 @@ def test_totalseg_ids_map_to_verse():
     assert verse.dtype == np.uint8
     with pytest.raises(KeyError, match="available"):
         ls.to_verse(ts, "nope")
+
+
+def test_huge_ids_map_without_a_huge_table():
+    labels = np.array([[[0, 20, 4294967295]]], dtype=np.uint32)
+    assert ls.lookup_table("verse", 4294967295).size == max(ls.SCHEMES["verse"]) + 1
+    assert ls.to_verse(labels, "verse").tolist() == [[[0, 20, 0]]]
+    assert ls.unique_ids(labels) == [0, 20, 4294967295]
+
+
+def test_unknown_ids_are_named_and_the_other_scheme_suggested():
+    message, fatal = ls.unknown_ids_report([0, 19, 21, 120], "verse")
+    assert not fatal and "ids 120 " in message
+    message, fatal = ls.unknown_ids_report([0, 29, 30, 31, 32], "verse")  # TotalSegmentator T12-L3
+    assert fatal and "ids 29-32" in message and "--label_scheme totalseg" in message
+    assert ls.unknown_ids_report([0, 20, 21], "verse") == (None, False)
+
+
+def test_label_ids_in_json_must_be_whole():
+    assert ls.parse_label_id(20) == 20 and ls.parse_label_id(20.0) == 20
+    for bad in (20.5, True, "L1", -1, float("nan")):
+        with pytest.raises(ValueError):
+            ls.parse_label_id(bad)
+
+
+def test_structures_not_stacked_are_no_spine():
+    stacked = {20: np.array([0.0, 0.0, 100.0]), 21: np.array([0.0, 3.0, 70.0])}
+    assert ls.spine_problem(stacked) is None
+    side_by_side = {1: np.array([0.0, 0.0, 0.0]), 2: np.array([40.0, 0.0, 0.0])}
+    assert "not stacked" in ls.spine_problem(side_by_side)
+    assert "far more than any vertebra" in ls.spine_problem(stacked, {20: 600_000.0, 21: 50_000.0})
