@@ -53,6 +53,8 @@ class DatasetLoader:
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # per-epoch slice draws (data/aligned_sagittal_dataset.py)
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return int(min(len(self.dataset), self.opt.max_dataset_size))
