@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min_component_mm2",
         type=float,
-        default=MIN_COMPONENT_AREA_MM2,
-        help="fragments of a vertebra smaller than this are ignored on a slice",
+        default=None,
+        help="fragments of a vertebra smaller than this are ignored on a slice "
+        f"(default: the run's --min_area_mm2, else {MIN_COMPONENT_AREA_MM2:g})",
     )
     p.add_argument("--shard", default=None, help="only shard i/n of the patients")
     p.add_argument("--overwrite", action="store_true", help="redo crops whose outputs exist")
@@ -186,10 +187,14 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     """Hole and thresholds in this crop's pixels (from mm), model width for this plane."""
     spacing = crop.spacing_mm
     pixel_mm2 = float(spacing[0] * spacing[COLUMN_AXIS[plane]])
+    component_mm2 = opt.min_component_mm2
+    if component_mm2 is None:
+        component_mm2 = float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
     return SynthesisSettings(
         hole_rows=hole_rows_for(getattr(run.opt, "mask_height_mm", 40.0), spacing[0]),
+        margin_rows=int(round(float(getattr(run.opt, "hole_margin_mm", 0.0)) / spacing[0])),
         min_area_px=opt.min_neighbour_area_mm2 / pixel_mm2,
-        min_component_px=opt.min_component_mm2 / pixel_mm2,
+        min_component_px=component_mm2 / pixel_mm2,
         batch_slices=opt.batch_slices,
         width=int(crop.label.shape[1]),  # both planes give images as wide as the sagittal ones
         row_spacing_mm=float(spacing[0]),

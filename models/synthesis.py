@@ -60,6 +60,8 @@ class SynthesisSettings:
 
     Args:
         hole_rows: rows of the hole (``mask_height_mm`` through the row spacing).
+        margin_rows: a vertebra taller than the hole gets a hole of its height plus this (as in
+            training, ``--hole_margin_mm``).
         min_area_px: a neighbour is synthesised on a slice where it has at least this many pixels.
         min_component_px: components of the step's vertebra smaller than this are ignored.
         batch_slices: slices per forward pass (0 = all slices of a step in one pass).
@@ -68,6 +70,7 @@ class SynthesisSettings:
     """
 
     hole_rows: int
+    margin_rows: int = 0
     min_area_px: float = MIN_NEIGHBOUR_AREA_MM2
     min_component_px: float = MIN_COMPONENT_AREA_MM2
     batch_slices: int = 0
@@ -149,6 +152,7 @@ def synthesis_step(
         settings.hole_rows,
         present,
         stack.cam[candidates],
+        margin_rows=settings.margin_rows,
         min_component_px=settings.min_component_px,
     )
     batch = _as_batch(sample, stack.ratio[candidates], stack.index[candidates], settings.row_spacing_mm)

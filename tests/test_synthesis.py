@@ -75,6 +75,19 @@ def write_run(checkpoints, name: str, plane: str, seed: int = 0) -> None:
     save_options(opt, checkpoints / name / "opt.json")
 
 
+def write_healthivert_run(checkpoints, name: str, plane: str, root) -> None:
+    """A randomly initialised HealthiVert generator saved with its parsed options (as train.py does)."""
+    from models import create_model
+    from options.test_options import TestOptions
+
+    argv = ["--model", "healthivert", "--dataset_mode", f"aligned_{plane}", "--name", name]
+    argv += ["--checkpoints_dir", str(checkpoints), "--gpu_ids", "-1", "--dataroot", str(root)]
+    opt = TestOptions().parse(argv)
+    torch.manual_seed(0)
+    create_model(opt).save_networks("latest")
+    save_options(opt, checkpoints / name / "opt.json")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny convolutions run far faster on one thread on a shared machine."""
@@ -91,6 +104,8 @@ def dataset(tmp_path_factory):
     checkpoints = root / "checkpoints"
     write_run(checkpoints, "hv", "sagittal", seed=1)
     write_run(checkpoints, "hv_cor", "coronal", seed=2)
+    for plane in ("sagittal", "coronal"):
+        write_healthivert_run(checkpoints, f"real_{plane}", plane, root / "straightened")
     return root, checkpoints, info
 
 
@@ -249,6 +264,37 @@ def test_script_writes_volumes_on_the_crop_grid(dataset, tmp_path, plane, capsys
             axis, (z0, z1) = (2, LR) if plane == "sagittal" else (1, AP)
             outside = [z for z in range(SHAPE[axis]) if not z0 <= z < z1]
             np.testing.assert_array_equal(np.take(fake_ct, outside, axis), np.take(info["ct"], outside, axis))
+
+
+@pytest.mark.parametrize("plane", [pytest.param("sagittal", marks=pytest.mark.slow), "fusion"])
+def test_healthivert_run_writes_volumes_on_the_crop_grid(dataset, tmp_path, plane, capsys):
+    root, checkpoints, info = dataset
+    name = "real_coronal" if plane == "coronal" else "real_sagittal"
+    argv = cli_args(root, checkpoints, tmp_path, "--plane", plane, "--vertebrae", "p1_20")
+    argv[argv.index("--name") + 1] = name
+    if plane == "fusion":
+        argv += ["--name_coronal", "real_coronal"]
+    assert synth_cli.main(argv) == 0, capsys.readouterr().err
+    assert "synthesised 1 vertebrae" in capsys.readouterr().out
+    for folder in ("CT_fake", "label_fake"):
+        img = nib.load(str(tmp_path / folder / "p1_20.nii.gz"))
+        assert img.shape == SHAPE and img.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(img.affine, info["affine"])
+    fake_ct = np.asarray(nib.load(str(tmp_path / "CT_fake" / "p1_20.nii.gz")).dataobj)
+    assert (fake_ct != info["ct"]).any()
+
+
+@pytest.mark.parametrize("plane", ["sagittal", pytest.param("coronal", marks=pytest.mark.slow)])
+def test_healthivert_batched_equals_one_slice_at_a_time(dataset, plane):
+    _, checkpoints, _ = dataset
+    run = synth_cli.load_run(str(checkpoints), f"real_{plane}", "latest", [])
+    ct, label = phantom_crop()
+    batched = synthesise_crop(ct, label, None, 20, plane, run.synthesise, settings(0))
+    single = synthesise_crop(ct, label, None, 20, plane, run.synthesise, settings(1))
+    assert batched.forward_passes == 3 and single.forward_passes == sum(single.steps.values()) > 3
+    np.testing.assert_allclose(single.ct, batched.ct, atol=1e-2)
+    assert (single.label != batched.label).mean() < 1e-3
+    np.testing.assert_allclose(single.target_prob, batched.target_prob, atol=1e-4)
 
 
 def test_reruns_skip_finished_crops_unless_overwrite(dataset, tmp_path, capsys):
