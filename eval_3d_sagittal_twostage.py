@@ -102,8 +102,13 @@ class Run:
     def synthesise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.model.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.model.synthesise(batch)
+
+
+def weights_cached():
+    """Spectral-normalised weights computed once for a whole crop instead of once per forward pass."""
+    return torch.nn.utils.parametrize.cached()
 
 
 def load_run(checkpoints_dir: str, name: str, epoch: str, gpu_ids: list[int]) -> Run:
@@ -202,12 +207,13 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
 
 
 def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt) -> CropSynthesis:
-    results = {
-        plane: synthesise_crop(
-            crop.ct, crop.label, cam, crop.vid, plane, run.synthesise, settings_for(crop, run, plane, opt)
-        )
-        for plane, run in runs.items()
-    }
+    with weights_cached():
+        results = {
+            plane: synthesise_crop(
+                crop.ct, crop.label, cam, crop.vid, plane, run.synthesise, settings_for(crop, run, plane, opt)
+            )
+            for plane, run in runs.items()
+        }
     if len(results) == 2:
         return fuse_planes(results["sagittal"], results["coronal"], crop.vid)
     return next(iter(results.values()))
