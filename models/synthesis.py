@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from data.label_schemes import neighbours
+from data.label_schemes import is_vertebra, neighbours
 from data.vertebra_sample import (
     build_sample,
     clean_mask,
@@ -102,7 +102,12 @@ class CropSynthesis:
 
 
 def step_order(vid: int, present) -> list[int]:
-    """Vertebra ids to synthesise in turn: upper neighbour, lower neighbour (those present), target."""
+    """Vertebra ids to synthesise in turn: upper neighbour, lower neighbour (those present), target.
+
+    A target that is not a vertebra id (no anatomical order) is synthesised alone.
+    """
+    if not is_vertebra(vid):
+        return [int(vid)]
     upper, lower = neighbours(vid, present)
     return [v for v in (upper, lower) if v is not None] + [int(vid)]
 

@@ -148,6 +148,7 @@ def test_step_order_walks_the_labels_present():
     assert step_order(20, [19, 28, 20, 21]) == [28, 21, 20]  # T13 between T12 and L1
     assert step_order(24, [23, 24, 26]) == [23, 24]  # the sacrum is never synthesised
     assert step_order(20, [20]) == [20]
+    assert step_order(26, [24, 26]) == [26]  # not a vertebra: no anatomical neighbours
 
 
 def test_steps_run_upper_then_lower_then_target_each_on_the_previous_output():
@@ -245,7 +246,8 @@ def test_script_writes_volumes_on_the_crop_grid(dataset, tmp_path, plane, capsys
         argv.remove("hv")
         argv.remove("--name")
     assert synth_cli.main(argv) == 0
-    assert "synthesised 3 vertebrae" in capsys.readouterr().out
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("synthesised 3 vertebrae") and "s/vertebra" in summary
     for vid in TARGETS:
         ct_img = nib.load(str(tmp_path / "CT_fake" / f"p1_{vid}.nii.gz"))
         lab_img = nib.load(str(tmp_path / "label_fake" / f"p1_{vid}.nii.gz"))
