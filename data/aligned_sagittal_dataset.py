@@ -12,8 +12,8 @@ the class docstring).
 
 Slices. Training (``--phase train``) draws a slice from the central 80 % of the target's extent
 along the slice axis with triangular weights (REFERENCE.md section 3.2). The draw is a function
-of ``(--seed, epoch, index)`` only (``numpy.random.default_rng([seed, epoch, index])``), so it is
-the same in any worker process and a resumed run sees exactly the slices a straight run sees;
+of ``(--seed, epoch, index)`` only (a hash of the three, :func:`data.vertebra_sample.seeded_unit`),
+so it is the same in any worker process and a resumed run sees exactly the slices a straight run sees;
 the epoch reaches the workers through a shared-memory counter set by :meth:`set_epoch`. Other
 phases take the valid slice nearest the centre, deterministically. A slice is valid when the
 target covers at least ``--min_area_mm2`` on it, components smaller than that ignored; if no
@@ -65,6 +65,7 @@ class VertebraSlices:
     hole_rows: int
     margin_rows: int
     min_component_px: float
+    fragmented: frozenset[int]  # slices where the target has pieces below the area threshold
     upper: int  # the neighbour above among the labels present (0: none)
     lower: int  # the neighbour below (0: none)
 
@@ -240,17 +241,18 @@ class AlignedSagittalDataset(BaseDataset):
             central, centre, n = vs.slice_range(crop.label, crop.vid, self.plane, self.slice_fraction)
         except ValueError as exc:
             raise input_error(label_path, f"{exc}; the crop does not show its own vertebra") from exc
-        slices = self._valid(crop, central, min_px)
+        slices, fragmented = self._valid(crop, central, min_px)
         if slices.size == 0:
             everything, _, _ = vs.slice_range(crop.label, crop.vid, self.plane, 1.0)
-            slices = self._valid(crop, everything, min_px)
+            slices, fragmented = self._valid(crop, everything, min_px)
         if slices.size == 0:
             raise input_error(
                 label_path,
                 f"vertebra {crop.vid} covers less than --min_area_mm2 {self.min_area_mm2:g} mm² "
                 f"on every {self.plane} slice",
             )
-        present = [int(v) for v in np.unique(crop.label) if v and is_vertebra(int(v))]
+        counts = np.bincount(np.asarray(crop.label).ravel(), minlength=256)  # uint8 ids; faster than unique
+        present = [v for v in np.flatnonzero(counts).tolist() if v and is_vertebra(v)]
         upper, lower = neighbours(crop.vid, present) if is_vertebra(crop.vid) else (None, None)
         return VertebraSlices(
             slices=slices,
@@ -259,17 +261,22 @@ class AlignedSagittalDataset(BaseDataset):
             n=n,
             central=int(slices[np.argmin(np.abs(slices - centre))]),
             row_spacing_mm=row_mm,
-            hole_rows=max(1, int(round(self.mask_height_mm / row_mm))),
-            margin_rows=int(round(self.hole_margin_mm / row_mm)),
+            hole_rows=max(1, vs.rows_for_mm(self.mask_height_mm, row_mm)),
+            margin_rows=vs.rows_for_mm(self.hole_margin_mm, row_mm),
             min_component_px=min_px,
+            fragmented=frozenset(int(z) for z in fragmented),
             upper=int(upper or 0),
             lower=int(lower or 0),
         )
 
-    def _valid(self, crop: Crop, slices: np.ndarray, min_px: float) -> np.ndarray:
+    def _valid(self, crop: Crop, slices: np.ndarray, min_px: float) -> tuple[np.ndarray, np.ndarray]:
+        """The slices where the target covers ``min_px`` pixels (small pieces ignored), and those
+        of them where small pieces exist (only those need cleaning per sample)."""
         stack = vs.take_slices(crop.label, slices, self.plane) == crop.vid
+        raw = stack.sum(axis=(1, 2))
         area = vs.clean_mask(stack, min_px).sum(axis=(1, 2))
-        return slices[area >= max(min_px, 1)]
+        ok = area >= max(min_px, 1)
+        return slices[ok], slices[ok & (area != raw)]
 
     def cam_volume(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
         """The CAM map of ``key`` as float16 (cached), or ``None`` without ``--cam_folder``."""
@@ -309,8 +316,7 @@ class AlignedSagittalDataset(BaseDataset):
         """The slice of item ``index``: a seeded triangular draw in training, else the centre."""
         if not self.random_slices:
             return meta.central
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, max(self.epoch, 0), int(index)])
-        return int(rng.choice(meta.slices, p=meta.weights))
+        return vs.draw_slice(meta.slices, meta.weights, vs.seeded_unit(self.seed, self.epoch, index))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -339,7 +345,7 @@ class AlignedSagittalDataset(BaseDataset):
             self.normal_ids.get(crop.pid, ()),
             cam,
             margin_rows=meta.margin_rows,
-            min_component_px=meta.min_component_px,
+            min_component_px=meta.min_component_px if s in meta.fragmented else 0,
         )
         out: dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sample.items()}
         ratio = float(vs.slice_ratio(s, meta.centre, meta.n))

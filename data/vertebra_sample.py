@@ -27,6 +27,8 @@ from scipy import ndimage
 
 PLANES: dict[str, int] = {"sagittal": 2, "coronal": 1}
 _EIGHT = np.ones((3, 3), dtype=bool)
+CT_TO_UNIT = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
+"""uint8 CT value -> [-1, 1] (``v / 127.5 - 1``)."""
 
 
 def slice_axis(plane: str) -> int:
@@ -84,6 +86,17 @@ def target_extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(present, x1, 0).astype(np.int64), np.where(present, x2, 0).astype(np.int64)
 
 
+def rows_for_mm(length_mm: float, row_spacing_mm: float) -> int:
+    """Rows covering ``length_mm`` along the height axis: ``round(length_mm / row_spacing_mm)``.
+
+    The one conversion for the hole (``--mask_height_mm``) and its margin, in training and in
+    3D synthesis alike, so both use the same hole.
+    """
+    if row_spacing_mm <= 0:
+        raise ValueError(f"row spacing must be positive, got {row_spacing_mm}")
+    return int(round(float(length_mm) / float(row_spacing_mm)))
+
+
 def hole_band(
     x1, x2, hole_rows: int, image_rows: int, margin_rows: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,8 +134,13 @@ def squeeze_rows(x1, x2, band_top, band_bottom, image_rows: int) -> tuple[np.nda
 def shift_rows(image: np.ndarray, src: np.ndarray, valid: np.ndarray, fill: float) -> np.ndarray:
     """Rows of ``image`` ``(..., H, W)`` moved as :func:`squeeze_rows` says; the rest set to ``fill``."""
     image = np.asarray(image)
-    out = np.take_along_axis(image, src[..., :, None], axis=-2)
-    return np.where(valid[..., :, None], out, np.asarray(fill, dtype=out.dtype))
+    lead = image.shape[:-2]
+    flat = image.reshape(-1, *image.shape[-2:])
+    rows = np.broadcast_to(src, (*lead, image.shape[-2])).reshape(len(flat), -1)
+    keep = np.broadcast_to(valid, (*lead, image.shape[-2])).reshape(len(flat), -1)
+    out = flat[np.arange(len(flat))[:, None], rows]
+    out[~keep] = fill
+    return out.reshape(image.shape)
 
 
 def slice_range(
@@ -160,6 +178,35 @@ def slice_weights(slices: np.ndarray, centre: float) -> np.ndarray:
     span = max(float(slices[-1] - slices[0]), 1.0)
     w = np.clip(1.0 - np.abs(slices - centre) / span, 1e-6, None)
     return w / w.sum()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_unit(*keys: int) -> float:
+    """A number in [0, 1) that depends only on the integer ``keys`` (a splitmix64 hash).
+
+    The training slice draw is ``draw_slice(slices, weights, seeded_unit(seed, epoch, index))``:
+    the same in every process and in a resumed run, and a few microseconds to compute.
+    """
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return (h >> 11) / float(1 << 53)
+
+
+def draw_slice(slices: np.ndarray, weights: np.ndarray, u: float) -> int:
+    """The slice whose cumulative weight interval holds ``u`` in [0, 1) (inverse-CDF sampling)."""
+    cdf = np.cumsum(weights)
+    i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    return int(slices[min(i, len(slices) - 1)])
 
 
 def slice_ratio(index, centre: float, n: int) -> np.ndarray:
@@ -220,6 +267,8 @@ def build_sample(
     labels = labels[None] if single else labels
     if labels.shape != ct.shape:
         raise ValueError(f"label slice {labels.shape} and CT slice {ct.shape} differ")
+    if labels.dtype != np.uint8 and labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("label ids must lie in 0-255 (VerSe ids)")
     n, height, _ = ct.shape
 
     target = clean_mask(labels == int(vid), min_component_px)
@@ -229,29 +278,31 @@ def build_sample(
     top, bottom, rows = hole_band(x1, x2, hole_rows, height, margin_rows)
     src, valid = squeeze_rows(x1, x2, top, bottom, height)
 
-    ct_f = ct.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    others = [int(v) for v in normal_ids if int(v) != int(vid)]
-    neighbour = np.isin(labels, others).astype(np.float32)
-    if cam_slice is None:
-        cam = np.zeros(ct.shape, np.float32)
-    else:
-        cam = np.asarray(cam_slice, dtype=np.float32)
-        cam = cam[None] if single else cam
-        if cam.shape != ct.shape:
-            raise ValueError(f"CAM slice {cam.shape} and CT slice {ct.shape} differ")
+    others = [int(v) for v in normal_ids if int(v) != int(vid) and 0 < int(v) < 256]
+    neighbour_lut = np.zeros(256, np.float32)
+    neighbour_lut[others] = 1.0
+    if cam_slice is not None:
+        cam_slice = np.asarray(cam_slice)
+        cam_slice = cam_slice[None] if single else cam_slice
+        if cam_slice.shape != ct.shape:
+            raise ValueError(f"CAM slice {cam_slice.shape} and CT slice {ct.shape} differ")
     r = np.arange(height)
     hole = ((r >= top[:, None]) & (r < bottom[:, None])).astype(np.float32)[:, :, None]
-    hole = np.broadcast_to(hole, ct.shape)
 
+    ct_u8 = ct.astype(np.uint8, copy=False)
     out = {
-        "ct": ct_f,
-        "ct_masked": shift_rows(ct_f, src, valid, -1.0),
-        "hole": np.ascontiguousarray(hole),
+        "ct": CT_TO_UNIT[ct_u8],
+        "ct_masked": CT_TO_UNIT[shift_rows(ct_u8, src, valid, 0)],  # 0 -> -1: hole and no source
+        "hole": np.ascontiguousarray(np.broadcast_to(hole, ct.shape)),
         "target_mask": target.astype(np.float32),
-        "neighbour_mask": shift_rows(neighbour, src, valid, 0.0),
-        "cam": shift_rows(cam, src, valid, 0.0),
+        "neighbour_mask": neighbour_lut[shift_rows(labels.astype(np.uint8, copy=False), src, valid, 0)],
+        "cam": (
+            np.zeros(ct.shape, np.float32)
+            if cam_slice is None
+            else shift_rows(cam_slice, src, valid, 0).astype(np.float32, copy=False)
+        ),
     }
-    out = {k: (v[:, None] if not single else v).astype(np.float32, copy=False) for k, v in out.items()}
+    out = {k: (v if single else v[:, None]) for k, v in out.items()}
     scalars = {
         "height": (x2 - x1).astype(np.float32),
         "x1": x1,
@@ -269,8 +320,11 @@ __all__ = [
     "PLANES",
     "build_sample",
     "clean_mask",
+    "draw_slice",
     "hole_band",
     "pad_columns",
+    "rows_for_mm",
+    "seeded_unit",
     "shift_rows",
     "slice_axis",
     "slice_range",

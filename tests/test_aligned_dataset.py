@@ -36,8 +36,10 @@ def _volumes():
 @pytest.fixture
 def root(tmp_path):
     ct, label = _volumes()
+    t13 = np.where(label == 19, 28, label).astype(np.uint8)  # p2 has a T13 (28) between T12 and L1
     for key in ("p1_19", "p1_20", "p1_21", "p2_20", "p2_21"):
-        write_nifti(tmp_path / "straightened" / "label" / f"{key}.nii.gz", label, AFFINE)
+        lab = t13 if key.startswith("p2") else label
+        write_nifti(tmp_path / "straightened" / "label" / f"{key}.nii.gz", lab, AFFINE)
         write_nifti(tmp_path / "straightened" / "CT" / f"{key}.nii.gz", ct, AFFINE)
     write_json(tmp_path / "vertebra_data.json", SPLIT)
     return tmp_path
@@ -98,6 +100,10 @@ def test_validation_takes_the_central_slice_deterministically(root):
     first = [int(ds[i]["slice_index"]) for i in range(len(ds))]
     ds.set_epoch(7)
     assert first == [int(ds[i]["slice_index"]) for i in range(len(ds))] == [5, 5]
+    s = ds[0]  # p2_20: T13 above (not in the split: not a normal neighbour), L2 below (normal)
+    assert (int(s["upper_vid"]), int(s["lower_vid"])) == (28, 21)
+    nm = s["neighbour_mask"][0, :, 7].numpy()
+    assert nm[:16].sum() == 0 and nm[36:46].all() and nm.sum() == 10
     assert torch.equal(ds[0]["ct_masked"], ds[0]["ct_masked"])
 
 
@@ -168,6 +174,18 @@ def test_taller_than_the_hole_and_no_valid_slice(root):
         ds[0]
 
 
+def test_small_target_pieces_are_ignored_and_volumes_never_modified(root):
+    ct, label = _volumes()
+    label[44:46, 16:18, :] = 20  # a 4-pixel stray piece of the target on every slice
+    write_nifti(root / "straightened" / "label" / "p1_20.nii.gz", label, AFFINE)
+    ds = AlignedSagittalDataset(_opt(root))
+    before = ds.store.load("p1_20").label.copy()
+    s = ds[1]
+    assert (int(s["x1"]), int(s["x2"])) == (18, 30) and s["target_mask"][0, 44:46].sum() == 0
+    np.testing.assert_array_equal(ds.store.load("p1_20").label, before)
+    assert int(AlignedSagittalDataset(_opt(root, min_area_mm2=1.0))[1]["x2"]) == 46
+
+
 def test_coronal_gives_the_same_image_size_padded_and_centred(root):
     ds = AlignedCoronalDataset(_opt(root, phase="val", isTrain=False))
     s = ds[0]
@@ -200,3 +218,38 @@ def test_dataset_root_options_and_workers(root):
         want = {ds.keys[i]: int(ds[i]["slice_index"]) for i in range(len(ds))}
         assert got == want, epoch
         assert batches[0]["ct_masked"].shape == (2, 1, 48, 20) and batches[0]["x1"].shape == (2, 1)
+
+
+@pytest.mark.slow
+def test_straightened_phantom_samples_in_both_planes(phantom_2mm, tmp_path):
+    """Real crops: every vertebra of every split gives a sample; heights agree with the truth."""
+    import csv
+    import shutil
+
+    from straighten import straighten_mask_3d
+
+    root = tmp_path / "copy"
+    shutil.copytree(phantom_2mm / "raw", root / "raw")
+    shutil.copy(phantom_2mm / "vertebra_data.json", root / "vertebra_data.json")
+    assert straighten_mask_3d.main(["--dataroot", str(root), "--spacing_mm", "2.0", "--workers", "2"]) == 0
+    with open(phantom_2mm / "truth" / "vertebrae.csv") as f:
+        truth = {f"{r['pid']}_{r['vid']}": r for r in csv.DictReader(f)}
+    for cls in (AlignedSagittalDataset, AlignedCoronalDataset):
+        for phase in ("train", "val", "test"):
+            ds = cls(_opt(root, dataroot=str(root), phase=phase, vert_class="all", mask_height_mm=40.0))
+            for i in range(len(ds)):
+                s = ds[i]
+                assert s["ct"].shape == s["cam"].shape == (1, 128, 128)
+                assert (
+                    int(s["hole_rows"]) == 20
+                    and (s["ct_masked"][0, int(s["band_top"]) : int(s["band_bottom"])] == -1).all()
+                )
+                vid = int(s["key"].rpartition("_")[2])
+                assert int(s["upper_vid"]) == vid - 1  # T9-L5 drawn whole, with a T8 above
+                assert int(s["lower_vid"]) == (0 if vid == 24 else vid + 1)  # the sacrum is not one
+                row = truth[s["key"]]
+                if cls is AlignedSagittalDataset and int(row["grade"]) == 0:
+                    healthy = max(float(row[f"healthy_{r}_mm"]) for r in ("anterior", "middle", "posterior"))
+                    # the slice's row extent (largest over its columns, tilt included) is at least the
+                    # median column height and at most 3 voxels more
+                    assert -2.0 <= float(s["height"]) * 2.0 - healthy <= 6.0, s["key"]

@@ -163,3 +163,15 @@ def test_coronal_padding_and_take_slices():
     cstack = vs.take_slices(vol, [0, 3], "coronal")
     assert cstack.shape == (2, 4, 6)
     np.testing.assert_array_equal(cstack[1], vol[:, 3, :])
+
+
+def test_seeded_draws_follow_the_triangular_weights():
+    slices = np.arange(10, 20)
+    w = vs.slice_weights(slices, 14.5)
+    u = [vs.seeded_unit(3, 2, i) for i in range(4000)]
+    assert u[:5] == [vs.seeded_unit(3, 2, i) for i in range(5)] and 0 <= min(u) and max(u) < 1
+    assert vs.seeded_unit(3, 2, 0) != vs.seeded_unit(3, 3, 0) != vs.seeded_unit(4, 2, 0)
+    counts = np.bincount([vs.draw_slice(slices, w, x) - 10 for x in u], minlength=10) / len(u)
+    np.testing.assert_allclose(counts, w, atol=0.02)
+    assert vs.draw_slice(slices, w, 0.0) == 10 and vs.draw_slice(slices, w, 1 - 1e-12) == 19
+    assert vs.rows_for_mm(40, 1.0) == 40 and vs.rows_for_mm(40, 1.5) == 27 and vs.rows_for_mm(4, 2.0) == 2
