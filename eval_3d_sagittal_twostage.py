@@ -31,6 +31,7 @@ from data.base_dataset import SPLITS, read_split, split_key
 from data.crops import Crop, CropStore, save_like
 from data.layout import shard
 from data.nifti_io import load_ct
+from data.vertebra_sample import rows_for_mm
 from models import create_model
 from models.synthesis import (
     MIN_COMPONENT_AREA_MM2,
@@ -38,7 +39,6 @@ from models.synthesis import (
     CropSynthesis,
     SynthesisSettings,
     fuse_planes,
-    hole_rows_for,
     synthesise_crop,
     to_uint8,
 )
@@ -196,8 +196,8 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     if component_mm2 is None:
         component_mm2 = float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
     return SynthesisSettings(
-        hole_rows=hole_rows_for(getattr(run.opt, "mask_height_mm", 40.0), spacing[0]),
-        margin_rows=int(round(float(getattr(run.opt, "hole_margin_mm", 0.0)) / spacing[0])),
+        hole_rows=max(1, rows_for_mm(getattr(run.opt, "mask_height_mm", 40.0), spacing[0])),
+        margin_rows=rows_for_mm(getattr(run.opt, "hole_margin_mm", 0.0), spacing[0]),
         min_area_px=opt.min_neighbour_area_mm2 / pixel_mm2,
         min_component_px=component_mm2 / pixel_mm2,
         batch_slices=opt.batch_slices,

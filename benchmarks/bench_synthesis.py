@@ -20,17 +20,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from data.vertebra_sample import rows_for_mm
 from eval_3d_sagittal_twostage import Run, weights_cached
 from models import create_model
-from models.synthesis import SynthesisSettings, hole_rows_for, synthesise_crop
+from models.synthesis import SynthesisSettings, synthesise_crop
 from options.test_options import TestOptions
 
 BODY_MM, DISC_MM, AP_MM, LR_MM = 26.0, 6.0, 44.0, 56.0
@@ -79,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ct, label = box_crop(shape, opt.spacing_mm)
     run = healthivert_run(opt.device)
     base = dict(
-        hole_rows=hole_rows_for(run.opt.mask_height_mm, opt.spacing_mm),
-        margin_rows=int(round(run.opt.hole_margin_mm / opt.spacing_mm)),
+        hole_rows=max(1, rows_for_mm(run.opt.mask_height_mm, opt.spacing_mm)),
+        margin_rows=rows_for_mm(run.opt.hole_margin_mm, opt.spacing_mm),
         min_area_px=200.0 / opt.spacing_mm**2,
         min_component_px=run.opt.min_area_mm2 / opt.spacing_mm**2,
         width=shape[1],

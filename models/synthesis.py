@@ -1,8 +1,9 @@
 """Iterative 3D synthesis of one vertebra, all of its slices at once (REFERENCE.md section 7), no I/O.
 
 A crop's slices through the target (every slice of the target's extent along the plane's slice
-axis, not only the central 80 %) form a stack ``(N, H, W)``: CT (float, 0-255, not rounded between
-steps), labels (VerSe ids) and attention map ([0, 1]). Three steps change the stack in turn:
+axis, not only the central 80 %) form a stack ``(N, H, W)``: CT (uint8 0-255, the values the
+model was trained on, so each step's output is rounded to them), labels (VerSe ids) and
+attention map ([0, 1]). Three steps change the stack in turn:
 
 1. the upper neighbour is replaced by its pseudo-healthy version, on the slices where it has at
    least ``min_area_px`` pixels;
@@ -82,7 +83,7 @@ class SynthesisSettings:
 class SliceStack:
     """Slices through the target, ``(N, H, W)`` each; ``ratio`` ``(N,)`` (0 = mid-plane)."""
 
-    ct: np.ndarray  # float32, 0-255
+    ct: np.ndarray  # uint8, 0-255
     label: np.ndarray  # uint8 VerSe ids
     cam: np.ndarray  # float32, [0, 1]
     ratio: np.ndarray  # float32
@@ -110,11 +111,6 @@ def step_order(vid: int, present) -> list[int]:
         return [int(vid)]
     upper, lower = neighbours(vid, present)
     return [v for v in (upper, lower) if v is not None] + [int(vid)]
-
-
-def hole_rows_for(mask_height_mm: float, row_spacing_mm: float) -> int:
-    """Rows of a hole ``mask_height_mm`` high on rows ``row_spacing_mm`` apart (at least 1)."""
-    return max(1, int(round(float(mask_height_mm) / float(row_spacing_mm))))
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -181,11 +177,11 @@ def synthesis_step(
     label_new = stack.label.copy()
     cam_new = stack.cam.copy()
     prob_full = (stack.label == vid).astype(np.float32)
-    ct_new[candidates] = np.clip((torch.cat(new_ct)[:, 0].numpy() + 1.0) * 127.5, 0.0, 255.0)
+    ct_new[candidates] = to_uint8((torch.cat(new_ct)[:, 0].numpy() + 1.0) * 127.5)
     label_new[candidates] = torch.cat(new_label)[:, 0].numpy().astype(stack.label.dtype)
     cam_new[candidates] = torch.cat(new_cam)[:, 0].numpy()
     prob_full[candidates] = torch.cat(prob)[:, 0].numpy()
-    new = replace(stack, ct=ct_new.astype(np.float32), label=label_new, cam=cam_new.astype(np.float32))
+    new = replace(stack, ct=ct_new, label=label_new, cam=cam_new.astype(np.float32))
     return new, prob_full, int(candidates.size), passes
 
 
@@ -207,7 +203,7 @@ def cut_stack(
         parts = [p[0] for p in padded]
         cols = padded[0][1:]
     stack = SliceStack(
-        ct=parts[0].astype(np.float32),
+        ct=to_uint8(parts[0]),
         label=parts[1].astype(np.uint8),
         cam=parts[2].astype(np.float32),
         ratio=slice_ratio(slices, centre, n).astype(np.float32),
@@ -304,7 +300,6 @@ __all__ = [
     "SynthesisSettings",
     "cut_stack",
     "fuse_planes",
-    "hole_rows_for",
     "step_order",
     "synthesis_step",
     "synthesise_crop",

@@ -142,6 +142,12 @@ def settings(batch_slices: int = 0, width: int | None = SHAPE[1]) -> SynthesisSe
     )
 
 
+def assert_same_ct(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float noise: each step rounds to uint8, so a tie may round either way."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    assert diff.max() <= 1.0 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
 # --- pure functions ---------------------------------------------------------------------------
 def test_step_order_walks_the_labels_present():
     assert step_order(20, [18, 19, 20, 21]) == [19, 21, 20]
@@ -202,7 +208,7 @@ def test_batched_equals_one_slice_at_a_time(plane):
     assert batched.forward_passes == 3
     assert single.forward_passes == sum(single.steps.values())
     for other in (single, chunks):
-        np.testing.assert_allclose(other.ct, batched.ct, atol=1e-3)
+        assert_same_ct(other.ct, batched.ct)
         np.testing.assert_array_equal(other.label, batched.label)
         np.testing.assert_allclose(other.target_prob, batched.target_prob, atol=1e-5)
 
@@ -294,7 +300,7 @@ def test_healthivert_batched_equals_one_slice_at_a_time(dataset, plane):
     batched = synthesise_crop(ct, label, None, 20, plane, run.synthesise, settings(0))
     single = synthesise_crop(ct, label, None, 20, plane, run.synthesise, settings(1))
     assert batched.forward_passes == 3 and single.forward_passes == sum(single.steps.values()) > 3
-    np.testing.assert_allclose(single.ct, batched.ct, atol=1e-2)
+    assert_same_ct(single.ct, batched.ct)
     assert (single.label != batched.label).mean() < 1e-3
     np.testing.assert_allclose(single.target_prob, batched.target_prob, atol=1e-4)
 
