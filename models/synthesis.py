@@ -8,7 +8,8 @@ attention map ([0, 1]). Three steps change the stack in turn:
 1. the upper neighbour is replaced by its pseudo-healthy version, on the slices where it has at
    least ``min_area_px`` pixels;
 2. the lower neighbour, on the output of step 1;
-3. the target, on the output of step 2.
+3. the target, on the output of step 2, on every slice where it is present (fragments smaller
+   than ``min_component_px`` ignored).
 
 Each step builds the squeezed samples of all its slices (:func:`data.vertebra_sample.build_sample`)
 and calls ``synthesise`` on them in batches of ``batch_slices`` (0 = all in one forward pass;
@@ -128,17 +129,18 @@ def _as_batch(sample: dict[str, np.ndarray], ratio: np.ndarray, index: np.ndarra
 
 
 def synthesis_step(
-    stack: SliceStack, vid: int, synthesise: SynthesiseFn, settings: SynthesisSettings
+    stack: SliceStack, vid: int, synthesise: SynthesiseFn, settings: SynthesisSettings, min_area_px: float
 ) -> tuple[SliceStack, np.ndarray | None, int, int]:
     """Replace vertebra ``vid`` by its pseudo-healthy version on every slice where it is large enough.
 
     Returns ``(new stack, probability of ``vid`` (N, H, W) or None, slices done, forward passes)``:
     the fine segmentation in the composite frame on the slices synthesised, the input's label of
-    ``vid`` (0 or 1) on the others, which are left unchanged (``vid`` absent, or smaller than
-    ``settings.min_area_px``). ``None`` when no slice was synthesised.
+    ``vid`` (0 or 1) on the others, which are left unchanged (``vid`` absent, smaller than
+    ``min_area_px``, or only fragments under ``settings.min_component_px``). ``None`` when no
+    slice was synthesised.
     """
     area = (stack.label == vid).sum(axis=(1, 2))
-    candidates = np.flatnonzero(area >= max(settings.min_area_px, 1))
+    candidates = np.flatnonzero(area >= max(min_area_px, 1))
     if candidates.size:
         cleaned = clean_mask(stack.label[candidates] == vid, settings.min_component_px)
         x1, x2 = target_extent(cleaned)
@@ -255,7 +257,8 @@ def synthesise_crop(
     present = np.flatnonzero(np.bincount(np.asarray(label).ravel()))
     prob = None
     for step_vid in step_order(vid, present):
-        stack, prob, done, passes = synthesis_step(stack, step_vid, synthesise, settings)
+        min_area = settings.min_area_px if step_vid != vid else 0  # the target: every slice
+        stack, prob, done, passes = synthesis_step(stack, step_vid, synthesise, settings, min_area)
         result.steps[step_vid] = done
         result.forward_passes += passes
         log.debug("vertebra %s: %d slices synthesised in %d passes", step_vid, done, passes)

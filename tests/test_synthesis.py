@@ -197,6 +197,16 @@ def test_a_neighbour_too_small_on_a_slice_is_left_alone():
     assert result.steps == {19: n_slices, 21: n_slices - 1, 20: n_slices}
 
 
+def test_the_target_is_synthesised_on_slices_too_small_for_a_neighbour():
+    ct, label = phantom_crop()
+    edge = LR[0]
+    label[BODIES[20][0] : BODIES[20][1], :, edge] = 0
+    label[32:38, AP[0] : AP[0] + 5, edge] = 20  # 30 px = 120 mm2: under 200 mm2, over 50 mm2
+    result = synthesise_crop(ct, label, None, 20, "sagittal", fake_model().synthesise, settings())
+    assert result.steps[20] == LR[1] - LR[0]
+    assert (result.label[..., edge] == 20).sum() > 30
+
+
 @pytest.mark.parametrize("plane", ["sagittal", "coronal"])
 def test_batched_equals_one_slice_at_a_time(plane):
     ct, label = phantom_crop()
