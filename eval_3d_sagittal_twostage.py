@@ -206,6 +206,15 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     )
 
 
+def release(store: CropStore, key: str) -> None:
+    """Drop a finished crop from the store's cache: each crop is read once here, so memory stays flat.
+
+    An adapter: :class:`data.crops.CropStore` keeps every decoded crop and has no public way to
+    forget one yet.
+    """
+    store._cache.pop(key, None)
+
+
 def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt) -> CropSynthesis:
     with weights_cached():
         results = {
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         save_like(ct_path, to_uint8(result.ct), crop.affine)
         save_like(label_path, result.label.astype(np.uint8), crop.affine)
+        release(store, key)
         done += 1
         passes += result.forward_passes
     seconds = time.perf_counter() - start
