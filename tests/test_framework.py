@@ -152,10 +152,9 @@ def test_scripts_give_a_clear_message_when_a_stage_is_missing(capsys):
     assert train.main(["--dataroot", "x"]) == 2
     err = capsys.readouterr().err  # the model and dataset exist now: the bad dataroot is named, in one line
     assert err.startswith("error: x:") and err.count("\n") == 1
-    import eval_3d_sagittal_twostage
     from evaluation import RHLV_quantification, SVM_grading
 
-    for module in (eval_3d_sagittal_twostage, RHLV_quantification, SVM_grading):
+    for module in (RHLV_quantification, SVM_grading):
         assert module.main([]) == 2
         assert "not available" in capsys.readouterr().err
 
