@@ -52,7 +52,7 @@ from data.phantom_anatomy import (
     local_axes,
 )
 from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
-from straighten.centroids import complete_vertebra_centroids, write_centroids
+from straighten.centroids import label_centroids, vertebra_completeness, write_centroids
 from util.atomic import write_json, write_text
 from util.errors import InputError
 
@@ -135,17 +135,20 @@ def _curvature_angles(rng: np.random.Generator, straight: bool) -> tuple[np.ndar
     return p, alpha, beta
 
 
+def truth_heights(shape: VertebraShape, fractured: bool) -> BodyHeights:
+    """The body's heights by the one definition, on its analytic columns (already in its own frame)."""
+    return heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured), ap_spacing_mm=TRUTH_STEP_MM)
+
+
 def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
     """A fracture of ``kind`` whose largest region reduction equals ``target`` (bisection)."""
-    healthy = heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured=False))
+    healthy = truth_heights(shape, fractured=False)
     lo, hi = 0.0, 0.8
     fracture = Fracture(kind, 0.0)
     shape.fracture = fracture
     for _ in range(40):
         fracture.amplitude = 0.5 * (lo + hi)
-        got = float(
-            np.max(height_reduction(healthy, heights_from_columns(shape.column_heights(TRUTH_STEP_MM))))
-        )
+        got = float(np.max(height_reduction(healthy, truth_heights(shape, fractured=True))))
         if got < target:
             lo = fracture.amplitude
         else:
@@ -582,10 +585,8 @@ def truth_rows(patient: Patient) -> list[dict]:
     for s in patient.shapes:
         if s.vid not in patient.full_levels:
             continue
-        healthy = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=False))
-        fractured = (
-            heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=True)) if s.fracture else healthy
-        )
+        healthy = truth_heights(s, fractured=False)
+        fractured = truth_heights(s, fractured=True) if s.fracture else healthy
         grade = genant_from_heights(healthy, fractured)
         rows.append(
             _row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured)
@@ -643,7 +644,8 @@ def generate_patient(
     raw, truth = out / "raw" / pid, out / "truth" / pid
     save_nifti(raw / f"{pid}.nii.gz", vols["ct"], aff)
     save_nifti(raw / f"{pid}_msk.nii.gz", vols["mask"], aff)
-    write_centroids(raw / f"{pid}.json", complete_vertebra_centroids(vols["mask"], spacing**3)[0])
+    completeness = vertebra_completeness(vols["mask"], aff)
+    write_centroids(raw / f"{pid}.json", label_centroids(vols["mask"], list(completeness)), completeness)
     save_nifti(truth / f"{pid}_healthy.nii.gz", vols["healthy_ct"], aff)
     save_nifti(truth / f"{pid}_healthy_msk.nii.gz", vols["healthy_mask"], aff)
     save_nifti(truth / f"{pid}_body_msk.nii.gz", vols["body"], aff)
