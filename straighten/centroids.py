@@ -34,8 +34,8 @@ MIN_CRANIAL_VOLUME_MM3 = 6000.0
 MIN_CAUDAL_VOLUME_MM3 = 8000.0
 # Grid of the coarse straightening used to find the bodies: voxel size (at least the mask's finest
 # spacing) and plane size in mm.
-COMPLETENESS_STEP_MM = 1.5
-COMPLETENESS_PLANE_MM = 200.0
+COMPLETENESS_STEP_MM = 2.0
+COMPLETENESS_PLANE_MM = 160.0
 # A body with at least this area (mm², counted in straightened voxels) on a face of the array is cut.
 MIN_CUT_CONTACT_MM2 = 20.0
 # Labels smaller than this fraction of the median vertebra are fragments: not used for the curve.
