@@ -158,3 +158,42 @@ def test_anisotropic_voxels_give_the_same_heights_in_mm():
     m = measure_body(coarse, (1.0, 1.0, 3.0))
     assert m.heights.as_array() == pytest.approx([30, 30, 30], abs=1.0)
     assert m.tilt_deg == pytest.approx(12.0, abs=1.0)
+
+
+def test_cli_writes_heights_of_a_straightened_root(tmp_path, capsys):
+    import csv
+    import json
+
+    from data.nifti_io import save_nifti
+    from evaluation.heights import main
+
+    label = tmp_path / "straightened" / "label"
+    for vid, height in ((20, 24), (21, 30)):
+        crop = np.zeros((40, 40, 50), np.uint8)
+        crop[20 - height // 2 : 20 - height // 2 + height, 5:35, 5:45] = vid
+        crop[0:3, 5:35, 5:45] = 19  # a neighbour in the crop does not count
+        save_nifti(label / f"p1_{vid}.nii.gz", crop, np.diag([1.0, 1.0, 1.0, 1.0]), dtype=np.uint8)
+    curve = tmp_path / "straightened" / "curve" / "p1.json"
+    curve.parent.mkdir(parents=True)
+    curve.write_text(
+        json.dumps({"pid": "p1", "crops": {}, "not_measurable": {"22": "body cut by the scan's caudal edge"}})
+    )
+    out = tmp_path / "heights.csv"
+    assert main(["--dataroot", str(tmp_path), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:7] == [
+        "pid",
+        "vid",
+        "complete",
+        "height_anterior_mm",
+        "height_middle_mm",
+        "height_posterior_mm",
+        "tilt_deg",
+    ]
+    by_vid = {int(r["vid"]): r for r in rows}
+    assert float(by_vid[20]["height_middle_mm"]) == 24 and float(by_vid[21]["height_anterior_mm"]) == 30
+    assert by_vid[20]["complete"] == "true" and float(by_vid[20]["tilt_deg"]) == 0
+    assert by_vid[22]["complete"] == "false" and by_vid[22]["height_middle_mm"] == ""
+    assert "1 not measurable" in capsys.readouterr().out
+    assert main(["--dataroot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
