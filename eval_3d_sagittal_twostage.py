@@ -1,20 +1,293 @@
-"""Iterative 3D synthesis of pseudo-healthy vertebrae (neighbours first, then the target).
+"""Iterative 3D synthesis of pseudo-healthy vertebrae: neighbours first, then the target.
 
-Writes ``<out>/CT_fake/<pid>_<vid>.nii.gz`` and ``<out>/label_fake/<pid>_<vid>.nii.gz``. The
-synthesis needs the trained ``healthivert`` model, which is not in this version yet.
+    python eval_3d_sagittal_twostage.py --dataroot D/straightened --vertebra_json D/vertebra_data.json \\
+        --name hv --checkpoints_dir C --plane sagittal|coronal|fusion --output_dir O \\
+        [--epoch latest] [--name_coronal hv_cor] [--phase test] [--shard i/n] [--overwrite]
+
+For every straightened crop ``<pid>_<vid>`` (all crops, those of ``--phase``'s split, or
+``--vertebrae``), every slice through the target is synthesised: the upper neighbour, then the
+lower one, then the target, each step on all slices of the crop in one batched forward pass
+(``--batch_slices 1`` = the reference's one slice per pass); see :mod:`models.synthesis`.
+``fusion`` runs a sagittal and a coronal run (``--name_coronal``) and averages their CT, and
+fuses their target probabilities (2.5D). The runs are rebuilt from their saved ``opt.json`` and
+checkpoint. Writes ``O/CT_fake/<pid>_<vid>.nii.gz`` (uint8 0-255) and
+``O/label_fake/<pid>_<vid>.nii.gz`` (VerSe ids) on the crop's grid and affine; slices not
+through the target are the input's. Finished crops are skipped unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from util.pending import not_available
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.base_dataset import SPLITS, read_split, split_key
+from data.crops import Crop, CropStore, save_like
+from data.layout import shard
+from data.nifti_io import load_ct
+from data.vertebra_sample import rows_for_mm
+from models import create_model
+from models.synthesis import (
+    MIN_COMPONENT_AREA_MM2,
+    MIN_NEIGHBOUR_AREA_MM2,
+    CropSynthesis,
+    SynthesisSettings,
+    fuse_planes,
+    synthesise_crop,
+    to_uint8,
+)
+from options.base_options import _gpu_ids, load_options
+from util.errors import InputError, input_error
+from util.registry import RegistryError
+
+COLUMN_AXIS = {"sagittal": 1, "coronal": 2}  # the crop axis that runs along an image's columns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Iterative 3D synthesis of pseudo-healthy vertebrae (neighbours, then the target).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataroot", default=None, help="straightened crops (CT/, label/); default: the run's")
+    p.add_argument("--vertebra_json", default=None, help="split file, for --phase; default: the run's")
+    p.add_argument("--name", required=True, help="the run (sagittal, or coronal with --plane coronal)")
+    p.add_argument("--name_coronal", default=None, help="the coronal run, for --plane fusion")
+    p.add_argument("--checkpoints_dir", default="./checkpoints", help="where the runs are")
+    p.add_argument("--epoch", default="latest", help="which checkpoint: a number or 'latest'")
+    p.add_argument("--plane", default="sagittal", choices=("sagittal", "coronal", "fusion"))
+    p.add_argument("--output_dir", required=True, help="CT_fake/ and label_fake/ are written here")
+    p.add_argument("--phase", default=None, choices=SPLITS, help="only the vertebrae of this split")
+    p.add_argument("--vertebrae", default=None, help="only these crops: comma-separated <pid>_<vid>")
+    p.add_argument("--cam_folder", default=None, help="attention maps <pid>_<vid>.nii.gz; default: the run's")
+    p.add_argument(
+        "--batch_slices", type=int, default=0, help="slices per forward pass (0 = all slices of a step)"
+    )
+    p.add_argument(
+        "--min_neighbour_area_mm2",
+        type=float,
+        default=MIN_NEIGHBOUR_AREA_MM2,
+        help="a neighbour is synthesised on slices where its area is at least this",
+    )
+    p.add_argument(
+        "--min_component_mm2",
+        type=float,
+        default=None,
+        help="fragments of a vertebra smaller than this are ignored on a slice "
+        f"(default: the run's --min_area_mm2, else {MIN_COMPONENT_AREA_MM2:g})",
+    )
+    p.add_argument("--shard", default=None, help="only shard i/n of the patients")
+    p.add_argument("--overwrite", action="store_true", help="redo crops whose outputs exist")
+    p.add_argument("--gpu_ids", default="auto", help="'auto', '-1' for the CPU, or '0'")
+    return p
+
+
+@dataclass
+class Run:
+    """A trained run ready to synthesise."""
+
+    name: str
+    opt: argparse.Namespace
+    model: object
+
+    @property
+    def plane(self) -> str:
+        return str(getattr(self.opt, "plane", "sagittal"))
+
+    def synthesise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.model.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.inference_mode():
+            return self.model.synthesise(batch)
+
+
+def weights_cached():
+    """Spectral-normalised weights computed once for a whole crop instead of once per forward pass."""
+    return torch.nn.utils.parametrize.cached()
+
+
+def load_run(checkpoints_dir: str, name: str, epoch: str, gpu_ids: list[int]) -> Run:
+    """Rebuild a run from its ``opt.json`` and load checkpoint ``epoch`` (InputError if missing)."""
+    folder = Path(checkpoints_dir) / name
+    if not folder.is_dir():
+        raise input_error(folder, "no such run (check --checkpoints_dir and --name)")
+    opt = load_options(
+        folder / "opt.json",
+        isTrain=False,
+        continue_train=False,
+        checkpoints_dir=str(checkpoints_dir),
+        name=name,
+        epoch=epoch,
+        load_iter=0,
+        gpu_ids=gpu_ids,
+    )
+    try:
+        model = create_model(opt)
+    except RegistryError as exc:
+        raise input_error(folder / "opt.json", str(exc)) from exc
+    if not callable(getattr(model, "synthesise", None)):
+        raise input_error(
+            folder / "opt.json", f"model {opt.model!r} has no synthesise(); use a healthivert run"
+        )
+    model.load_networks(epoch)
+    model.eval()
+    return Run(name, opt, model)
+
+
+def select_crops(store: CropStore, opt: argparse.Namespace, vertebra_json: str | None) -> list[str]:
+    """The crop keys to synthesise: --vertebrae, else --phase's split, else all; then --shard."""
+    if opt.vertebrae:
+        keys = [k.strip() for k in opt.vertebrae.split(",") if k.strip()]
+        missing = [k for k in keys if k not in store]
+        if missing:
+            raise input_error(store.folder, f"no crop for {', '.join(missing[:5])}")
+    elif opt.phase:
+        if not vertebra_json:
+            raise InputError("--phase needs --vertebra_json (the run has none saved)")
+        split = read_split(vertebra_json, opt.phase)
+        keys = sorted(k for k in split if k in store)
+        absent = len(split) - len(keys)
+        if absent:
+            print(f"warning: {absent} vertebrae of split {opt.phase!r} have no crop in {store.folder}")
+    else:
+        keys = store.keys()
+    pids = sorted({split_key(k)[0] for k in keys})
+    chosen = set(shard(pids, opt.shard))
+    keys = [k for k in keys if split_key(k)[0] in chosen]
+    if not keys:
+        raise input_error(store.folder, "no vertebra selected (empty split, shard or crop folder)")
+    return keys
+
+
+def check_cams(folder: str | None, keys: list[str]) -> None:
+    """Raise before any work if an attention map is missing."""
+    if not folder:
+        return
+    missing = [k for k in keys if not (Path(folder) / f"{k}.nii.gz").is_file()]
+    if missing:
+        raise input_error(
+            Path(folder) / f"{missing[0]}.nii.gz",
+            f"attention map not found ({len(missing)} of {len(keys)} missing; "
+            "pass --cam_folder '' to run without maps)",
+        )
+
+
+def read_cam(folder: str | None, crop: Crop) -> np.ndarray | None:
+    """The crop's attention map in [0, 1], or None without a folder."""
+    if not folder:
+        return None
+    path = Path(folder) / f"{crop.key}.nii.gz"
+    cam = load_ct(path).array
+    if cam.shape != crop.label.shape:
+        raise input_error(path, f"attention map shape {cam.shape} differs from the crop's {crop.label.shape}")
+    return np.clip(cam, 0.0, 1.0)
+
+
+def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> SynthesisSettings:
+    """Hole and thresholds in this crop's pixels (from mm), model width for this plane."""
+    spacing = crop.spacing_mm
+    pixel_mm2 = float(spacing[0] * spacing[COLUMN_AXIS[plane]])
+    component_mm2 = opt.min_component_mm2
+    if component_mm2 is None:
+        component_mm2 = float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
+    return SynthesisSettings(
+        hole_rows=max(1, rows_for_mm(getattr(run.opt, "mask_height_mm", 40.0), spacing[0])),
+        margin_rows=rows_for_mm(getattr(run.opt, "hole_margin_mm", 0.0), spacing[0]),
+        min_area_px=opt.min_neighbour_area_mm2 / pixel_mm2,
+        min_component_px=component_mm2 / pixel_mm2,
+        batch_slices=opt.batch_slices,
+        width=int(crop.label.shape[1]),  # both planes give images as wide as the sagittal ones
+        row_spacing_mm=float(spacing[0]),
+    )
+
+
+def release(store: CropStore, key: str) -> None:
+    """Drop a finished crop from the store's cache: each crop is read once here, so memory stays flat.
+
+    An adapter: :class:`data.crops.CropStore` keeps every decoded crop and has no public way to
+    forget one yet.
+    """
+    store._cache.pop(key, None)
+
+
+def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt) -> CropSynthesis:
+    with weights_cached():
+        results = {
+            plane: synthesise_crop(
+                crop.ct, crop.label, cam, crop.vid, plane, run.synthesise, settings_for(crop, run, plane, opt)
+            )
+            for plane, run in runs.items()
+        }
+    if len(results) == 2:
+        return fuse_planes(results["sagittal"], results["coronal"], crop.vid)
+    return next(iter(results.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_available(
-        "eval_3d_sagittal_twostage.py", "iterative 3D synthesis (needs the healthivert model)"
+    opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(opt.output_dir)
+    try:
+        if opt.batch_slices < 0:
+            raise InputError("--batch_slices must be 0 (all) or a positive number")
+        if opt.plane == "fusion" and not opt.name_coronal:
+            raise InputError("--plane fusion needs --name_coronal (a run trained on coronal slices)")
+        gpu_ids = _gpu_ids(opt.gpu_ids)
+        wanted = {"sagittal": opt.name} if opt.plane == "fusion" else {opt.plane: opt.name}
+        if opt.plane == "fusion":
+            wanted["coronal"] = opt.name_coronal
+        runs = {}
+        for plane, name in wanted.items():
+            run = load_run(opt.checkpoints_dir, name, opt.epoch, gpu_ids)
+            if run.plane != plane:
+                raise input_error(
+                    Path(opt.checkpoints_dir) / name, f"run was trained on {run.plane} slices, not {plane}"
+                )
+            runs[plane] = run
+        first = next(iter(runs.values()))
+        dataroot = opt.dataroot or getattr(first.opt, "dataroot", None)
+        if not dataroot:
+            raise InputError("--dataroot is needed (the run saved none)")
+        store = CropStore(dataroot, need_ct=True)
+        if len(store) == 0:
+            raise input_error(store.folder, "no crops with both CT/ and label/")
+        keys = select_crops(store, opt, opt.vertebra_json or getattr(first.opt, "vertebra_json", None))
+        cam_folder = opt.cam_folder if opt.cam_folder is not None else getattr(first.opt, "cam_folder", None)
+        check_cams(cam_folder, keys)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    ct_dir, label_dir = out / "CT_fake", out / "label_fake"
+    start = time.perf_counter()
+    done, skipped, passes = 0, 0, 0
+    for key in tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra"):
+        ct_path, label_path = ct_dir / f"{key}.nii.gz", label_dir / f"{key}.nii.gz"
+        if ct_path.exists() and label_path.exists() and not opt.overwrite:
+            skipped += 1
+            continue
+        try:
+            crop = store.load(key)
+            result = synthesise_one(crop, runs, read_cam(cam_folder, crop), opt)
+        except (InputError, ValueError) as exc:
+            print(f"error: {key}: {exc}", file=sys.stderr)
+            return 2
+        save_like(ct_path, to_uint8(result.ct), crop.affine)
+        save_like(label_path, result.label.astype(np.uint8), crop.affine)
+        release(store, key)
+        done += 1
+        passes += result.forward_passes
+    seconds = time.perf_counter() - start
+    per = f", {seconds / done:.2f} s/vertebra, {passes} forward passes" if done else ""
+    print(
+        f"synthesised {done} vertebrae ({opt.plane}) in {seconds:.1f} s{per}; "
+        f"{skipped} already done; outputs in {out}"
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Run a trained model on a split and write its result images to an HTML page.
 
 python test.py --dataroot D --name NAME --model healthivert --phase test --epoch latest
+
+The networks are rebuilt from the training options saved in ``checkpoints_dir/name/opt.json``
+(sizes, model flags); flags given on this command line override them (data paths, split,
+epoch, results folder). Without ``opt.json`` the command-line options are used as they are.
+Results: ``results_dir/name/<phase>_<epoch>/index.html`` and ``images/``.
 """
 
 from __future__ import annotations
@@ -10,17 +15,37 @@ from pathlib import Path
 
 from data import create_dataset
 from models import create_model
+from options.base_options import load_options
 from options.test_options import TestOptions
 from util.errors import InputError
 from util.html import HTML
 from util.registry import RegistryError
 from util.visualizer import save_image, tensor2im
 
+TEST_KEYS = ("isTrain", "results_dir", "aspect_ratio", "phase", "eval", "num_test", "epoch", "load_iter")
+TEST_KEYS += ("serial_batches", "num_threads", "batch_size", "no_flip", "gpu_ids", "continue_train", "name")
+
+
+def test_options(argv: list[str]):
+    """Test options: the saved training options, overridden by test-only flags and by every flag
+    that this command line sets to a non-default value."""
+    options = TestOptions()
+    opt = options.parse(argv)
+    saved_path = Path(opt.checkpoints_dir) / opt.name / "opt.json"
+    if not saved_path.exists():
+        return opt
+    parser = options.parser_
+    given = {k: v for k, v in vars(opt).items() if k in TEST_KEYS or v != parser.get_default(k)}
+    given["checkpoints_dir"] = opt.checkpoints_dir
+    merged = load_options(saved_path, **given)
+    merged.continue_train = False
+    return merged
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        opt = TestOptions().parse(argv)
+        opt = test_options(argv)
         dataset = create_dataset(opt)
         model = create_model(opt)
         model.setup(opt)

@@ -7,20 +7,85 @@ to the HTML page every ``--display_freq`` iterations; losses printed, logged and
 ``--print_freq``; checkpoints every ``--save_latest_freq`` iterations and ``--save_epoch_freq``
 epochs. ``--continue_train --epoch latest`` resumes optimisers, schedulers, counters and random
 state exactly.
+
+Validation: every ``--val_freq`` epochs (and after the last one) the model runs on
+``--val_phase`` (at most ``--max_val_samples`` samples, in eval mode, random state untouched)
+and, if it has ``validation_metrics()``, the means are printed, appended to ``loss_log.txt`` and
+to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR, Dice and height error in mm.
+The end of each epoch also refreshes the HTML page and the loss log if the frequencies did not
+fall in it (short runs still write them). On CUDA the models run under bf16 autocast with
+channels_last unless ``--no_amp``.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import math
 import sys
 import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from data import create_dataset
 from models import create_model
 from options.base_options import setup
 from options.train_options import TrainOptions
+from util.atomic import read_json, write_json
+from util.checkpoint import rng_state, set_rng_state
 from util.errors import InputError
 from util.registry import RegistryError
 from util.visualizer import Visualizer
+
+
+def crossed(total: int, step: int, freq: int) -> bool:
+    """True when the counter passed a multiple of ``freq`` in its last ``step``."""
+    return freq > 0 and total // freq > (total - step) // freq
+
+
+def validation_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """The training options, set for a deterministic pass over ``--val_phase``."""
+    val = copy.copy(opt)
+    val.phase, val.isTrain, val.serial_batches, val.num_threads = opt.val_phase, False, True, 0
+    val.max_dataset_size = opt.max_val_samples
+    return val
+
+
+def validate(model, dataset) -> dict[str, float]:
+    """Mean of each ``model.validation_metrics()`` entry over ``dataset`` (eval mode, no gradients,
+    random state restored, so validating does not change the training run)."""
+    state = rng_state()
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    try:
+        with torch.no_grad():
+            for data in dataset:
+                model.set_input(data)
+                model.forward()
+                for name, values in model.validation_metrics().items():
+                    values = values.detach().float().reshape(-1)
+                    sums[name] = sums.get(name, 0.0) + float(values[torch.isfinite(values)].sum())
+                count += int(data["ct"].shape[0]) if "ct" in data else 1
+    finally:
+        model.train()
+        set_rng_state(state)
+    return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float], log_name: Path) -> str:
+    """Print the metrics, append them to the loss log and to ``val_metrics.json``."""
+    line = f"(validation epoch: {epoch}) " + " ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
+    print(line)
+    with open(log_name, "a") as f:
+        f.write(line + "\n")
+    path = run_dir / "val_metrics.json"
+    history = read_json(path, "validation history") if path.exists() else []
+    history = [h for h in history if h.get("epoch") != epoch] + [{"epoch": epoch, **metrics}]
+    write_json(path, history)
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     visualizer = Visualizer(opt)
+    val_dataset = None
+    if opt.val_freq > 0 and hasattr(model, "validation_metrics"):
+        try:
+            val_dataset = create_dataset(validation_options(opt))
+        except (InputError, ValueError) as exc:
+            print(f"warning: no validation ({exc})", file=sys.stderr)
     total_iters, first_epoch = 0, opt.epoch_count
     resume = getattr(model, "resume_state", None)
     if opt.continue_train and resume:
@@ -44,39 +115,57 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     for epoch in range(first_epoch, last_epoch + 1):
         epoch_start = iter_data_time = time.time()
-        epoch_iter = 0
+        epoch_iter, data_time, printed = 0, 0.0, False
         visualizer.reset()
         dataset.set_epoch(epoch)
         model.train()
-        for data in dataset:
+        bar = tqdm(
+            dataset, total=math.ceil(len(dataset) / opt.batch_size), desc=f"epoch {epoch}", leave=False
+        )
+        for data in bar:
             iter_start = time.time()
             t_data = iter_start - iter_data_time
-            total_iters += opt.batch_size
-            epoch_iter += opt.batch_size
+            data_time += t_data
+            step = opt.batch_size
+            total_iters += step
+            epoch_iter += step
             model.set_input(data)
             model.optimize_parameters()
-            if total_iters % opt.display_freq == 0:
+            if crossed(total_iters, step, opt.display_freq):
                 model.compute_visuals()
                 visualizer.display_current_results(
-                    model.get_current_visuals(), epoch, total_iters % opt.update_html_freq == 0
+                    model.get_current_visuals(), epoch, crossed(total_iters, step, opt.update_html_freq)
                 )
-            if total_iters % opt.print_freq == 0:
+            if crossed(total_iters, step, opt.print_freq):
                 losses = model.get_current_losses()
                 t_comp = (time.time() - iter_start) / opt.batch_size
                 visualizer.print_current_losses(epoch, epoch_iter, losses, t_comp, t_data)
                 visualizer.plot_current_losses(epoch, epoch_iter / max(len(dataset), 1), losses)
-            if total_iters % opt.save_latest_freq == 0:
+                printed = True
+            if crossed(total_iters, step, opt.save_latest_freq):
                 tag = f"iter_{total_iters}" if opt.save_by_iter else "latest"
                 print(f"saving the latest model (epoch {epoch}, total_iters {total_iters})")
                 model.save_networks(tag)
             iter_data_time = time.time()
+        bar.close()
+        if epoch_iter and not visualizer.saved:  # short epochs still get their images
+            model.compute_visuals()
+            visualizer.display_current_results(model.get_current_visuals(), epoch, True)
+        if epoch_iter and not printed:
+            losses = model.get_current_losses()
+            visualizer.print_current_losses(epoch, epoch_iter, losses, 0.0, 0.0)
+            visualizer.plot_current_losses(epoch, 1.0, losses)
         lr = model.update_learning_rate()
+        if val_dataset is not None and (epoch % opt.val_freq == 0 or epoch == last_epoch):
+            record_validation(visualizer.run_dir, epoch, validate(model, val_dataset), visualizer.log_name)
         if epoch % opt.save_epoch_freq == 0 or epoch == last_epoch:
             for tag in ("latest", epoch):
                 model.save_networks(tag)
                 model.save_train_state(tag, epoch, total_iters)
+        seconds = time.time() - epoch_start
         print(
-            f"end of epoch {epoch} / {last_epoch}, {time.time() - epoch_start:.1f} s, learning rate {lr:.7f}"
+            f"end of epoch {epoch} / {last_epoch}, {seconds:.1f} s "
+            f"(data loading {100 * data_time / max(seconds, 1e-9):.1f} %), learning rate {lr:.7f}"
         )
     print(
         f"trained {opt.model} for epochs {first_epoch}-{last_epoch} ({total_iters} samples) "

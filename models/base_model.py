@@ -168,6 +168,22 @@ class BaseModel(ABC):
             print(f"[Network {name}] Total number of parameters : {n / 1e6:.3f} M")
         print("-----------------------------------------------")
 
+    # --- mixed precision (opt-in per model) -------------------------------------------------
+    @property
+    def use_amp(self) -> bool:
+        """bf16 autocast and channels_last: on CUDA unless ``--no_amp``; never on the CPU."""
+        return self.device.type == "cuda" and not getattr(self.opt, "no_amp", False)
+
+    def autocast(self):
+        """Context for a model's forward passes: bf16 autocast when :attr:`use_amp`, else a no-op.
+
+        Models that never call it run in fp32 everywhere, so the switch is harmless to them."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
+
+    def memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in channels_last when :attr:`use_amp` and 4-D, else unchanged."""
+        return x.contiguous(memory_format=torch.channels_last) if self.use_amp and x.dim() == 4 else x
+
     @staticmethod
     def set_requires_grad(nets: nn.Module | list[nn.Module | None], requires_grad: bool = False) -> None:
         for net in nets if isinstance(nets, list) else [nets]:

@@ -19,5 +19,10 @@ class TestOptions(BaseOptions):
             "--eval", action="store_true", help="eval mode (batchnorm and dropout) at test time"
         )
         parser.add_argument("--num_test", type=int, default=50, help="how many test samples")
+        parser.add_argument(
+            "--no_amp",
+            action="store_true",
+            help="on CUDA: no bf16 autocast / channels_last (CPU is always fp32)",
+        )
         parser.set_defaults(serial_batches=True, num_threads=0, batch_size=1, no_flip=True)
         return parser

@@ -33,8 +33,20 @@ class TrainOptions(BaseOptions):
         g.add_argument("--n_epochs_decay", type=int, default=800, help="epochs of linear decay to zero")
         g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
         g.add_argument("--lr", type=float, default=2e-4, help="initial learning rate")
-        g.add_argument("--gan_mode", default="vanilla", help="vanilla | lsgan | wgangp")
+        g.add_argument("--gan_mode", default="vanilla", help="vanilla | lsgan | hinge | wgangp")
         g.add_argument("--pool_size", type=int, default=0, help="image buffer for the discriminators")
         g.add_argument("--lr_policy", default="linear", help="linear | step | plateau | cosine")
+        g.add_argument(
+            "--no_amp",
+            action="store_true",
+            help="on CUDA: no bf16 autocast / channels_last (CPU is always fp32)",
+        )
+        g = parser.add_argument_group("validation")
+        g.add_argument("--val_freq", type=int, default=15, help="epochs between validations (0: none)")
+        g.add_argument("--val_phase", default="val", help="split used for validation")
+        g.add_argument(
+            "--max_val_samples", type=int, default=200, help="validate on at most this many samples"
+        )
+        g = parser.add_argument_group("schedule and optimiser (cont.)")
         g.add_argument("--lr_decay_iters", type=int, default=50, help="step policy: epochs between decays")
         return parser

@@ -1,0 +1,149 @@
+"""Benchmark: seconds per HealthiVert training iteration, data-loading share, peak memory (prints figures).
+
+    python -m benchmarks.bench_train [--configs 256x12 128x8] [--iters 3] [--dataroot D/straightened]
+        [--vertebra_json D/vertebra_data.json] [--num_threads 0] [--torch_threads N] [--device cpu|cuda]
+        [--no_amp]
+
+Each configuration ``SIZExBATCH`` runs in its own process (so peak memory is its own) at the
+reference's model configuration (ngf 16, ndf 64, three PatchGANs, vanilla GAN): one warm-up
+iteration, then ``--iters`` timed iterations of the real training loop (next batch from the
+DataLoader, ``set_input``, ``optimize_parameters``). With ``--dataroot`` the batches come from
+``aligned_sagittal`` on that straightened root when its slices have the configured size;
+otherwise from synthetic samples of the sample contract (``tests/fixtures/synthetic_vertebra``),
+whose loading cost is not representative (the loading share is then marked "synthetic").
+Figures: median seconds per iteration, median data wait, loading share = wait / iteration,
+peak memory (CPU: the process's peak resident set; CUDA: peak allocated by torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Time one configuration in this process; returns the figures."""
+    import torch
+
+    from data import create_dataset
+    from models import create_model
+    from options.train_options import TrainOptions
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    size, batch = (int(v) for v in args.one.split("x"))
+    common = ["--model", "healthivert", "--ngf", "16", "--ndf", "64", "--batch_size", str(batch)]
+    common += ["--num_threads", str(args.num_threads), "--checkpoints_dir", "/tmp/bench_train_ckpt"]
+    common += ["--gpu_ids", "0" if args.device == "cuda" else "-1", "--crop_size", str(size)]
+    common += ["--no_amp"] if args.no_amp else []
+    source = "synthetic"
+    opt = None
+    if args.dataroot:
+        real = TrainOptions().parse(
+            [*common, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
+            + (["--vertebra_json", args.vertebra_json] if args.vertebra_json else [])
+        )
+        dataset = create_dataset(real)
+        if tuple(dataset.dataset[0]["ct"].shape[-2:]) == (size, size):
+            opt, source = real, "aligned_sagittal"
+    if opt is None:
+        synthetic = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--synthetic_samples"]
+        opt = TrainOptions().parse([*common, *synthetic, str(batch * (args.iters + 1))])
+        dataset = create_dataset(opt)
+    torch.manual_seed(0)
+    model = create_model(opt)
+    model.setup(opt)
+    model.train()
+    waits, totals = [], []
+    needed = args.iters + 1
+    done = 0
+    while done < needed:
+        start = time.perf_counter()
+        for data in dataset:
+            got = time.perf_counter()
+            model.set_input(data)
+            model.optimize_parameters()
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+            if done > 0:  # the first iteration is a warm-up
+                waits.append(got - start)
+                totals.append(end - start)
+            done += 1
+            if done >= needed:
+                break
+            start = time.perf_counter()
+    if model.device.type == "cuda":
+        peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    it = statistics.median(totals)
+    wait = statistics.median(waits)
+    return {
+        "config": args.one,
+        "device": str(model.device),
+        "amp": model.use_amp,
+        "torch_threads": torch.get_num_threads(),
+        "data": source,
+        "s_per_iteration": it,
+        "data_wait_s": wait,
+        "loading_share_pct": 100 * wait / it,
+        "peak_memory_gb": peak_gb,
+        "iterations": len(totals),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["256x12", "128x8"], help="SIZExBATCH")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
+    parser.add_argument("--dataroot", default=None, help="a straightened root for real batches")
+    parser.add_argument("--vertebra_json", default=None)
+    parser.add_argument("--num_threads", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no_amp", action="store_true", help="CUDA: fp32 instead of bf16 + channels_last")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args)))
+        return 0
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--configs"]
+    passthrough = [a for a in passthrough if a not in args.configs]
+    print(
+        f"{'config':>8} {'device':>6} {'amp':>5} {'thr':>3} {'data':>16} {'s/it':>8} {'wait s':>7} "
+        f"{'load %':>6} {'peak GB':>7}"
+    )
+    for config in args.configs:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *passthrough, "--one", config],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"error: {config} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return 1
+        r = json.loads(lines[-1][7:])
+        print(
+            f"{r['config']:>8} {r['device']:>6} {r['amp']!s:>5} {r['torch_threads']:>3} {r['data']:>16} "
+            f"{r['s_per_iteration']:>8.2f} {r['data_wait_s']:>7.3f} {r['loading_share_pct']:>6.1f} "
+            f"{r['peak_memory_gb']:>7.2f}"
+        )
+    print(f"medians over {args.iters} iterations after one warm-up; machine shared with other jobs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

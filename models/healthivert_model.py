@@ -1,0 +1,297 @@
+"""``--model healthivert``: the two-stage HealthiVert-GAN with EEM, SHRM and HGAM (REFERENCE.md 4-6).
+
+One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
+
+* G (:class:`models.networks.inpaint.InpaintGenerator`): the coarse stage sees the squeezed CT,
+  the slice-ratio map and the hole, with ``1 - CAM`` guidance in its decoder (HGAM); the fine
+  stage adds hallucination and per-sample contextual attention. Each stage predicts the height
+  as a fraction of the sample's hole (SHRM); ``ceil(fraction * hole_rows)`` generated rows are
+  inserted between the real neighbours (:func:`models.composite.compose`), without the
+  reference's floor at the observed height (defect 6).
+* Three PatchGANs in ``netD`` (an ``nn.ModuleDict``, saved as ``<epoch>_net_D.pth``): ``global``
+  (fine composite vs ground truth), ``local`` (hole band x central ``--local_width`` of the
+  columns) and ``seg`` (fine segmentation, binarised by a straight-through estimator so its
+  generator term trains G, vs the target label).
+* Generator losses, returned by :meth:`generator_losses` as a dict and summed in one place:
+  ``G_GAN`` (``--lambda_GAN`` per discriminator, 1/6 as in the reference), ``G_L1`` (both
+  stages, normalised per sample by its own hole: independent of batch size, defect 2),
+  ``G_Dice`` (fine, 15) and ``coarse_Dice`` (healthy neighbours, 10), ``edge`` (EEM: Sobel on the
+  soft fine segmentation, 800; defect 1) and ``height`` (40 + 40, relative).
+
+:meth:`HealthiVertModel.synthesise` is the inference entry point of the iterative 3D synthesis.
+On CUDA the forward passes run under bf16 autocast with channels_last tensors (``--no_amp``
+turns both off); on the CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from models.base_model import BaseModel
+from models.composite import compose, compose_top
+from models.losses.dice import dice_loss, soft_dice
+from models.losses.edge import edge_loss, sobel_magnitude
+from models.losses.gan import GANLoss, gradient_penalty
+from models.losses.height import height_loss, predicted_rows
+from models.losses.reconstruction import hole_l1
+from models.metrics import masked_psnr, masked_ssim
+from models.networks import init_net
+from models.networks.inpaint import InpaintGenerator
+from models.networks.patchgan import define_D
+
+SAMPLE_TENSORS = (
+    "ct",
+    "ct_masked",
+    "hole",
+    "target_mask",
+    "neighbour_mask",
+    "cam",
+    "slice_ratio",
+    "height",
+    "x1",
+    "x2",
+    "band_top",
+    "band_bottom",
+    "hole_rows",
+    "row_spacing_mm",
+)
+D_NAMES = ("global", "local", "seg")
+
+
+def straight_through_binary(probability: torch.Tensor) -> torch.Tensor:
+    """``probability > 0.5`` as 0/1 in the forward pass, with the identity gradient backwards."""
+    hard = (probability > 0.5).to(probability.dtype)
+    return hard + probability - probability.detach()
+
+
+def central_columns(width: int, fraction: float, device: torch.device) -> torch.Tensor:
+    """(1, 1, 1, W) mask of the central ``fraction`` of the columns (at least one column)."""
+    half = max(1, round(width * fraction / 2))
+    c = torch.arange(width, device=device)
+    return ((c >= width // 2 - half) & (c < width // 2 + half)).float().reshape(1, 1, 1, width)
+
+
+def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS) -> dict:
+    """The tensors of a batch in the sample contract on ``device`` (float for images, int64 kept)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+class HealthiVertModel(BaseModel):
+    @staticmethod
+    def modify_commandline_options(
+        parser: argparse.ArgumentParser, is_train: bool
+    ) -> argparse.ArgumentParser:
+        parser.set_defaults(ngf=16, ndf=64, norm="batch", netD="basic")
+        g = parser.add_argument_group("healthivert")
+        g.add_argument(
+            "--lambda_L1", type=float, default=200.0, help="reconstruction L1 (per-sample hole mean)"
+        )
+        g.add_argument(
+            "--lambda_GAN", type=float, default=1 / 6, help="weight of each discriminator's G term"
+        )
+        g.add_argument("--lambda_dice_fine", type=float, default=15.0, help="Dice of the fine (target) seg")
+        g.add_argument(
+            "--lambda_dice_coarse", type=float, default=10.0, help="Dice of the coarse (neighbour) seg"
+        )
+        g.add_argument("--lambda_edge", type=float, default=800.0, help="EEM Sobel edge loss on the soft seg")
+        g.add_argument(
+            "--lambda_height_coarse", type=float, default=40.0, help="relative height loss, coarse head"
+        )
+        g.add_argument(
+            "--lambda_height_fine", type=float, default=40.0, help="relative height loss, fine head"
+        )
+        g.add_argument(
+            "--hgam_loss_weight",
+            type=float,
+            default=0.0,
+            help="HGAM: L1 weight becomes 1 - w * CAM (0 = off, the reference)",
+        )
+        g.add_argument(
+            "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
+        )
+        return parser
+
+    def __init__(self, opt: argparse.Namespace):
+        super().__init__(opt)
+        self.loss_names = [
+            "D_global",
+            "D_local",
+            "D_seg",
+            "G_GAN",
+            "G_L1",
+            "G_Dice",
+            "coarse_Dice",
+            "edge",
+            "height",
+        ]
+        self.visual_names = [
+            "real_A",
+            "fake_coarse",
+            "fake_B",
+            "real_B",
+            "cam",
+            "seg_coarse",
+            "seg_fine",
+            "target_mask",
+            "edge_fake",
+            "edge_real",
+        ]
+        self.model_names = ["G", "D"] if self.isTrain else ["G"]
+        # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
+        self.netG = InpaintGenerator(opt.ngf).to(self.device)
+        if self.isTrain:
+            self.netD = init_net(
+                nn.ModuleDict({k: define_D(1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm) for k in D_NAMES}),
+                opt.init_type,
+                opt.init_gain,
+                self.device,
+            )
+            self.criterionGAN = GANLoss(opt.gan_mode)
+            betas = (opt.beta1, 0.999)
+            self.optimizer_G = torch.optim.Adam(self.netG.parameters(), lr=opt.lr, betas=betas)
+            # one Adam over the three Ds equals three Adams (Adam's state is per parameter)
+            self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=betas)
+            self.optimizers = [self.optimizer_G, self.optimizer_D]
+        if self.use_amp:
+            for net in self.networks().values():
+                net.to(memory_format=torch.channels_last)
+
+    # --- data -------------------------------------------------------------------------------
+    def set_input(self, input: dict) -> None:
+        s = add_sample_to_device(input, self.device)
+        for name in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam"):
+            s[name] = self.memory_format(s[name].float())
+        self.sample = s
+        self.real_A, self.real_B, self.cam = s["ct_masked"], s["ct"], s["cam"]
+        self.target_mask = s["target_mask"]
+        self.image_paths = list(input.get("path", []))
+        w = s["ct"].shape[-1]
+        self.local_mask = s["hole"] * central_columns(w, self.opt.local_width, self.device)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self) -> None:
+        s = self.sample
+        with self.autocast():
+            out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"])
+        self.out = out
+        self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"])
+        self.rows_fine = predicted_rows(out.fine_height, s["hole_rows"])
+        self.fake_coarse = compose(
+            out.coarse_image.float(), s["ct"], s["x1"], s["x2"], self.rows_coarse, -1.0
+        )
+        self.fake_B = compose(out.fine_image.float(), s["ct"], s["x1"], s["x2"], self.rows_fine, -1.0)
+        self.seg_coarse = out.coarse_seg.float()
+        self.seg_fine = out.fine_seg.float()
+
+    def compute_visuals(self) -> None:
+        self.edge_fake = sobel_magnitude(self.seg_fine.detach())
+        self.edge_real = sobel_magnitude(self.target_mask)
+
+    def _discriminator_inputs(self, detach: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (fake, real)} for the three discriminators."""
+        fake = self.fake_B.detach() if detach else self.fake_B
+        seg = straight_through_binary(self.seg_fine)
+        seg = seg.detach() if detach else seg
+        real = self.real_B
+        return {
+            "global": (fake, real),
+            "local": (fake * self.local_mask, real * self.local_mask),
+            "seg": (seg, self.target_mask),
+        }
+
+    def _D(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.netD[name](self.memory_format(x))
+
+    # --- losses -----------------------------------------------------------------------------
+    def discriminator_losses(self) -> dict[str, torch.Tensor]:
+        losses = {}
+        for name, (fake, real) in self._discriminator_inputs(detach=True).items():
+            loss = 0.5 * (
+                self.criterionGAN(self._D(name, fake), False) + self.criterionGAN(self._D(name, real), True)
+            )
+            if self.opt.gan_mode == "wgangp":
+                loss = loss + gradient_penalty(self.netD[name], real, fake)
+            losses[f"D_{name}"] = loss
+        return losses
+
+    def generator_losses(self) -> dict[str, torch.Tensor]:
+        """Every generator term, weighted; their sum is the generator objective."""
+        opt, s = self.opt, self.sample
+        gan = sum(
+            self.criterionGAN(self._D(name, fake), True, for_discriminator=False)
+            for name, (fake, _) in self._discriminator_inputs(detach=False).items()
+        )
+        weight = 1.0 - opt.hgam_loss_weight * s["cam"] if opt.hgam_loss_weight > 0 else None
+        l1 = hole_l1(self.fake_B, s["ct"], s["hole"], weight) + hole_l1(
+            self.fake_coarse, s["ct"], s["hole"], weight
+        )
+        height = opt.lambda_height_coarse * height_loss(
+            self.out.coarse_height, s["hole_rows"], s["height"]
+        ) + opt.lambda_height_fine * height_loss(self.out.fine_height, s["hole_rows"], s["height"])
+        return {
+            "G_GAN": opt.lambda_GAN * gan,
+            "G_L1": opt.lambda_L1 * l1,
+            "G_Dice": opt.lambda_dice_fine * dice_loss(self.seg_fine, self.target_mask),
+            "coarse_Dice": opt.lambda_dice_coarse * dice_loss(self.seg_coarse, s["neighbour_mask"]),
+            "edge": opt.lambda_edge * edge_loss(self.seg_fine, self.target_mask),
+            "height": height,
+        }
+
+    def _record(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, value in losses.items():
+            setattr(self, f"loss_{name}", value.detach())
+        return sum(losses.values())
+
+    def optimize_parameters(self) -> None:
+        self.forward()
+        self.set_requires_grad(self.netD, True)
+        self.optimizer_D.zero_grad(set_to_none=True)
+        self._record(self.discriminator_losses()).backward()
+        self.optimizer_D.step()
+        self.set_requires_grad(self.netD, False)
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.loss_G = self._record(self.generator_losses())
+        self.loss_G.backward()
+        self.optimizer_G.step()
+
+    # --- evaluation and inference -------------------------------------------------------------
+    def validation_metrics(self) -> dict[str, torch.Tensor]:
+        """Per-sample metrics of the last forward pass: masked-region SSIM/PSNR (hole band),
+        Dice of the fine and coarse segmentations (thresholded at 0.5), height error in mm."""
+        s = self.sample
+        return {
+            "ssim": masked_ssim(self.fake_B, s["ct"], s["hole"]),
+            "psnr": masked_psnr(self.fake_B, s["ct"], s["hole"]),
+            "dice": soft_dice((self.seg_fine > 0.5).float(), self.target_mask),
+            "coarse_dice": soft_dice((self.seg_coarse > 0.5).float(), s["neighbour_mask"]),
+            "height_error_mm": (self.rows_fine.float() - s["height"].reshape(-1)).abs()
+            * s["row_spacing_mm"].reshape(-1),
+        }
+
+    @torch.no_grad()
+    def synthesise(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Pseudo-healthy synthesis of a batch in the sample contract (G in eval mode, no gradients).
+
+        Returns:
+            ``ct`` (B, 1, H, W) fine composite in [-1, 1]: ``batch['ct']`` with its rows [x1, x2)
+            replaced by ``rows`` generated rows starting at ``top``; ``seg`` (B, 1, H, W) fine
+            segmentation probability in the same composite frame (0 outside the band); ``rows``
+            (B,) inserted rows (``ceil(fine fraction * hole_rows)``, no floor at the observed
+            height); ``top`` (B,) first inserted row. Label maps follow with
+            :func:`models.composite.compose` and the same ``x1, x2, rows`` (fill 0).
+        """
+        was_training = self.netG.training
+        self.netG.eval()
+        try:
+            self.set_input(batch)
+            self.forward()
+        finally:
+            self.netG.train(was_training)
+        s = self.sample
+        seg = compose(self.seg_fine, torch.zeros_like(self.seg_fine), s["x1"], s["x2"], self.rows_fine, 0.0)
+        top = compose_top(s["x1"].reshape(-1), s["x2"].reshape(-1), self.rows_fine)
+        return {"ct": self.fake_B.float(), "seg": seg, "rows": self.rows_fine, "top": top}

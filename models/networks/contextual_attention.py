@@ -1,0 +1,96 @@
+"""Contextual attention (DeepFill v1), computed per sample with each sample's own hole.
+
+Foreground and background are the same feature map. Background patches of ``2 * rate`` pixels
+(stride ``rate``) are the material pasted back; matching runs at ``1 / rate`` resolution on
+``ksize`` patches, scored by the cosine of L2-normalised patches (norm floored at 1e-4), fused
+along both image axes by an identity ``fuse_k`` kernel, masked to the patches that lie wholly
+outside the hole, and turned into weights by ``softmax(softmax_scale * score)``. The reference
+used the first sample's hole for the whole batch (REFERENCE.md section 12, defect 3); here every
+sample's matching and pasting use its own hole, vectorised with grouped convolutions, so a
+sample gives the same result alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _fuse(score: torch.Tensor, hb: int, wb: int, hf: int, wf: int, fuse_k: int) -> torch.Tensor:
+    """Smooth a (B, Lb, hf, wf) score along the image's rows, then its columns, with an identity kernel."""
+    b = score.shape[0]
+    eye = torch.eye(fuse_k, device=score.device, dtype=score.dtype).reshape(1, 1, fuse_k, fuse_k)
+    pad = fuse_k // 2
+    # rows of the score matrix = background patches (hb, wb) in raster order; columns = (hf, wf)
+    s = score.reshape(b, 1, hb * wb, hf * wf)
+    s = F.conv2d(s, eye, padding=pad)  # neighbours along raster order (i.e. along the columns)
+    s = s.reshape(b, hb, wb, hf, wf).permute(0, 2, 1, 4, 3).reshape(b, 1, wb * hb, wf * hf)
+    s = F.conv2d(s, eye, padding=pad)  # and along the rows (transposed order)
+    s = s.reshape(b, wb, hb, wf, hf).permute(0, 2, 1, 4, 3)
+    return s.reshape(b, hb * wb, hf, wf)
+
+
+def contextual_attention(
+    features: torch.Tensor,
+    hole: torch.Tensor,
+    ksize: int = 3,
+    rate: int = 2,
+    fuse_k: int = 3,
+    softmax_scale: float = 10.0,
+    fuse: bool = True,
+) -> torch.Tensor:
+    """Fill ``features`` (B, C, H, W) from patches outside each sample's ``hole`` (B, 1, *, *).
+
+    ``H`` and ``W`` must be divisible by ``rate``. The hole may be at any resolution; a matching
+    patch is valid when it holds no hole pixel. Returns (B, C, H, W).
+    """
+    b, c, h, w = features.shape
+    if h % rate or w % rate:
+        raise ValueError(f"feature size {h}x{w} is not divisible by rate {rate}")
+    dtype = features.dtype
+    # raw background patches for pasting: (B*L, C, 2r, 2r), L = (h/r)*(w/r)
+    kr = 2 * rate
+    raw = F.unfold(features, kr, padding=rate // 2 if rate > 1 else 0, stride=rate)
+    hb, wb = h // rate, w // rate
+    raw = raw.reshape(b, c, kr, kr, -1).permute(0, 4, 1, 2, 3)
+    if raw.shape[1] != hb * wb:  # padding for odd rates
+        raise ValueError(f"rate {rate} does not tile a {h}x{w} map")
+    down = F.interpolate(features, size=(hb, wb), mode="nearest")
+    # matching patches (B, L, C, k, k), L2-normalised with a 1e-4 floor
+    patches = F.unfold(down, ksize, padding=ksize // 2).reshape(b, c, ksize, ksize, -1).permute(0, 4, 1, 2, 3)
+    norm = patches.float().pow(2).sum(dim=(2, 3, 4), keepdim=True).sqrt().clamp_min(1e-4)
+    patches = (patches.float() / norm).to(dtype)
+    # valid background patches: no hole pixel under the ksize patch at matching resolution
+    m = F.adaptive_max_pool2d(hole.float(), (hb, wb))
+    m = F.unfold(m, ksize, padding=ksize // 2).amax(1)  # (B, L) 1 where the patch touches the hole
+    valid = (m == 0).to(dtype).reshape(b, hb * wb, 1, 1)
+    L = hb * wb
+    score = F.conv2d(
+        down.reshape(1, b * c, hb, wb), patches.reshape(b * L, c, ksize, ksize), padding=ksize // 2, groups=b
+    ).reshape(b, L, hb, wb)
+    if fuse:
+        score = _fuse(score, hb, wb, hb, wb, fuse_k)
+    score = score * valid
+    attention = F.softmax(score.float() * softmax_scale, dim=1).to(dtype) * valid
+    out = F.conv_transpose2d(
+        attention.reshape(1, b * L, hb, wb),
+        raw.reshape(b * L, c, kr, kr),
+        stride=rate,
+        padding=rate // 2 if rate > 1 else 0,
+        groups=b,
+    )
+    return (out / 4.0).reshape(b, c, h, w)
+
+
+class ContextualAttention(nn.Module):
+    """Module wrapper of :func:`contextual_attention` (no parameters)."""
+
+    def __init__(
+        self, ksize: int = 3, rate: int = 2, fuse_k: int = 3, softmax_scale: float = 10.0, fuse: bool = True
+    ):
+        super().__init__()
+        self.kwargs = dict(ksize=ksize, rate=rate, fuse_k=fuse_k, softmax_scale=softmax_scale, fuse=fuse)
+
+    def forward(self, features: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        return contextual_attention(features, hole, **self.kwargs)

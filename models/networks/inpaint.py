@@ -1,0 +1,189 @@
+"""The HealthiVert two-stage inpainting generator (REFERENCE.md section 4.1, DeepFill v1 shape).
+
+Every convolution is a :class:`ConvBlock`: a biased Conv2d under spectral norm, no normalisation
+layer, ELU (REFERENCE.md: the paper's figure says Conv+BN+ELU, the code has none). At ngf 16 the
+generator has 986,888 parameters (coarse 409,771, fine 577,117), as in REFERENCE.md section 4.5.
+
+* :class:`CoarseGenerator` takes (masked CT, slice-ratio map, hole) and the HGAM guidance
+  ``1 - CAM`` (concatenated into its decoder at 1/2 and full resolution); returns the coarse
+  image, the coarse segmentation (healthy neighbours) and the height fraction ``p1``.
+* :class:`FineGenerator` takes (masked CT, coarse segmentation, hole, slice ratio): a
+  hallucination branch of dilated convolutions and an attention branch with per-sample
+  contextual attention, merged; the coarse image joins at full resolution before the heads.
+  Returns the fine image, the fine segmentation (target vertebra) and the height fraction ``p2``.
+
+Any size works: :class:`InpaintGenerator` pads to multiples of 8 (two stride-2 stages, then
+matching at half that resolution) and crops back.
+No device is hard-wired.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from models.networks.contextual_attention import ContextualAttention
+
+
+class ConvBlock(nn.Module):
+    """Spectral-normalised conv ('same' padding for odd kernels) followed by ELU, ReLU or nothing."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, act: str = "elu"):
+        super().__init__()
+        self.conv = spectral_norm(
+            nn.Conv2d(cin, cout, k, stride, padding=dilation * (k - 1) // 2, dilation=dilation)
+        )
+        self.act = {"elu": nn.ELU(inplace=True), "relu": nn.ReLU(inplace=True), "none": nn.Identity()}[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def _dilated(ch: int) -> list[nn.Module]:
+    return [ConvBlock(ch, ch, dilation=d) for d in (2, 4, 8, 16)]
+
+
+class HeightHead(nn.Module):
+    """Global average pool -> Linear -> sigmoid: the height as a fraction of the hole."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.fc = nn.Linear(ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(x.float().mean(dim=(2, 3)))).reshape(-1)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class CoarseOutput(NamedTuple):
+    image: torch.Tensor
+    seg: torch.Tensor
+    height: torch.Tensor
+
+
+class CoarseGenerator(nn.Module):
+    def __init__(self, ngf: int = 16, in_ch: int = 3):
+        super().__init__()
+        c = ngf
+        self.encoder = nn.Sequential(
+            ConvBlock(in_ch, c, 5),
+            ConvBlock(c, 2 * c, 3, 2),
+            ConvBlock(2 * c, 2 * c),
+            ConvBlock(2 * c, 4 * c, 3, 2),
+            ConvBlock(4 * c, 4 * c),
+            ConvBlock(4 * c, 4 * c),
+            *_dilated(4 * c),
+        )
+        self.height = HeightHead(4 * c)
+        self.middle = nn.Sequential(ConvBlock(4 * c, 4 * c), ConvBlock(4 * c, 4 * c))
+        self.dec_half = nn.Sequential(
+            ConvBlock(4 * c + 1, 4 * c), ConvBlock(4 * c, 2 * c), ConvBlock(2 * c, 2 * c)
+        )
+        self.dec_full = nn.Sequential(ConvBlock(2 * c + 1, 2 * c), ConvBlock(2 * c, c), ConvBlock(c, c // 2))
+        self.image_head = ConvBlock(c // 2, 1, act="none")
+        self.seg_head = ConvBlock(c // 2, 1, act="none")
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> CoarseOutput:
+        """``x`` (B, 3, H, W): masked CT, slice ratio, hole; ``guidance`` (B, 1, H, W) = 1 - CAM."""
+        z = self.encoder(x)
+        p = self.height(z)
+        z = _up(self.middle(z))
+        half = F.interpolate(guidance, size=z.shape[-2:], mode="nearest")
+        z = _up(self.dec_half(torch.cat([z, half.to(z.dtype)], 1)))
+        z = self.dec_full(torch.cat([z, guidance.to(z.dtype)], 1))
+        return CoarseOutput(self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p)
+
+
+class FineGenerator(nn.Module):
+    def __init__(self, ngf: int = 16, in_ch: int = 4):
+        super().__init__()
+        c = ngf
+        self.hallucinate = nn.Sequential(
+            ConvBlock(in_ch, c, 5),
+            ConvBlock(c, c, 3, 2),
+            ConvBlock(c, 2 * c),
+            ConvBlock(2 * c, 2 * c, 3, 2),
+            ConvBlock(2 * c, 4 * c),
+            ConvBlock(4 * c, 4 * c),
+            *_dilated(4 * c),
+        )
+        self.attend_in = nn.Sequential(
+            ConvBlock(in_ch, c, 5),
+            ConvBlock(c, c, 3, 2),
+            ConvBlock(c, 2 * c),
+            ConvBlock(2 * c, 4 * c, 3, 2),
+            ConvBlock(4 * c, 4 * c),
+            ConvBlock(4 * c, 4 * c, act="relu"),
+        )
+        self.attention = ContextualAttention(ksize=3, rate=2, fuse_k=3, softmax_scale=10.0, fuse=True)
+        self.attend_out = nn.Sequential(ConvBlock(4 * c, 4 * c), ConvBlock(4 * c, 4 * c))
+        self.merge = ConvBlock(8 * c, 4 * c)
+        self.height = HeightHead(4 * c)
+        self.middle = nn.Sequential(ConvBlock(4 * c, 4 * c), ConvBlock(4 * c, 4 * c))
+        self.dec_half = nn.Sequential(ConvBlock(4 * c, 2 * c), ConvBlock(2 * c, 2 * c))
+        self.dec_full = nn.Sequential(ConvBlock(2 * c, c), ConvBlock(c, c // 2))
+        self.image_head = ConvBlock(c // 2 + 1, 1, act="none")
+        self.seg_head = ConvBlock(c // 2 + 1, 1, act="none")
+
+    def forward(self, x: torch.Tensor, coarse_image: torch.Tensor, hole: torch.Tensor) -> CoarseOutput:
+        """``x`` (B, 4, H, W): masked CT, coarse segmentation, hole, slice ratio."""
+        a = self.attend_in(x)
+        a = self.attend_out(self.attention(a, hole))
+        z = self.merge(torch.cat([self.hallucinate(x), a], 1))
+        p = self.height(z)
+        z = self.dec_half(_up(self.middle(z)))
+        z = self.dec_full(_up(z))
+        z = torch.cat([z, coarse_image.to(z.dtype)], 1)
+        return CoarseOutput(self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p)
+
+
+class GeneratorOutput(NamedTuple):
+    coarse_image: torch.Tensor
+    coarse_seg: torch.Tensor
+    coarse_height: torch.Tensor
+    fine_image: torch.Tensor
+    fine_seg: torch.Tensor
+    fine_height: torch.Tensor
+
+
+class InpaintGenerator(nn.Module):
+    """Coarse then fine stage; inputs as in the sample contract (all (B, 1, H, W) except ``ratio``)."""
+
+    def __init__(self, ngf: int = 16):
+        super().__init__()
+        self.coarse = CoarseGenerator(ngf)
+        self.fine = FineGenerator(ngf)
+
+    def forward(
+        self, ct_masked: torch.Tensor, hole: torch.Tensor, slice_ratio: torch.Tensor, cam: torch.Tensor
+    ) -> GeneratorOutput:
+        """Images of any size: padded to multiples of 8 (CT with -1, hole with 1, CAM with 0), then
+        cropped back, so the outputs have the input's size."""
+        b, _, h, w = ct_masked.shape
+        pad = (0, -w % 8, 0, -h % 8)
+        if any(pad):
+            ct_masked = F.pad(ct_masked, pad, value=-1.0)
+            hole = F.pad(hole.to(ct_masked.dtype), pad, value=1.0)
+            cam = F.pad(cam.to(ct_masked.dtype), pad, value=0.0)
+        hp, wp = ct_masked.shape[-2:]
+        ratio = slice_ratio.reshape(b, 1, 1, 1).to(ct_masked.dtype).expand(b, 1, hp, wp)
+        hole = hole.to(ct_masked.dtype)
+        coarse = self.coarse(torch.cat([ct_masked, ratio, hole], 1), 1.0 - cam.to(ct_masked.dtype))
+        fine_in = torch.cat([ct_masked, coarse.seg.to(ct_masked.dtype), hole, ratio], 1)
+        fine = self.fine(fine_in, coarse.image, hole)
+        out = GeneratorOutput(coarse.image, coarse.seg, coarse.height, fine.image, fine.seg, fine.height)
+        if any(pad):
+            out = out._replace(
+                **{
+                    k: getattr(out, k)[..., :h, :w]
+                    for k in ("coarse_image", "coarse_seg", "fine_image", "fine_seg")
+                }
+            )
+        return out

@@ -1,0 +1,166 @@
+"""HealthiVert networks, per-sample contextual attention, gradients of EEM and the seg-D, synthesis."""
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from models.composite import compose
+from models.healthivert_model import HealthiVertModel, straight_through_binary
+from models.networks.contextual_attention import contextual_attention
+from models.networks.inpaint import InpaintGenerator
+from models.networks.patchgan import define_D
+from options.train_options import TrainOptions
+from tests.fixtures.synthetic_vertebra import synthetic_sample
+
+DATA = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--gpu_ids", "-1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared 2-core machine spin against each other; one is faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model_for(tmp_path, *extra, size=32):
+    opt = TrainOptions().parse(
+        [*DATA, "--model", "healthivert", "--ngf", "8", "--ndf", "8", "--crop_size", str(size)]
+        + ["--checkpoints_dir", str(tmp_path), *extra]
+    )
+    torch.manual_seed(0)
+    return HealthiVertModel(opt)
+
+
+def batch(indices, size=32, cam=False):
+    return default_collate([synthetic_sample(i, size, cam=cam) for i in indices])
+
+
+def test_generator_parameters_match_the_reference():
+    g = InpaintGenerator(16)
+    n = sum(p.numel() for p in g.parameters())
+    assert n == 986_888  # REFERENCE.md section 4.5
+    assert sum(p.numel() for p in g.coarse.parameters()) == 409_771
+    assert sum(p.numel() for p in define_D(1, 64).parameters()) == 2_763_585
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 48), (40, 28)])
+def test_generator_and_discriminator_shapes(size):
+    h, w = size
+    g = InpaintGenerator(8)
+    x = torch.rand(2, 1, h, w) * 2 - 1
+    out = g(x, torch.zeros(2, 1, h, w), torch.rand(2), torch.zeros(2, 1, h, w))
+    for image in (out.coarse_image, out.coarse_seg, out.fine_image, out.fine_seg):
+        assert image.shape == (2, 1, h, w)
+    assert out.coarse_height.shape == out.fine_height.shape == (2,)
+    assert ((out.fine_seg >= 0) & (out.fine_seg <= 1)).all() and out.fine_image.abs().max() <= 1
+    assert ((out.fine_height > 0) & (out.fine_height < 1)).all()
+    d = define_D(1, 8)(x)
+    assert d.shape[:2] == (2, 1) and d.dim() == 4
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (8, 12)])
+def test_contextual_attention_is_per_sample(hw):
+    h, w = hw
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 4, h, w, generator=g)
+    holes = torch.zeros(2, 1, 4 * h, 4 * w)
+    holes[0, :, 4 : 4 * h // 2] = 1
+    holes[1, :, 4 * h // 2 :] = 1
+    together = contextual_attention(features, holes)
+    assert together.shape == features.shape
+    for i in range(2):
+        alone = contextual_attention(features[i : i + 1], holes[i : i + 1])
+        assert torch.allclose(together[i : i + 1], alone, atol=1e-5)
+    # the holes differ, so sample 1 attended with sample 0's hole would differ
+    swapped = contextual_attention(features[1:], holes[:1])
+    assert not torch.allclose(together[1:], swapped, atol=1e-3)
+
+
+def grad_norm(module):
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_edge_loss_and_seg_discriminator_train_the_generator(tmp_path):
+    model = model_for(tmp_path)
+    model.set_input(batch([0, 1]))
+    model.forward()
+    losses = model.generator_losses()
+    assert set(losses) == {"G_GAN", "G_L1", "G_Dice", "coarse_Dice", "edge", "height"}
+    losses["edge"].backward()
+    assert grad_norm(model.netG.fine.seg_head) > 0 and grad_norm(model.netG.fine.hallucinate) > 0
+    model.netG.zero_grad()
+    model.forward()
+    seg_term = model.criterionGAN(model.netD["seg"](straight_through_binary(model.seg_fine)), True, False)
+    seg_term.backward()
+    assert grad_norm(model.netG.fine.seg_head) > 0
+    # the height heads learn through the height loss only (the composite's rounding passes no gradient)
+    model.netG.zero_grad()
+    model.forward()
+    model.generator_losses()["height"].backward()
+    assert model.netG.coarse.height.fc.weight.grad.abs().sum() > 0
+
+
+def test_l1_term_does_not_change_with_batch_size(tmp_path):
+    model = model_for(tmp_path)
+    model.netG.eval()  # spectral norm without power iteration, so both passes use the same weights
+    values = []
+    for indices in ([3], [3, 3, 3]):
+        model.set_input(batch(indices))
+        model.forward()
+        values.append(model.generator_losses()["G_L1"].item())
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_one_step_updates_every_network_and_reports_losses(tmp_path):
+    model = model_for(tmp_path, "--hgam_loss_weight", "0.5", "--gan_mode", "hinge")
+    model.setup(model.opt)
+    before = {k: v.clone() for k, v in model.netD.state_dict().items()}
+    model.set_input(batch([0, 1, 2], cam=True))
+    model.optimize_parameters()
+    losses = model.get_current_losses()
+    assert list(losses) == model.loss_names and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert any(not torch.equal(before[k], v) for k, v in model.netD.state_dict().items())
+    model.compute_visuals()
+    visuals = model.get_current_visuals()
+    assert {"real_A", "fake_coarse", "fake_B", "real_B", "cam", "seg_fine", "edge_fake"} <= set(visuals)
+    metrics = model.validation_metrics()
+    assert set(metrics) == {"ssim", "psnr", "dice", "coarse_dice", "height_error_mm"}
+    assert all(v.shape == (3,) for v in metrics.values())
+
+
+def test_synthesise_follows_the_contract(tmp_path):
+    model = model_for(tmp_path)
+    b = batch([0, 5])
+    out = model.synthesise(b)
+    assert set(out) == {"ct", "seg", "rows", "top"}
+    assert out["ct"].shape == out["seg"].shape == (2, 1, 32, 32) and out["rows"].dtype == torch.int64
+    rows, top = out["rows"], out["top"]
+    assert ((rows >= 1) & (rows <= b["hole_rows"].reshape(-1))).all()
+    for i in range(2):
+        # above the inserted band: the real slice, ending with the row just above the target
+        x1 = int(b["x1"][i])
+        t = int(top[i])
+        if t > 0 and x1 - 1 >= 0:
+            assert torch.equal(out["ct"][i, 0, t - 1], b["ct"][i, 0, x1 - 1])
+        assert (out["seg"][i, 0, :t] == 0).all() and (out["seg"][i, 0, t + int(rows[i]) :] == 0).all()
+    labels = compose(b["target_mask"], b["target_mask"], b["x1"], b["x2"], rows, 0.0)
+    assert labels.shape == (2, 1, 32, 32)
+    assert model.netG.training  # the model's mode is restored
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_step(tmp_path):
+    opt = TrainOptions().parse(
+        ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--model", "healthivert", "--gpu_ids", "0"]
+        + ["--ngf", "8", "--ndf", "8", "--checkpoints_dir", str(tmp_path)]
+    )
+    model = HealthiVertModel(opt)
+    assert model.use_amp
+    model.set_input(batch([0, 1, 2, 3], size=64))
+    model.optimize_parameters()
+    assert all(torch.isfinite(torch.tensor(list(model.get_current_losses().values()))))
+    out = model.synthesise(batch([0, 1], size=64))
+    assert out["ct"].dtype == torch.float32 and out["ct"].device.type == "cuda"
