@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -96,6 +97,13 @@ def train_worker(rank: int, port: int, args: list[str], per_rank_dir: str | None
     assert train.main(args) == 0
 
 
+def synthesis_worker(rank: int, port: int, argv: list[str]) -> None:
+    torchrun_env(rank, WORLD, port)
+    import eval_3d_sagittal_twostage as synth_cli
+
+    assert synth_cli.main(argv) == 0
+
+
 # --- tests --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name", ["healthivert", pytest.param("pix2pix", marks=pytest.mark.slow)])
 def test_one_step_disjoint_samples_and_equal_weights(tmp_path, model_name):
@@ -151,3 +159,23 @@ def test_rank_slices_are_disjoint_and_cover():
     assert sorted(sum(shares, [])) == items and shares[1] == [1, 4, 7, 10]
     with pytest.raises(ValueError):
         distributed.rank_slice(items, 3, 3)
+
+
+def test_two_process_synthesis_writes_what_one_process_writes(tmp_path):
+    import eval_3d_sagittal_twostage as synth_cli
+    from data.nifti_io import load_ct
+    from tests.test_synthesis import cli_args, write_dataset, write_healthivert_run
+
+    write_dataset(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    write_healthivert_run(checkpoints, "real_sagittal", "sagittal", tmp_path / "straightened")
+    torch.set_num_threads(1)
+    assert synth_cli.main(cli_args(tmp_path, checkpoints, tmp_path / "one", "--name", "real_sagittal")) == 0
+    spawn(synthesis_worker, cli_args(tmp_path, checkpoints, tmp_path / "two", "--name", "real_sagittal"))
+    for sub in ("CT_fake", "label_fake"):
+        one = sorted(p.name for p in (tmp_path / "one" / sub).iterdir())
+        two = sorted(p.name for p in (tmp_path / "two" / sub).iterdir())
+        assert one == two and len(one) == 3, (one, two)
+        for name in one:
+            a, b = load_ct(tmp_path / "one" / sub / name), load_ct(tmp_path / "two" / sub / name)
+            assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine), name
