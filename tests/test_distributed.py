@@ -179,3 +179,12 @@ def test_two_process_synthesis_writes_what_one_process_writes(tmp_path):
         for name in one:
             a, b = load_ct(tmp_path / "one" / sub / name), load_ct(tmp_path / "two" / sub / name)
             assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine), name
+    # the completeness check: complete, then one volume lost (as from a killed array task)
+    from util import check_outputs
+
+    check = ["--dataroot", str(tmp_path / "straightened"), "--output_dir", str(tmp_path / "two")]
+    assert check_outputs.main(check) == 0
+    (tmp_path / "two" / "label_fake" / "p1_20.nii.gz").write_bytes(b"cut short")
+    assert check_outputs.main(check) == 1
+    assert check_outputs.main([*check, "--vertebra_json", str(tmp_path / "vertebra_data.json")]) == 1
+    assert check_outputs.main([*check[:2]]) == 2
