@@ -51,16 +51,21 @@ def spawn(fn, *args) -> None:
 
 
 # --- workers (top level, so spawn can pickle them) ------------------------------------------------
-def one_step_worker(rank: int, port: int, model_name: str, out: str) -> None:
+def one_step_worker(rank: int, port: int, model_name: str, out: str, cuda: bool = False) -> None:
     torchrun_env(rank, WORLD, port)
     from data import create_dataset
     from models import create_model
     from train import DistributedTrainOptions
     from util.checkpoint import seed_everything
 
-    assert distributed.init(use_cuda=False)
+    assert distributed.init(use_cuda=cuda)
     try:
-        opt = DistributedTrainOptions().parse([*DATA, *SMALL, "--model", model_name, "--name", "x"])
+        argv = [*DATA, *SMALL, "--model", model_name, "--name", "x"]
+        if cuda:
+            argv += ["--gpu_ids", "0", "--sync_bn"]
+        opt = DistributedTrainOptions().parse(argv)
+        if cuda:
+            opt.gpu_ids = [rank]  # what train.py does under torchrun
         opt.checkpoints_dir = out
         seed_everything(100 + rank)  # different initial weights per rank: DDP must make them equal
         dataset = create_dataset(opt)
@@ -83,6 +88,8 @@ def one_step_worker(rank: int, port: int, model_name: str, out: str) -> None:
         if rank == 0:
             diff = {n: float((gathered[0]["flat"][n] - gathered[1]["flat"][n]).abs().max()) for n in flat}
             result = {"seen": [g["seen"] for g in gathered], "diff": diff, "moved": gathered[0]["moved"]}
+            modules = [m for net in model.networks().values() for m in net.modules()]
+            result["sync_bn"] = any(isinstance(m, torch.nn.SyncBatchNorm) for m in modules)
             Path(out, "result.json").write_text(json.dumps(result))
     finally:
         distributed.shutdown()
@@ -113,6 +120,15 @@ def test_one_step_disjoint_samples_and_equal_weights(tmp_path, model_name):
     assert len(result["seen"][0]) == len(result["seen"][1]) == 4
     assert not a & b and a | b == {f"synthetic_{i}" for i in range(8)}
     assert all(result["moved"].values()), result["moved"]  # the step changed every network
+    assert all(d == 0.0 for d in result["diff"].values()), result["diff"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_one_step_on_two_gpus_with_sync_bn(tmp_path):
+    spawn(one_step_worker, "healthivert", str(tmp_path), True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["sync_bn"] and all(result["moved"].values())
     assert all(d == 0.0 for d in result["diff"].values()), result["diff"]
 
 
