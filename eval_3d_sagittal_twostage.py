@@ -13,6 +13,11 @@ fuses their target probabilities (2.5D). The runs are rebuilt from their saved `
 checkpoint. Writes ``O/CT_fake/<pid>_<vid>.nii.gz`` (uint8 0-255) and
 ``O/label_fake/<pid>_<vid>.nii.gz`` (VerSe ids) on the crop's grid and affine; slices not
 through the target are the input's. Finished crops are skipped unless ``--overwrite``.
+
+Several processes: under ``torchrun --nproc_per_node N`` (or any launcher exporting RANK and
+WORLD_SIZE) rank r synthesises crops r, r + N, ... of the selection (after ``--shard``), each on
+GPU ``LOCAL_RANK``; no process group is needed, the ranks share nothing but the output folder.
+Without a launcher, ``--shard i/n`` splits by patient across separate jobs (a SLURM array).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from models.synthesis import (
     to_uint8,
 )
 from options.base_options import _gpu_ids, load_options
+from util import distributed
 from util.errors import InputError, input_error
 from util.registry import RegistryError
 
@@ -140,7 +146,8 @@ def load_run(checkpoints_dir: str, name: str, epoch: str, gpu_ids: list[int]) ->
 
 
 def select_crops(store: CropStore, opt: argparse.Namespace, vertebra_json: str | None) -> list[str]:
-    """The crop keys to synthesise: --vertebrae, else --phase's split, else all; then --shard."""
+    """The crop keys to synthesise: --vertebrae, else --phase's split, else all; then --shard; then
+    this rank's share under torchrun (empty is fine there: more ranks than crops)."""
     if opt.vertebrae:
         keys = [k.strip() for k in opt.vertebrae.split(",") if k.strip()]
         missing = [k for k in keys if k not in store]
@@ -161,7 +168,7 @@ def select_crops(store: CropStore, opt: argparse.Namespace, vertebra_json: str |
     keys = [k for k in keys if split_key(k)[0] in chosen]
     if not keys:
         raise input_error(store.folder, "no vertebra selected (empty split, shard or crop folder)")
-    return keys
+    return distributed.rank_slice(keys, distributed.env_rank(), distributed.env_world_size())
 
 
 def check_cams(folder: str | None, keys: list[str]) -> None:
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if opt.plane == "fusion" and not opt.name_coronal:
             raise InputError("--plane fusion needs --name_coronal (a run trained on coronal slices)")
         gpu_ids = _gpu_ids(opt.gpu_ids)
+        if gpu_ids and distributed.env_world_size() > 1:
+            gpu_ids = [distributed.local_rank()]  # one GPU per process under torchrun
         wanted = {"sagittal": opt.name} if opt.plane == "fusion" else {opt.plane: opt.name}
         if opt.plane == "fusion":
             wanted["coronal"] = opt.name_coronal
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     ct_dir, label_dir = out / "CT_fake", out / "label_fake"
+    world = distributed.env_world_size()
     start = time.perf_counter()
     done, skipped, passes = 0, 0, 0
     for key in tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra"):
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"synthesised {done} vertebrae ({opt.plane}) in {seconds:.1f} s{per}; "
         f"{skipped} already done; outputs in {out}"
+        + (f" (rank {distributed.env_rank()} of {world})" if world > 1 else "")
     )
     return 0
 

@@ -15,13 +15,25 @@ to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR, Dice and heig
 The end of each epoch also refreshes the HTML page and the loss log if the frequencies did not
 fall in it (short runs still write them). On CUDA the models run under bf16 autocast with
 channels_last unless ``--no_amp``.
+
+Several processes: ``torchrun --nproc_per_node N train.py ...`` (no extra flag) trains with
+DistributedDataParallel, one process per GPU (NCCL) or per CPU share (gloo); plain ``python
+train.py`` is one process. ``--batch_size`` is per process (an iteration uses ``N * batch_size``
+samples; the iteration counters and frequencies count samples over all processes). Only rank 0
+prints, writes checkpoints, logs, HTML, plots, ``opt.json`` and validation results; the other
+ranks' stdout is silenced (errors still reach stderr). Every rank validates the whole
+``--val_phase`` set (same weights, same numbers), so no rank waits on another. ``--sync_bn``
+(CUDA) turns BatchNorm into SyncBatchNorm. Multi-node: torchrun's own ``--nnodes``,
+``--node_rank`` / ``--rdzv_endpoint`` flags, with ``--checkpoints_dir`` on a shared file system.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,11 +45,29 @@ from data import create_dataset
 from models import create_model
 from options.base_options import setup
 from options.train_options import TrainOptions
+from util import distributed
 from util.atomic import read_json, write_json
-from util.checkpoint import rng_state, set_rng_state
+from util.checkpoint import rng_state, seed_everything, set_rng_state
 from util.errors import InputError
 from util.registry import RegistryError
 from util.visualizer import Visualizer
+
+
+class DistributedTrainOptions(TrainOptions):
+    """The training flags plus those of multi-process training (only meaningful under torchrun)."""
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = super().initialize(parser)
+        g = parser.add_argument_group("several processes (torchrun)")
+        g.add_argument(
+            "--sync_bn", action="store_true", help="SyncBatchNorm over all processes (CUDA, under torchrun)"
+        )
+        g.add_argument(
+            "--find_unused_parameters",
+            action="store_true",
+            help="for models whose networks leave parameters out of some losses (DDP's flag)",
+        )
+        return parser
 
 
 def crossed(total: int, step: int, freq: int) -> bool:
@@ -50,6 +80,7 @@ def validation_options(opt: argparse.Namespace) -> argparse.Namespace:
     val = copy.copy(opt)
     val.phase, val.isTrain, val.serial_batches, val.num_threads = opt.val_phase, False, True, 0
     val.max_dataset_size = opt.max_val_samples
+    val.distributed_sampler = False  # every rank validates the whole set
     return val
 
 
@@ -90,16 +121,41 @@ def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float], log_
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    options = TrainOptions()
+    options = DistributedTrainOptions()
     try:
         opt = options.parse(argv)
-        setup(opt, options.parser_)
+    except (RegistryError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if distributed.launched() and distributed.env_world_size() > 1 and opt.gpu_ids:
+        opt.gpu_ids = [distributed.local_rank()]  # one GPU per process
+    joined = distributed.init(use_cuda=bool(opt.gpu_ids))
+    quiet = open(os.devnull, "w") if not distributed.is_main() else None  # noqa: SIM115
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return train(opt, options, joined)
+    finally:
+        if quiet:
+            quiet.close()
+        if joined:
+            distributed.shutdown()
+
+
+def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
+    """The training loop (every rank runs it; rank 0 writes)."""
+    main_rank, world = distributed.is_main(), distributed.world_size()
+    try:
+        setup(opt, options.parser_, save=main_rank)
+        if joined:  # each rank its own augmentation stream; DDP copies rank 0's initial weights
+            seed_everything(opt.seed + distributed.rank())
         dataset = create_dataset(opt)
         model = create_model(opt)
         model.setup(opt)
     except (RegistryError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if joined:
+        print(f"DistributedDataParallel: {world} processes, batch {opt.batch_size} per process")
     visualizer = Visualizer(opt)
     val_dataset = None
     if opt.val_freq > 0 and hasattr(model, "validation_metrics"):
@@ -120,13 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         dataset.set_epoch(epoch)
         model.train()
         bar = tqdm(
-            dataset, total=math.ceil(len(dataset) / opt.batch_size), desc=f"epoch {epoch}", leave=False
+            dataset,
+            total=math.ceil(len(dataset) / (opt.batch_size * world)),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not main_rank,
         )
         for data in bar:
             iter_start = time.time()
             t_data = iter_start - iter_data_time
             data_time += t_data
-            step = opt.batch_size
+            step = opt.batch_size * world  # samples over all ranks
             total_iters += step
             epoch_iter += step
             model.set_input(data)
@@ -157,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             visualizer.plot_current_losses(epoch, 1.0, losses)
         lr = model.update_learning_rate()
         if val_dataset is not None and (epoch % opt.val_freq == 0 or epoch == last_epoch):
-            record_validation(visualizer.run_dir, epoch, validate(model, val_dataset), visualizer.log_name)
+            metrics = validate(model, val_dataset)
+            if main_rank:
+                record_validation(visualizer.run_dir, epoch, metrics, visualizer.log_name)
         if epoch % opt.save_epoch_freq == 0 or epoch == last_epoch:
             for tag in ("latest", epoch):
                 model.save_networks(tag)

@@ -29,23 +29,42 @@ def get_option_setter(name: str):
 
 
 class DatasetLoader:
-    """A dataset and its DataLoader; uses a DistributedSampler under torch.distributed."""
+    """A dataset and its DataLoader; uses a DistributedSampler under torch.distributed.
+
+    Under torchrun each rank loads its own share of every epoch: the DistributedSampler permutes
+    the indices with ``(--seed, epoch)`` (the same permutation on every rank) and gives rank r
+    positions r, r + W, ... (W ranks), so the shares are disjoint and together cover the epoch
+    (when the size is not a multiple of W a few samples are repeated to even the shares).
+    ``--batch_size`` is per process: one iteration consumes ``batch_size * W`` samples. The
+    dataset's own per-epoch draws (training slices) depend on ``(seed, epoch, index)`` only, so a
+    sample is drawn the same whichever rank loads it. ``opt.distributed_sampler = False`` gives
+    every rank the whole dataset (validation).
+    """
 
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
         self.dataset = find_dataset_using_name(opt.dataset_mode)(opt)
         self.sampler = None
         shuffle = not opt.serial_batches
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.sampler = torch.utils.data.distributed.DistributedSampler(self.dataset, shuffle=shuffle)
+        self.world = 1
+        if (
+            getattr(opt, "distributed_sampler", True)
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            self.sampler = torch.utils.data.distributed.DistributedSampler(
+                self.dataset, shuffle=shuffle, seed=int(getattr(opt, "seed", 0))
+            )
+            self.world = self.sampler.num_replicas
             shuffle = False
+        share = len(self.sampler) if self.sampler is not None else len(self.dataset)
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=opt.batch_size,
             shuffle=shuffle,
             sampler=self.sampler,
             num_workers=int(opt.num_threads),
-            drop_last=bool(getattr(opt, "isTrain", False)) and len(self.dataset) >= opt.batch_size,
+            drop_last=bool(getattr(opt, "isTrain", False)) and share >= opt.batch_size,
             persistent_workers=int(opt.num_threads) > 0,
         )
         print(f"dataset [{type(self.dataset).__name__}] was created ({len(self.dataset)} samples)")
@@ -60,8 +79,8 @@ class DatasetLoader:
         return int(min(len(self.dataset), self.opt.max_dataset_size))
 
     def __iter__(self):
-        for i, batch in enumerate(self.dataloader):
-            if i * self.opt.batch_size >= self.opt.max_dataset_size:
+        for i, batch in enumerate(self.dataloader):  # --max_dataset_size counts all ranks' samples
+            if i * self.opt.batch_size * self.world >= self.opt.max_dataset_size:
                 break
             yield batch
 

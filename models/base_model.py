@@ -8,11 +8,17 @@ Checkpoints: ``<epoch>_net_<name>.pth`` holds one network's state_dict (loadable
 and ``<epoch>_train_state.pth`` holds the optimisers, schedulers, epoch, iteration, random state
 and options, so ``--continue_train`` resumes exactly. Everything is written atomically and read
 with ``torch.load(weights_only=True)``.
+
+Under torchrun (:mod:`util.distributed`) :meth:`BaseModel.setup` wraps every training network of
+``model_names`` in DistributedDataParallel after loading, so models need no code of their own:
+``self.netG(x)`` goes through DDP, which averages gradients over the ranks in ``backward``. Only
+rank 0 writes checkpoints; every rank reads the same ones, so all resume from the same state.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +28,46 @@ from torch import nn
 
 from models.schedulers import get_scheduler
 from options.base_options import device_of
+from util import distributed
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+class DistributedNet(nn.parallel.DistributedDataParallel):
+    """DDP that steps aside when it has nothing to synchronise.
+
+    A forward pass without autograd (``torch.no_grad``: validation, visuals, synthesis) or through a
+    network whose parameters are all frozen (a GAN's discriminator during the generator step, after
+    ``set_requires_grad(netD, False)``) calls the wrapped module directly. Plain DDP would expect
+    gradients for that pass and fail at the next iteration, or sync buffers in a collective that
+    ranks may not all reach. Gradients still flow through such a pass to the networks before it.
+    """
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.module.parameters()):
+            return self.module(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DataParallel/DistributedDataParallel wrapper (``net`` itself otherwise)."""
+    if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        return net.module
+    return getattr(net, "unwrapped_module", net)
+
+
+def distribute(net: nn.Module, **ddp_kwargs) -> nn.Module:
+    """``net`` in :class:`DistributedNet`; a ModuleDict/ModuleList (no forward of its own, its
+    members are called: ``netD['global'](x)``) becomes the same container of wrapped members,
+    with the original kept as ``unwrapped_module`` for checkpoints (keys unchanged)."""
+    if isinstance(net, nn.ModuleDict | nn.ModuleList):
+        members = net.items() if isinstance(net, nn.ModuleDict) else enumerate(net)
+        wrapped = {str(k): distribute(m, **ddp_kwargs) for k, m in members}
+        out = nn.ModuleDict(wrapped) if isinstance(net, nn.ModuleDict) else nn.ModuleList(wrapped.values())
+        object.__setattr__(out, "unwrapped_module", net)  # not a registered child: keys stay as they are
+        return out
+    if not any(p.requires_grad for p in net.parameters()):
+        return net  # nothing to average
+    return DistributedNet(net, **ddp_kwargs)
 
 
 class BaseModel(ABC):
@@ -73,7 +118,33 @@ class BaseModel(ABC):
             self.load_networks(suffix)
             if self.isTrain:
                 self.load_train_state(suffix)
+        if self.isTrain and distributed.is_initialized():
+            self.wrap_distributed(bool(getattr(opt, "sync_bn", False)))
         self.print_networks(getattr(opt, "verbose", False))
+
+    def wrap_distributed(self, sync_bn: bool = False) -> None:
+        """Wrap each network of ``model_names`` with trainable parameters in :class:`DistributedNet`.
+
+        DDP copies rank 0's parameters and buffers to every rank here, so all start equal. With
+        ``sync_bn`` (CUDA only) BatchNorm layers become SyncBatchNorm first (batch statistics over
+        all ranks); the parameters stay the same objects, so the optimisers need no change.
+        """
+        cuda = self.device.type == "cuda"
+        if sync_bn and not cuda:
+            logging.getLogger(__name__).warning("--sync_bn needs CUDA; BatchNorm stays per process")
+        find_unused = bool(getattr(self.opt, "find_unused_parameters", False))
+        for name, net in self.networks().items():
+            if unwrap(net) is not net or not any(p.requires_grad for p in net.parameters()):
+                continue  # already wrapped, or frozen (a loss's feature extractor): nothing to average
+            if sync_bn and cuda:
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            wrapped = distribute(
+                net,
+                device_ids=[self.device.index] if cuda else None,
+                output_device=self.device.index if cuda else None,
+                find_unused_parameters=find_unused,
+            )
+            setattr(self, f"net{name}", wrapped)
 
     def networks(self) -> dict[str, nn.Module]:
         return {name: getattr(self, f"net{name}") for name in self.model_names}
@@ -118,30 +189,35 @@ class BaseModel(ABC):
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_networks(self, epoch: int | str) -> None:
-        """Write ``<epoch>_net_<name>.pth`` for each network (CPU tensors, no DataParallel prefix)."""
+        """Write ``<epoch>_net_<name>.pth`` for each network (CPU tensors, no DataParallel prefix).
+
+        Under torchrun only rank 0 writes (the ranks' weights are equal)."""
+        if not distributed.is_main():
+            return
         for name, net in self.networks().items():
-            module = (
-                net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
-            )
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
             save_checkpoint(state, self.save_dir / f"{epoch}_net_{name}.pth")
 
     def load_networks(self, epoch: int | str) -> None:
         for name, net in self.networks().items():
-            module = (
-                net.module if isinstance(net, nn.DataParallel | nn.parallel.DistributedDataParallel) else net
-            )
             state = load_checkpoint(self.save_dir / f"{epoch}_net_{name}.pth", map_location=self.device)
-            module.load_state_dict(state)
+            unwrap(net).load_state_dict(state)
 
     def save_train_state(self, epoch: int | str, epoch_done: int, total_iters: int) -> None:
-        """Write ``<epoch>_train_state.pth``: optimisers, schedulers, counters, random state, options."""
+        """Write ``<epoch>_train_state.pth``: optimisers, schedulers, counters, random state, options.
+
+        Under torchrun every rank must call this (it gathers each rank's random state into
+        ``rng_ranks``); rank 0 writes."""
+        rng_ranks = distributed.all_gather_objects(rng_state())
+        if not distributed.is_main():
+            return
         state = {
             "epoch": int(epoch_done),
             "total_iters": int(total_iters),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,
             "options": {
                 k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)
             },
@@ -155,7 +231,9 @@ class BaseModel(ABC):
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        # each rank continues its own random stream; a different world size starts from rank 0's
+        set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
         self.resume_state = {"epoch": state["epoch"], "total_iters": state["total_iters"]}
         return self.resume_state
 

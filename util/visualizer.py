@@ -3,6 +3,9 @@ PNG; visdom live plots only when ``--display_id > 0``.
 
 visdom is imported only then. If it is not installed, or no server answers, the visualizer warns
 once and carries on without it; it never waits on a server that is not there.
+
+Under torchrun only rank 0 writes (log, images, HTML, curves) or talks to visdom; on the other
+ranks every method is a no-op, so training code calls them unconditionally.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util import distributed
 from util.atomic import atomic_path
 from util.html import HTML
 from util.plotting import save_loss_curves
@@ -54,8 +58,11 @@ class Visualizer:
         self.opt = opt
         self.name = opt.name
         self.win_size = getattr(opt, "display_winsize", 256)
-        self.display_id = int(getattr(opt, "display_id", 0))
-        self.use_html = bool(getattr(opt, "isTrain", False)) and not getattr(opt, "no_html", False)
+        self.enabled = distributed.is_main()  # rank 0 writes; the others record nothing
+        self.display_id = int(getattr(opt, "display_id", 0)) if self.enabled else 0
+        self.use_html = (
+            self.enabled and bool(getattr(opt, "isTrain", False)) and not getattr(opt, "no_html", False)
+        )
         self.run_dir = Path(opt.checkpoints_dir) / opt.name
         self.web_dir = self.run_dir / "web"
         self.img_dir = self.web_dir / "images"
@@ -65,6 +72,8 @@ class Visualizer:
         self.saved = False
         self.vis = None
         self._warned = False
+        if not self.enabled:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_name, "a") as f:
             f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
@@ -120,6 +129,8 @@ class Visualizer:
 
     def display_current_results(self, visuals: OrderedDict, epoch: int, save_result: bool) -> None:
         """Show visuals in visdom (if on) and save them to the HTML page."""
+        if not self.enabled:
+            return
         images = {label: tensor2im(t) for label, t in visuals.items()}
         if self.vis is not None:
             stacked = np.stack([im.transpose(2, 0, 1) for im in images.values()])
@@ -149,6 +160,8 @@ class Visualizer:
 
     def plot_current_losses(self, epoch: int, counter_ratio: float, losses: OrderedDict) -> None:
         """Record losses at fractional epoch ``epoch + counter_ratio``; redraw the loss-curve PNG."""
+        if not self.enabled:
+            return
         x = epoch + counter_ratio
         for name, value in losses.items():
             self.history.setdefault(name, []).append((x, float(value)))
@@ -170,6 +183,8 @@ class Visualizer:
     ) -> str:
         message = f"(epoch: {epoch}, iters: {iters}, time: {t_comp:.3f}, data: {t_data:.3f}) "
         message += " ".join(f"{k}: {v:.3f}" for k, v in losses.items())
+        if not self.enabled:
+            return message
         print(message)
         with open(self.log_name, "a") as f:
             f.write(message + "\n")
