@@ -28,7 +28,7 @@ ARGS = ["--spacing_mm", "2.0", "--crop_mm", "96", "96", "48"]
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """One small phantom patient (L1-L3 and the partial T12, L4 at 2 mm) with its centroids."""
+    """One small phantom patient (L1-L3 complete; partial T12 and L4, flagged cut) with centroids."""
     out = tmp_path_factory.mktemp("bad_input_template")
     phantom.generate_patient(out, 0, 3, parse_levels("L1-L3"), 2.0, 0.0)
     return out / "raw" / "phantom000"
@@ -178,12 +178,12 @@ def test_no_stale_output_counts_as_done(template, tmp_path, capsys):
     run = ["--dataroot", str(root), *ARGS]
     assert straighten_mask_3d.main(run) == 0
     label_dir = root / "straightened" / "label"
-    assert (label_dir / "shrunk_23.nii.gz").exists()
+    assert (label_dir / "shrunk_22.nii.gz").exists()
     # a vertebra leaves the mask: --overwrite removes its crops
     data, affine = mask_of(root / "raw" / "shrunk")
-    write_nifti(root / "raw" / "shrunk" / "shrunk_msk.nii.gz", np.where(data == 23, 0, data), affine)
+    write_nifti(root / "raw" / "shrunk" / "shrunk_msk.nii.gz", np.where(data == 22, 0, data), affine)
     path = root / "raw" / "shrunk" / "shrunk.json"
-    path.write_text(json.dumps([r for r in json.loads(path.read_text()) if r["label"] != 23]))
+    path.write_text(json.dumps([r for r in json.loads(path.read_text()) if r["label"] != 22]))
     # the rerun of another patient fails: its old crops and curve go
     (root / "raw" / "broken" / "broken_msk.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     # a temporary file of a killed run
@@ -194,8 +194,8 @@ def test_no_stale_output_counts_as_done(template, tmp_path, capsys):
     out, err = capsys.readouterr()
     lines = error_lines(err)
     assert len(lines) == 1 and "broken_msk.nii.gz" in lines[0], err
-    assert not (label_dir / "shrunk_23.nii.gz").exists()
-    assert not (root / "straightened" / "CT" / "shrunk_23.nii.gz").exists()
+    assert not (label_dir / "shrunk_22.nii.gz").exists()
+    assert not (root / "straightened" / "CT" / "shrunk_22.nii.gz").exists()
     assert finished(root, "shrunk") and finished(root, "good")
     assert outputs_of(root, "broken") == []
     assert not stray.exists() and temp_files(root) == []
