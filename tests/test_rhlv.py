@@ -21,12 +21,14 @@ from evaluation.rhlv import (
 )
 from tests.conftest import shared
 
-SHAPE = (48, 32, 24)  # height, AP, LR
+# Bodies of anatomical proportions (36 mm deep, 40 mm wide): the rim rule looks 4 mm in from each
+# wall, so a body only 12 mm deep would read its whole anterior third as a bevelled rim.
+SHAPE = (48, 48, 48)  # height, AP, LR
 SPACING = (1.0, 1.0, 1.0)
 
 
 def body(
-    shape=SHAPE, rows=(16, 32), ap=(10, 22), lr=(6, 18), anterior_loss: float = 0.0, row_shift: int = 0
+    shape=SHAPE, rows=(16, 32), ap=(6, 42), lr=(4, 44), anterior_loss: float = 0.0, row_shift: int = 0
 ) -> np.ndarray:
     """A box body; ``anterior_loss`` lowers the superior endplate of the anterior third by that share,
     ramps it back to nothing over the middle third, and leaves the posterior third whole."""
