@@ -115,10 +115,7 @@ def load_model(checkpoints_dir: str, name: str, epoch: str, device: str):
             opt_path, f"model {opt.model!r} is not a volume-synthesis model ({' | '.join(SUPPORTED)})"
         )
     model = create_model(opt)
-    try:
-        model.load_networks(epoch)
-    except FileNotFoundError as exc:
-        raise input_error(Path(checkpoints_dir) / name, f"no checkpoint for epoch {epoch!r} ({exc})") from exc
+    model.load_networks(epoch)
     model.eval()
     return model, opt
 
