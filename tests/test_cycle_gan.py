@@ -124,3 +124,12 @@ def test_pretrained_shape_extractor_is_loaded_and_frozen(unpaired_root, tmp_path
         )
         == 2
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_cuda_step_under_bf16_autocast(unpaired_root, tmp_path):
+    import train
+
+    argv = _train_argv(unpaired_root, tmp_path / "C", "cg_gpu", "--lambda_cc", "1", "--shape_discriminator")
+    assert train.main([*argv, "--gpu_ids", "0"]) == 0

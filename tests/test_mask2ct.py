@@ -110,3 +110,14 @@ def test_smoke_train_then_whole_volume_inference(heart_root, tmp_path):
     assert hu.dtype == np.int16 and -1024 <= hu.min() and hu.max() <= 2048
     assert predict_volume.main(args) == 0  # rerun skips the finished output
     assert predict_volume.main([*args[:5], str(tmp_path / "missing.nii.gz"), *args[6:]]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_smoke(heart_root, tmp_path):
+    import train
+
+    argv = ["--model", "mask2ct", "--dataroot", str(heart_root), "--labels", "0,1", "--name", "g"]
+    argv += ["--checkpoints_dir", str(tmp_path), "--n_epochs", "1", "--n_epochs_decay", "0"]
+    argv += ["--batch_size", "2"]
+    assert train.main([*argv, "--max_dataset_size", "4", "--gpu_ids", "0", *TINY]) == 0
