@@ -51,14 +51,13 @@ def load_domain_volume(
     path: Path, modality: str, spacing_mm: float, hu_window: tuple[float, float], mask_path: Path | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image in [-1, 1], shape 0/1) on the canonical grid at ``spacing_mm``."""
-    volume = reorient(load_ct(path))
+    original = load_ct(path)
+    volume = resample(reorient(original), spacing_mm, order=1)
     if mask_path is not None:
         labels = load_labels(mask_path)
-        check_same_grid(load_ct(path), labels)
+        check_same_grid(original, labels)
         shape = resample(reorient(labels), spacing_mm, order=0).array > 0
-        volume = resample(volume, spacing_mm, order=1)
     else:
-        volume = resample(volume, spacing_mm, order=1)
         shape = body_mask(volume.array, modality)
     return to_unit(volume.array, modality, hu_window), shape.astype(np.float32)
 

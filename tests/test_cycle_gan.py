@@ -133,3 +133,36 @@ def test_one_cuda_step_under_bf16_autocast(unpaired_root, tmp_path):
 
     argv = _train_argv(unpaired_root, tmp_path / "C", "cg_gpu", "--lambda_cc", "1", "--shape_discriminator")
     assert train.main([*argv, "--gpu_ids", "0"]) == 0
+
+
+def test_masks_become_shape_targets(unpaired_root, tmp_path):
+    import argparse
+
+    from data.unaligned_dataset import UnalignedDataset
+    from util.errors import InputError
+
+    root = tmp_path / "U"
+    for side, name, seg in (("A", "mr", "mr_seg_totalseg_mr_ids"), ("B", "ct", "ct_seg_totalseg_ids")):
+        for folder, src in ((f"train{side}", name), (f"mask{side}", seg)):
+            (root / folder).mkdir(parents=True)
+            (root / folder / f"{name}.nii.gz").symlink_to(shared(f"real/unpaired_mr_ct/{src}.nii.gz"))
+    opt = argparse.Namespace(
+        dataroot=str(root),
+        phase="train",
+        crop_size=32,
+        spacing_mm=6.0,
+        slice_axis=0,
+        hu_min=-1024.0,
+        hu_max=2048.0,
+        shape_source="auto",
+        modality_A="mr",
+        modality_B="ct",
+        no_flip=True,
+        serial_batches=True,
+    )
+    dataset = UnalignedDataset(opt)
+    shapes = np.stack([s for _, s, _, _ in dataset.domains["A"]])
+    assert set(np.unique(shapes)) <= {0.0, 1.0} and 0.01 <= shapes.mean() < 0.7  # organs, not the whole body
+    (root / "maskB" / "ct.nii.gz").unlink()
+    with pytest.raises(InputError, match="mask for ct.nii.gz missing"):
+        UnalignedDataset(opt)
