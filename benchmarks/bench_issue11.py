@@ -172,7 +172,7 @@ def bench_cycle_gan(work: Path, args: argparse.Namespace) -> None:
             "0",
         ]
         argv += ["--lambda_cc", str(lambda_cc), "--display_id", "0", "--gpu_ids", args.gpu_ids]
-        model, opt, times = train_timed(argv, args.iters)
+        model, opt, times = train_timed(argv, args.cycle_iters)
         dataset = model  # noqa: F841 (keep the model alive for evaluation)
 
         mr_unit, _ = load_domain_volume(
