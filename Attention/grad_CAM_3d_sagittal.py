@@ -1,22 +1,225 @@
-"""Grad-CAM++ maps of a fracture classifier on straightened sagittal slices.
+"""Grad-CAM++ maps of the fracture classifier on the slices of every straightened crop (HGAM input).
 
-Writes ``<root>/heatmap/<pid>_<vid>.nii.gz``. Not in this version yet: this script exits with a
-message until its stage lands.
+    python Attention/grad_CAM_3d_sagittal.py --dataroot D [--checkpoint C/<name>/classifier.pth]
+        [--cam_input unmasked|masked] [--plane sagittal|coronal] [--batch_size 32]
+        [--no_png] [--shard i/n] [--overwrite] [--gpu_ids auto|-1|0]
+
+For every crop ``D/straightened/CT/<pid>_<vid>.nii.gz`` writes ``D/heatmap/<pid>_<vid>.nii.gz`` on
+the crop's grid and affine (float32): on every slice of ``--plane`` that cuts the target
+vertebra, the ``grad-cam`` package's Grad-CAM++ map for class 1 (fractured) from the last block
+of the classifier, min-max normalised per slice to [0, 1] and resized to the slice; zero on the
+other slices. ``--cam_input unmasked`` (default) feeds the slice as it is, as the reference code
+did; ``masked`` first removes the target's height band (its rows set to 0), as the paper's
+figure shows. ``D/heatmap/png/<pid>_<vid>.png`` overlays the map on the centre slice.
+
+With a split file (``--vertebra_json``, default ``D/vertebra_data.json`` when present) the
+summary line also gives, over the fractured vertebrae (grade >= the classifier's
+``fracture_min_grade``), the share whose mean map inside the target's body exceeds the mean
+outside it (on the slices through the target).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.pending import not_available
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from Attention.classifier import load_classifier
+from Attention.slices import (
+    PLANE_AXIS,
+    height_band,
+    inside_outside_means,
+    put_slices,
+    remove_band,
+    take_slices,
+    target_slices,
+    to_unit,
+)
+from Attention.train_classifier import CHECKPOINT_NAME, add_common_options
+from data.base_dataset import read_split, split_key
+from data.crops import Crop, CropStore, crop_key, save_like
+from data.layout import shard
+from options.base_options import _gpu_ids, device_of
+from util.errors import InputError, input_error
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_options(parser)
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"classifier weights (default <checkpoints_dir>/<name>/{CHECKPOINT_NAME})",
+    )
+    parser.add_argument("--cam_input", default="unmasked", choices=("unmasked", "masked"))
+    parser.add_argument(
+        "--plane", default=None, choices=sorted(PLANE_AXIS), help="default: the plane the classifier learnt"
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="slices per forward/backward pass")
+    parser.add_argument("--out", default=None, help="output folder (default <dataroot>/heatmap)")
+    parser.add_argument("--no_png", action="store_true", help="no PNG overlay per vertebra")
+    parser.add_argument("--shard", default=None, help="process only shard i/n of the crops")
+    parser.add_argument("--overwrite", action="store_true", help="redo maps that exist")
+    return parser
+
+
+class CamMaker:
+    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) maps of class 1 for batches of slices."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int = 32):
+        from pytorch_grad_cam import GradCAMPlusPlus
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        self.cam = GradCAMPlusPlus(model=model, target_layers=[model.cam_layer])
+        self.target = ClassifierOutputTarget(1)
+        self.device = device
+        self.batch_size = batch_size
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W) float images in [0, 1] -> (n, H, W) float32 maps in [0, 1]."""
+        maps = []
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
+            x = x.unsqueeze(1).to(self.device)
+            maps.append(self.cam(input_tensor=x, targets=[self.target] * len(x)))
+        return np.clip(np.concatenate(maps).astype(np.float32), 0.0, 1.0)
+
+
+def crop_heatmap(crop: Crop, cam: CamMaker, plane: str, cam_input: str) -> tuple[np.ndarray, np.ndarray]:
+    """The crop's heatmap volume and the slice indices it covers (those cutting the target)."""
+    idx = target_slices(crop.label, crop.vid, plane)
+    if idx.size == 0:
+        raise input_error(crop.key, f"vertebra {crop.vid} is not in its own label crop")
+    images = to_unit(take_slices(crop.ct, idx, plane))
+    if cam_input == "masked":
+        images = remove_band(images, height_band(crop.label, crop.vid))
+    return put_slices(crop.ct.shape, idx, cam(images), plane), idx
+
+
+def save_overlay(
+    crop: Crop, heatmap: np.ndarray, idx: np.ndarray, plane: str, path: Path, title: str
+) -> None:
+    """PNG: the centre slice through the target, with the map over it and the target outlined."""
+    from util.plotting import draw_slice, plt, save_figure
+
+    centre = idx[len(idx) // 2 : len(idx) // 2 + 1]
+    image = to_unit(take_slices(crop.ct, centre, plane))[0]
+    labels = (take_slices(crop.label, centre, plane)[0] == crop.vid).astype(np.uint8)
+    spacing = crop.spacing_mm
+    col_axis = 1 if plane == "sagittal" else 2
+    fig, ax = plt.subplots(figsize=(3.6, 3.8))
+    draw_slice(ax, image, labels, (spacing[0], spacing[col_axis]), title, windowed=True)
+    ax.imshow(
+        take_slices(heatmap, centre, plane)[0],
+        cmap="jet",
+        alpha=0.4,
+        vmin=0,
+        vmax=1,
+        aspect=spacing[0] / spacing[col_axis],
+    )
+    save_figure(fig, path)
+
+
+def fractured_keys(split_file: Path, min_grade: int) -> set[str]:
+    """Crop keys of every split's vertebrae with grade >= ``min_grade``."""
+    data = read_split(split_file)
+    return {
+        crop_key(*split_key(k)) for entries in data.values() for k, g in entries.items() if g >= min_grade
+    }
+
+
+def run(opt: argparse.Namespace) -> int:
+    device = device_of(opt)
+    checkpoint = Path(opt.checkpoint or Path(opt.checkpoints_dir) / opt.name / CHECKPOINT_NAME)
+    model, config = load_classifier(checkpoint, device)
+    plane = opt.plane or config.plane
+    if plane != config.plane:
+        raise input_error(
+            checkpoint, f"the classifier learnt {config.plane} slices; train one with --plane {plane}"
+        )
+    store = CropStore(opt.dataroot, cache_dir=opt.cache_dir)
+    try:
+        keys = shard(store.keys(), opt.shard)
+    except ValueError as exc:
+        raise input_error(None, str(exc)) from None
+    if not keys:
+        raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
+    split_file = Path(opt.vertebra_json or Path(opt.dataroot) / "vertebra_data.json")
+    min_grade = int(config.extra.get("options", {}).get("fracture_min_grade", 2))
+    fractured = fractured_keys(split_file, min_grade) if opt.vertebra_json or split_file.exists() else set()
+    out = Path(opt.out or Path(opt.dataroot) / "heatmap")
+    cam = CamMaker(model, device, opt.batch_size)
+
+    start = time.perf_counter()
+    written, skipped, failed, inside_higher = 0, 0, [], []
+    for key in tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra"):
+        path = out / f"{key}.nii.gz"
+        if path.exists() and not opt.overwrite:
+            skipped += 1
+            continue
+        try:
+            crop = store.load(key)
+            if config.spacing_mm and not np.allclose(crop.spacing_mm, config.spacing_mm, rtol=0.05):
+                log.warning(
+                    "%s: voxels of %s mm; the classifier learnt %s mm",
+                    key,
+                    crop.spacing_mm,
+                    config.spacing_mm,
+                )
+            heatmap, idx = crop_heatmap(crop, cam, plane, opt.cam_input)
+        except InputError as exc:
+            failed.append(str(exc))
+            continue
+        save_like(path, heatmap, crop.affine)
+        if not opt.no_png:
+            save_overlay(crop, heatmap, idx, plane, out / "png" / f"{key}.png", f"{key} ({opt.cam_input})")
+        written += 1
+        if key in fractured:
+            inside, outside = inside_outside_means(heatmap, crop.label == crop.vid, idx, plane)
+            inside_higher.append(inside > outside)
+    seconds = time.perf_counter() - start
+    for message in failed:
+        print(f"error: {message}", file=sys.stderr)
+    per = f", {seconds / written:.2f} s/vertebra" if written else ""
+    share = (
+        f"; fractured vertebrae with more map inside the body than outside: "
+        f"{sum(inside_higher)}/{len(inside_higher)} ({np.mean(inside_higher):.0%})"
+        if inside_higher
+        else ""
+    )
+    print(
+        f"wrote {written} {opt.cam_input} {plane} maps in {seconds:.1f} s on {device}{per}; "
+        f"{skipped} already done, {len(failed)} failed{share}; maps in {out}"
+    )
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_available("Attention/grad_CAM_3d_sagittal.py", "the fracture classifier and Grad-CAM++ maps")
+    opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if opt.batch_size < 1:
+        print("error: --batch_size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        opt.gpu_ids = _gpu_ids(opt.gpu_ids)
+    except ValueError:
+        print(f"error: --gpu_ids {opt.gpu_ids!r}: expected auto, -1 or device ids like 0,1", file=sys.stderr)
+        return 2
+    try:
+        return run(opt)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
