@@ -8,7 +8,8 @@ Each configuration ``SIZExBATCH`` runs in its own process (so peak memory is its
 reference's model configuration (ngf 16, ndf 64, three PatchGANs, vanilla GAN): one warm-up
 iteration, then ``--iters`` timed iterations of the real training loop (next batch from the
 DataLoader, ``set_input``, ``optimize_parameters``). With ``--dataroot`` the batches come from
-``aligned_sagittal`` on that straightened root when its slices have the configured size;
+``aligned_sagittal`` on that straightened root when its slices have the configured size and
+it holds at least a batch (``--vert_class all`` is used, to have more samples);
 otherwise from synthetic samples of the sample contract (``tests/fixtures/synthetic_vertebra``),
 whose loading cost is not representative (the loading share is then marked "synthetic").
 Figures: median seconds per iteration, median data wait, loading share = wait / iteration,
@@ -50,11 +51,19 @@ def run_one(args: argparse.Namespace) -> dict:
     opt = None
     if args.dataroot:
         real = TrainOptions().parse(
-            [*common, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
+            [
+                *common,
+                "--dataset_mode",
+                "aligned_sagittal",
+                "--dataroot",
+                args.dataroot,
+                "--vert_class",
+                "all",
+            ]
             + (["--vertebra_json", args.vertebra_json] if args.vertebra_json else [])
         )
         dataset = create_dataset(real)
-        if tuple(dataset.dataset[0]["ct"].shape[-2:]) == (size, size):
+        if len(dataset.dataset) >= batch and tuple(dataset.dataset[0]["ct"].shape[-2:]) == (size, size):
             opt, source = real, "aligned_sagittal"
     if opt is None:
         synthetic = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--synthetic_samples"]

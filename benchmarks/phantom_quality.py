@@ -1,0 +1,135 @@
+"""Quality on the phantom: HealthiVert vs linear interpolation vs pix2pix after bounded CPU training.
+
+    python -m benchmarks.phantom_quality --dataroot D/straightened --vertebra_json D/vertebra_data.json
+        [--minutes 20] [--batch_size 4] [--torch_threads 0]
+
+Each model trains for ``--minutes`` of wall time on the ``train`` split (normal vertebrae, the
+default options of the model, the same data), then both are evaluated on the ``val`` split's
+grade-0 vertebrae at their central slices. Figures (printed):
+
+* masked-region L1: mean |prediction - ground truth| over the target's rows [x1, x2) of the
+  original slice (all columns), on the [-1, 1] intensity scale;
+* linear interpolation: those rows filled, column by column, linearly between the row above
+  (x1 - 1) and the row below (x2) of the ground truth (it is told the true height);
+* HealthiVert's height error in mm: |inserted rows - (x2 - x1)| x row spacing (slice height).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data import create_dataset  # noqa: E402
+from models import create_model  # noqa: E402
+from options.train_options import TrainOptions  # noqa: E402
+
+
+def target_rows_mask(batch: dict) -> torch.Tensor:
+    """(B, 1, H, W) mask of rows [x1, x2) of each sample."""
+    ct = batch["ct"]
+    r = torch.arange(ct.shape[-2]).reshape(1, 1, -1, 1)
+    x1, x2 = batch["x1"].reshape(-1, 1, 1, 1), batch["x2"].reshape(-1, 1, 1, 1)
+    return ((r >= x1) & (r < x2)).float().expand_as(ct)
+
+
+def linear_fill(batch: dict) -> torch.Tensor:
+    """Ground truth with rows [x1, x2) replaced by a linear ramp between rows x1 - 1 and x2."""
+    ct = batch["ct"].clone()
+    h = ct.shape[-2]
+    for i in range(ct.shape[0]):
+        x1, x2 = int(batch["x1"][i]), int(batch["x2"][i])
+        above, below = ct[i, :, max(x1 - 1, 0)], ct[i, :, min(x2, h - 1)]
+        for k, row in enumerate(range(x1, x2)):
+            t = (k + 1) / (x2 - x1 + 1)
+            ct[i, :, row] = (1 - t) * above + t * below
+    return ct
+
+
+def region_l1(prediction: torch.Tensor, batch: dict) -> list[float]:
+    m = target_rows_mask(batch)
+    err = ((prediction.float().cpu() - batch["ct"]).abs() * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+    return err.tolist()
+
+
+def train_for(model_name: str, args: argparse.Namespace) -> object:
+    opt = TrainOptions().parse(
+        ["--model", model_name, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
+        + ["--vertebra_json", args.vertebra_json, "--batch_size", str(args.batch_size), "--num_threads", "0"]
+        + ["--checkpoints_dir", "/tmp/phantom_quality", "--name", model_name, "--gpu_ids", "-1"]
+    )
+    dataset = create_dataset(opt)
+    torch.manual_seed(0)
+    model = create_model(opt)
+    model.setup(opt)
+    model.train()
+    deadline = time.time() + 60 * args.minutes
+    iters, epoch = 0, 0
+    while time.time() < deadline:
+        epoch += 1
+        dataset.set_epoch(epoch)
+        for data in dataset:
+            model.set_input(data)
+            model.optimize_parameters()
+            iters += 1
+            if time.time() >= deadline:
+                break
+    print(f"{model_name}: {iters} iterations ({epoch} epochs) in {args.minutes} min")
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataroot", required=True)
+    parser.add_argument("--vertebra_json", required=True)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--torch_threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    val_args = ["--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot, "--vertebra_json"]
+    val_opt = TrainOptions().parse([*val_args, args.vertebra_json, "--phase", "val", "--gpu_ids", "-1"])
+    val_opt.isTrain, val_opt.serial_batches, val_opt.num_threads, val_opt.batch_size = False, True, 0, 4
+    val_opt.normal_max_grade = 0
+    val = create_dataset(val_opt)
+    models = {name: train_for(name, args) for name in ("healthivert", "pix2pix")}
+    scores: dict[str, list[float]] = {"healthivert": [], "pix2pix": [], "linear interpolation": []}
+    height_mm: list[float] = []
+    with torch.no_grad():
+        for batch in val:
+            grade0 = batch["grade"].reshape(-1) == 0
+            if not grade0.any():
+                continue
+            batch = {k: (v[grade0] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            out = models["healthivert"].synthesise(batch)
+            scores["healthivert"] += region_l1(out["ct"], batch)
+            height_mm += (
+                (out["rows"].cpu() - batch["height"].reshape(-1)).abs() * batch["row_spacing_mm"].reshape(-1)
+            ).tolist()
+            p2p = models["pix2pix"]
+            p2p.set_input(batch)
+            p2p.forward()
+            scores["pix2pix"] += region_l1(p2p.fake_B, batch)
+            scores["linear interpolation"] += region_l1(linear_fill(batch), batch)
+    n = len(scores["healthivert"])
+    print(f"val grade-0 slices: {n}; masked-region L1 on [-1, 1] (mean, median):")
+    for name, values in scores.items():
+        print(f"  {name:>22}: {statistics.mean(values):.4f}  {statistics.median(values):.4f}")
+    print(
+        f"  HealthiVert height error: {statistics.mean(height_mm):.2f} mm mean, "
+        f"{statistics.median(height_mm):.2f} mm median"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
