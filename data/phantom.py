@@ -2,6 +2,8 @@
 
     python -m data.phantom --out DIR --patients N --seed S [--spacing_mm 1.0] [--levels T10-L5]
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
+                           [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
+                           [--tilt_deg 6] [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -23,6 +25,13 @@ Outputs (DESIGN.md "Data contracts"):
 Fractures compress a body between its neighbours, which stay where they are: the space given up
 fills with disc tissue, so the healthy and fractured volumes differ only at fractured bodies.
 The same seed gives the same bytes; patient i depends only on (seed, i).
+
+Quirks of real scans (:class:`Quirks`, each a flag, all off by default) reproduce where real
+scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral; the truth csv
+says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
+slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
+(``tilt_to_curve_deg`` in the geometry json). Not drawn yet: an oblique affine, a steep L5/S1,
+transitional anatomy (L6, T13, a missing level), osteophytes.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ from data.phantom_anatomy import (
     local_axes,
 )
 from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
-from straighten.centroids import complete_vertebra_centroids, write_centroids
+from straighten.centroids import label_centroids, vertebra_completeness, write_centroids
 from util.atomic import write_json, write_text
 from util.errors import InputError
 
@@ -69,6 +78,8 @@ CSV_COLUMNS = (
     "fractured_anterior_mm",
     "fractured_middle_mm",
     "fractured_posterior_mm",
+    "complete",
+    "reason",
 )
 # Target largest height reduction per Genant grade, kept away from the grade boundaries.
 GRADE_TARGETS = {1: (0.21, 0.24), 2: (0.27, 0.38), 3: (0.43, 0.55)}
@@ -76,6 +87,34 @@ GRADE_PROBS = (0.35, 0.40, 0.25)
 TYPE_PROBS = (0.5, 0.3, 0.2)
 TRUTH_STEP_MM = 0.25
 FOV_LR_MM = 220.0
+# The narrow lateral field of view of the ``lateral`` truncation quirk (cuts transverse processes).
+LATERAL_FOV_MM = 80.0
+TRUNCATIONS = ("cranial", "caudal", "lateral")
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """Quirks of real scans, each a flag with its truth; all off draws the same bytes as before.
+
+    Attributes:
+        truncate: field-of-view cuts: ``cranial`` / ``caudal`` through the middle of the first /
+            last full level's body, ``lateral`` to ``LATERAL_FOV_MM`` around the spine. A full
+            level whose true body mask loses voxels to a cut is incomplete in the truth.
+        slice_mm: slices this thick along the scanner's z (e.g. 3 for 1 x 1 x 3 mm): CT averaged
+            over the slab, labels from its middle slice; a multiple of the spacing.
+        bevel_mm: bevelled anterior rims: each endplate drops up to this much (mm) over the last
+            4-7 mm before the anterior wall.
+        tilt_deg: each body tilted (sagittal) by up to this much relative to the spine curve.
+    """
+
+    truncate: tuple[str, ...] = ()
+    slice_mm: float = 0.0
+    bevel_mm: float = 0.0
+    tilt_deg: float = 0.0
+
+    @classmethod
+    def all_on(cls, slice_mm: float = 0.0) -> Quirks:
+        return cls(TRUNCATIONS, slice_mm, 5.0, 6.0)
 
 
 @dataclass
@@ -135,17 +174,20 @@ def _curvature_angles(rng: np.random.Generator, straight: bool) -> tuple[np.ndar
     return p, alpha, beta
 
 
+def truth_heights(shape: VertebraShape, fractured: bool) -> BodyHeights:
+    """The body's heights by the one definition, on its analytic columns (already in its own frame)."""
+    return heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured), ap_spacing_mm=TRUTH_STEP_MM)
+
+
 def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
     """A fracture of ``kind`` whose largest region reduction equals ``target`` (bisection)."""
-    healthy = heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured=False))
+    healthy = truth_heights(shape, fractured=False)
     lo, hi = 0.0, 0.8
     fracture = Fracture(kind, 0.0)
     shape.fracture = fracture
     for _ in range(40):
         fracture.amplitude = 0.5 * (lo + hi)
-        got = float(
-            np.max(height_reduction(healthy, heights_from_columns(shape.column_heights(TRUTH_STEP_MM))))
-        )
+        got = float(np.max(height_reduction(healthy, truth_heights(shape, fractured=True))))
         if got < target:
             lo = fracture.amplitude
         else:
@@ -160,8 +202,11 @@ def build_patient(
     spacing: float,
     fracture_fraction: float,
     straight: bool = False,
+    quirks: Quirks | None = None,
+    quirk_rng: np.random.Generator | None = None,
 ) -> Patient:
-    """Draw one patient's anatomy (all random choices, in a fixed order)."""
+    """Draw one patient's anatomy (all random choices, in a fixed order; the quirks draw from
+    ``quirk_rng`` so that the anatomy without them stays the same)."""
     seq = list(label_schemes.STANDARD_SEQUENCE)
     first, last = levels[0], levels[-1]
     cranial = seq[seq.index(first) - 1] if first in seq and seq.index(first) > 2 else None  # no C1/C2 shapes
@@ -219,6 +264,15 @@ def build_patient(
         shapes.append(shape)
     for upper, lower in zip(shapes[:-1], shapes[1:], strict=True):
         lower.disc_above = upper.disc_below
+    if quirks is not None and (quirks.bevel_mm > 0 or quirks.tilt_deg > 0):
+        qrng = quirk_rng if quirk_rng is not None else np.random.default_rng(0)
+        for shape, al, be in zip(shapes, alpha, beta, strict=True):
+            if shape.sacrum:
+                continue
+            shape.bevel = quirks.bevel_mm * qrng.uniform(0.6, 1.0)
+            shape.bevel_depth = qrng.uniform(4.0, 7.0)
+            shape.tilt_to_curve = qrng.uniform(-quirks.tilt_deg, quirks.tilt_deg)
+            shape.axes = local_axes(al - alpha_off + shape.tilt_to_curve, be - beta_off)
 
     # Stack the bodies along their tangents, then centre the full levels on the origin.
     for i in range(1, len(shapes)):
@@ -576,20 +630,21 @@ def render(patient: Patient, rng: np.random.Generator) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def truth_rows(patient: Patient) -> list[dict]:
-    """One truth row per full level: grade, type and heights measured on the analytic geometry."""
+def truth_rows(patient: Patient, cut: dict[int, str] | None = None) -> list[dict]:
+    """One truth row per full level: grade, type and heights measured on the analytic geometry,
+    and whether the scan shows it whole (``cut``: {vid: reason} of the full levels it does not)."""
+    cut = cut or {}
     rows = []
     for s in patient.shapes:
         if s.vid not in patient.full_levels:
             continue
-        healthy = heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=False))
-        fractured = (
-            heights_from_columns(s.column_heights(TRUTH_STEP_MM, fractured=True)) if s.fracture else healthy
-        )
+        healthy = truth_heights(s, fractured=False)
+        fractured = truth_heights(s, fractured=True) if s.fracture else healthy
         grade = genant_from_heights(healthy, fractured)
-        rows.append(
-            _row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured)
-        )
+        row = _row(patient.pid, s.vid, grade, s.fracture.kind if s.fracture else "none", healthy, fractured)
+        row["complete"] = s.vid not in cut
+        row["reason"] = cut.get(s.vid, "")
+        rows.append(row)
     return rows
 
 
@@ -619,10 +674,60 @@ def geometry_record(patient: Patient) -> dict:
                 "body_depth_mm": round(2 * s.A, 4),
                 "body_width_mm": round(2 * s.W, 4),
                 "fracture_type": s.fracture.kind if s.fracture else "none",
+                "tilt_to_curve_deg": round(float(s.tilt_to_curve), 3),
+                "bevel_mm": round(float(s.bevel), 3),
             }
             for s in patient.shapes
         ],
     }
+
+
+def apply_fov_quirks(
+    vols: dict[str, np.ndarray], patient: Patient, quirks: Quirks
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
+    """Cut the field of view and thicken the slices; returns (volumes, affine, {vid: reason} of
+    the full levels whose true body loses voxels to a cut)."""
+    aff = patient.affine.copy()
+    keep = [slice(None)] * 3
+    full = [s for s in patient.shapes if s.vid in patient.full_levels]
+    coords = [patient.origin[k] + patient.spacing * np.arange(patient.shape[k]) for k in range(3)]
+    z_lo, z_hi = -np.inf, np.inf
+    if "cranial" in quirks.truncate:
+        z_hi = full[0].centre[2]
+    if "caudal" in quirks.truncate:
+        z_lo = full[-1].centre[2]
+    keep[2] = slice(*np.flatnonzero((coords[2] >= z_lo) & (coords[2] <= z_hi))[[0, -1]] + [0, 1])
+    if "lateral" in quirks.truncate:
+        x0 = float(np.mean([s.centre[0] for s in full]))
+        inside = np.flatnonzero(np.abs(coords[0] - x0) <= LATERAL_FOV_MM / 2)
+        keep[0] = slice(inside[0], inside[-1] + 1)
+    window = tuple(keep)
+    cut = {}
+    for s in full:
+        idx = np.argwhere(vols["body"] == s.vid)
+        sides = []
+        if (idx[:, 2] >= (keep[2].stop or patient.shape[2])).any():
+            sides.append("cranial")  # RAS: higher z is superior
+        if (idx[:, 2] < (keep[2].start or 0)).any():
+            sides.append("caudal")
+        if ((idx[:, 0] < (keep[0].start or 0)) | (idx[:, 0] >= (keep[0].stop or patient.shape[0]))).any():
+            sides.append("lateral")
+        if sides:
+            cut[s.vid] = "body cut by the field of view (" + "/".join(sides) + ")"
+    out = {k: v[window] for k, v in vols.items()}
+    aff[:3, 3] += aff[:3, :3] @ np.array([sl.start or 0 for sl in keep], dtype=np.float64)
+    k = int(round(quirks.slice_mm / patient.spacing)) if quirks.slice_mm > 0 else 1
+    if k > 1:
+        n = out["mask"].shape[2] // k * k
+        for name, vol in out.items():
+            blocks = vol[:, :, :n].reshape(*vol.shape[:2], n // k, k)
+            if name.endswith("ct"):
+                out[name] = np.rint(blocks.mean(axis=3)).astype(vol.dtype)
+            else:
+                out[name] = np.ascontiguousarray(blocks[..., k // 2])
+        aff[:3, 3] += aff[:3, 2] * (k - 1) / 2
+        aff[:3, 2] *= k
+    return out, aff, cut
 
 
 def generate_patient(
@@ -633,22 +738,27 @@ def generate_patient(
     spacing: float,
     fracture_fraction: float,
     straight: bool = False,
+    quirks: Quirks | None = None,
 ) -> list[dict]:
     """Build, render and write patient ``index``; returns its truth rows."""
     pid = f"phantom{index:03d}"
     rng = np.random.default_rng([int(seed), int(index)])
-    patient = build_patient(pid, rng, levels, spacing, fracture_fraction, straight)
+    quirk_rng = np.random.default_rng([int(seed), int(index), 7])
+    patient = build_patient(pid, rng, levels, spacing, fracture_fraction, straight, quirks, quirk_rng)
     vols = render(patient, rng)
-    aff = patient.affine
+    aff, cut = patient.affine, {}
+    if quirks is not None and (quirks.truncate or quirks.slice_mm > 0):
+        vols, aff, cut = apply_fov_quirks(vols, patient, quirks)
     raw, truth = out / "raw" / pid, out / "truth" / pid
     save_nifti(raw / f"{pid}.nii.gz", vols["ct"], aff)
     save_nifti(raw / f"{pid}_msk.nii.gz", vols["mask"], aff)
-    write_centroids(raw / f"{pid}.json", complete_vertebra_centroids(vols["mask"], spacing**3)[0])
+    completeness = vertebra_completeness(vols["mask"], aff)
+    write_centroids(raw / f"{pid}.json", label_centroids(vols["mask"], list(completeness)), completeness)
     save_nifti(truth / f"{pid}_healthy.nii.gz", vols["healthy_ct"], aff)
     save_nifti(truth / f"{pid}_healthy_msk.nii.gz", vols["healthy_mask"], aff)
     save_nifti(truth / f"{pid}_body_msk.nii.gz", vols["body"], aff)
     write_json(truth / f"{pid}_geometry.json", geometry_record(patient))
-    return truth_rows(patient)
+    return truth_rows(patient, cut)
 
 
 def split_patients(pids: list[str], seed: int) -> dict[str, list[str]]:
@@ -683,8 +793,10 @@ def generate(
     straight: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    quirks: Quirks | None = None,
 ) -> list[dict]:
-    """Write a phantom dataset to ``out``; returns the truth rows."""
+    """Write a phantom dataset to ``out``; returns the truth rows (cut vertebrae get no grade in
+    the split file)."""
     out = Path(out)
     if patients < 1:
         raise InputError(f"--patients must be at least 1, got {patients}")
@@ -704,7 +816,18 @@ def generate(
             f"{out}: already holds a dataset (vertebra_data.json); pass --overwrite to replace it"
         )
 
-    args = [(out, i, seed, level_ids, spacing_mm, fracture_fraction, straight) for i in range(patients)]
+    if quirks is not None:
+        unknown = sorted(set(quirks.truncate) - set(TRUNCATIONS))
+        if unknown:
+            raise InputError(f"--truncate: unknown side(s) {unknown}; choose from {list(TRUNCATIONS)}")
+        k = quirks.slice_mm / spacing_mm
+        if quirks.slice_mm < 0 or (quirks.slice_mm > 0 and abs(k - round(k)) > 1e-6):
+            raise InputError(f"--slice_mm must be a multiple of --spacing_mm, got {quirks.slice_mm}")
+        if quirks.bevel_mm < 0 or not 0 <= quirks.tilt_deg <= 20:
+            raise InputError("--bevel_mm must be >= 0 and --tilt_deg in [0, 20]")
+    args = [
+        (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
+    ]
     rows: list[dict] = []
     bar = tqdm(total=patients, desc="phantom patients", unit="patient", disable=not progress)
     if workers > 1:
@@ -721,7 +844,7 @@ def generate(
 
     pids = [f"phantom{i:03d}" for i in range(patients)]
     split = split_patients(pids, seed)
-    grades = {(r["pid"], r["vid"]): r["grade"] for r in rows}
+    grades = {(r["pid"], r["vid"]): r["grade"] for r in rows if r["complete"]}
     data = {
         name: {f"{pid}_{vid}": g for (pid, vid), g in sorted(grades.items()) if pid in members}
         for name, members in split.items()
@@ -746,7 +869,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--straight", action="store_true", help="no curvature or scoliosis (for geometry tests)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    quirks = parser.add_argument_group("quirks of real scans (each with its truth)")
+    quirks.add_argument(
+        "--truncate", default="", help="cut the field of view: any of cranial,caudal,lateral (comma list)"
+    )
+    quirks.add_argument("--slice_mm", type=float, default=0.0, help="slice thickness along z (e.g. 3)")
+    quirks.add_argument("--bevel_mm", type=float, default=0.0, help="bevelled anterior rims, mm per endplate")
+    quirks.add_argument("--tilt_deg", type=float, default=0.0, help="bodies tilted up to this vs the curve")
+    quirks.add_argument(
+        "--quirks", action="store_true", help="all of them: truncate all three sides, bevel 5 mm, tilt 6 deg"
+    )
     return parser
+
+
+def quirks_of(opt: argparse.Namespace) -> Quirks | None:
+    """The quirks the options ask for (None: none)."""
+    if opt.quirks:
+        return Quirks.all_on(opt.slice_mm)
+    truncate = tuple(t.strip() for t in opt.truncate.split(",") if t.strip())
+    if not (truncate or opt.slice_mm or opt.bevel_mm or opt.tilt_deg):
+        return None
+    return Quirks(truncate, opt.slice_mm, opt.bevel_mm, opt.tilt_deg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.workers,
             opt.straight,
             opt.overwrite,
+            quirks=quirks_of(opt),
         )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -119,6 +119,9 @@ class VertebraShape:
     waist: float = 0.07  # the walls are concave: the cross-section narrows by this fraction mid-height
     rim: float = 1.5  # rounded rim: columns at the very edge are this much shorter at each end
     kidney: float = 0.08
+    bevel: float = 0.0  # bevelled anterior rim: each endplate drops this much (mm) at the anterior wall
+    bevel_depth: float = 6.0  # over this AP distance (mm) from the anterior wall
+    tilt_to_curve: float = 0.0  # sagittal tilt (degrees) of the body relative to the spine curve
     exponent: float = 2.4
     canal_a: float = 8.0
     canal_r: float = 10.0
@@ -157,6 +160,9 @@ class VertebraShape:
             self.endplate_depth * np.clip(1.0 - rho**2, 0.0, 1.0)
             + self.rim * np.clip((rho - 0.8) / 0.2, 0, 1) ** 2
         )
+        if self.bevel > 0:  # a straight bevel at the anterior wall (a < 0 is anterior)
+            from_wall = (-a - (self.A - self.bevel_depth)) / self.bevel_depth
+            inset = inset + self.bevel * np.clip(from_wall, 0.0, 1.0)
         return -hh / 2 + inset, hh / 2 - inset
 
     def waist_scale(self, h_healthy: np.ndarray, top0: np.ndarray, bot0: np.ndarray) -> np.ndarray:

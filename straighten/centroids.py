@@ -5,25 +5,41 @@ The file keeps the reference format so existing data drops in: a list sorted by 
 axes 0, 1, 2 of the mask *as stored on disk* (not mm, not world coordinates). Labels are VerSe
 ids whatever the mask's own scheme.
 
-Partially visible end vertebrae are left out by a volume threshold in mm³, which keeps the
-reference's intent (6000 voxels cranially, 8000 caudally, at its assumed 1 mm³ voxels) at any
-voxel size.
+Every vertebra present is listed; each record also carries ``"complete": true|false`` and, when
+false, ``"reason"`` (extra keys keep the reference's readers working). A vertebra is incomplete
+when its *body* is cut by the edge of the scan, found from the geometry (:func:`body_cut_by_fov`:
+the body, found by de-pedicling along a coarse spine curve, reaches the array's border in any
+direction), or when it is an end vertebra below the volume thresholds in mm³ (the reference's
+6000 voxels cranially and 8000 caudally at its assumed 1 mm³ voxels; options, kept as a second
+test). Posterior elements cut by a narrow lateral field of view do not make a vertebra incomplete.
+A cut vertebra keeps its centroid (the spine curve uses it; it stays a neighbour in other crops)
+but gets no crop, height, RHLV or grade.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from data import label_schemes
+from data.nifti_io import voxel_sizes, voxel_to_world, world_to_voxel
 from util.atomic import read_json, write_json
 from util.errors import input_error
 
 MIN_CRANIAL_VOLUME_MM3 = 6000.0
 MIN_CAUDAL_VOLUME_MM3 = 8000.0
+# Grid of the coarse straightening used to find the bodies: voxel size (at least the mask's finest
+# spacing) and plane size in mm.
+COMPLETENESS_STEP_MM = 2.0
+COMPLETENESS_PLANE_MM = 160.0
+# A body with at least this area (mm², counted in straightened voxels) on a face of the array is cut.
+MIN_CUT_CONTACT_MM2 = 20.0
+# Labels smaller than this fraction of the median vertebra are fragments: not used for the curve.
+MIN_CURVE_VOLUME_FRACTION = 0.1
 
 
 def vertebra_labels(mask: np.ndarray) -> list[int]:
@@ -68,29 +84,172 @@ def complete_vertebrae(
     return order
 
 
-def complete_vertebra_centroids(
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a vertebra can be measured; ``reason`` says why not."""
+
+    complete: bool
+    reason: str | None = None
+
+
+def edge_distance_mm(shape: tuple[int, ...], spacing_mm: np.ndarray) -> np.ndarray:
+    """Per voxel, the distance (mm) along the array axes to the nearest face of the array."""
+    dist = np.full(shape, np.inf, dtype=np.float32)
+    for axis, n in enumerate(shape):
+        i = np.arange(n)
+        d = (np.minimum(i, n - 1 - i) * float(spacing_mm[axis])).astype(np.float32)
+        view = [1] * len(shape)
+        view[axis] = n
+        np.minimum(dist, d.reshape(view), out=dist)
+    return dist
+
+
+def _face_direction(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> str:
+    """Anatomical name (cranial, caudal, right, left, anterior, posterior) of the array faces at ``ijk``."""
+    names = {0: ("left", "right"), 1: ("posterior", "anterior"), 2: ("caudal", "cranial")}  # RAS+
+    found = []
+    for axis, n in enumerate(shape):
+        for side, at in ((-1, ijk[:, axis] <= 0), (1, ijk[:, axis] >= n - 1)):
+            if at.any():
+                normal = side * affine[:3, axis]
+                world = int(np.argmax(np.abs(normal)))
+                found.append((int(at.sum()), names[world][int(normal[world] > 0)]))
+    found.sort(reverse=True)
+    return "/".join(dict.fromkeys(name for _, name in found)) or "unknown"
+
+
+def curve_labels(volumes_mm3: dict[int, float]) -> list[int]:
+    """The vertebrae large enough to steer a spine curve (not fragments at the scan's edge), in order."""
+    if not volumes_mm3:
+        return []
+    typical = float(np.median(list(volumes_mm3.values())))
+    return label_schemes.sort_spine_order(
+        v for v, vol in volumes_mm3.items() if vol >= MIN_CURVE_VOLUME_FRACTION * typical
+    )
+
+
+def body_cut_by_fov(
     mask: np.ndarray,
-    voxel_volume_mm3: float,
+    affine: np.ndarray,
+    labels: list[int] | None = None,
+    step_mm: float = COMPLETENESS_STEP_MM,
+    min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+) -> dict[int, str]:
+    """Vertebrae whose body reaches the edge of the scan, with the reason.
+
+    The mask is straightened (nearest neighbour, ``step_mm``) along the polyline through the
+    label centroids and de-pedicled, which finds each body whatever the orientation; each body
+    voxel carries the distance of its source voxel to the array's faces. A body with at least
+    ``min_contact_mm2`` of voxels on a face is cut there. A single vertebra, which has no curve,
+    is cut if its label reaches a face at all.
+
+    Returns:
+        {vertebra id: reason} for the cut ones.
+    """
+    # imported here: the curve and de-pedicling modules sit above this one
+    from straighten.curve import fit_spine_curve, straighten
+    from straighten.depedicle import depedicle
+
+    labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
+    if not labels:
+        return {}
+    spacing = voxel_sizes(affine)
+    edge = edge_distance_mm(mask.shape, spacing)
+    out: dict[int, str] = {}
+    volumes = label_volumes_mm3(mask, float(np.prod(spacing)), labels)
+    typical = float(np.median(list(volumes.values())))
+    for v in labels:  # a sliver: its centroid would bend the curve, and it has no body to measure
+        if v not in curve_labels(volumes):
+            out[v] = f"only a fragment is in the scan ({volumes[v]:.0f} mm3, median {typical:.0f} mm3)"
+    labels = [v for v in labels if v not in out]
+    if len(labels) < 2:
+        for v in labels:
+            ijk = np.argwhere((mask == v) & (edge == 0))
+            if len(ijk):
+                out[v] = f"cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
+        return out
+    step = max(float(step_mm), float(spacing.min()))
+    centres = label_centroids(mask, labels)
+    world = voxel_to_world(affine, np.array([centres[v] for v in labels]))
+    curve = fit_spine_curve(world, step, 40.0, degree=1)
+    n = int(round(COMPLETENESS_PLANE_MM / step))
+    along = straighten(mask, affine, curve, (n, n), order=0)
+    bodies = depedicle(along, step)
+    on_face = straighten(edge, affine, curve, (n, n), order=0, cval=-1.0) == 0
+    min_voxels = max(1, int(np.ceil(min_contact_mm2 / step**2)))
+    for v in labels:
+        contact = (bodies == v) & on_face
+        if int(contact.sum()) >= min_voxels:
+            rows, ap, lr = np.nonzero(contact)
+            world_pts = (
+                curve.points[rows]
+                + ((ap - n // 2) * step)[:, None] * curve.ap[rows]
+                + ((lr - n // 2) * step)[:, None] * curve.lr[rows]
+            )
+            ijk = np.rint(world_to_voxel(affine, world_pts)).astype(np.int64)
+            out[v] = f"body cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
+    return out
+
+
+def vertebra_completeness(
+    mask: np.ndarray,
+    affine: np.ndarray,
     min_cranial_mm3: float = MIN_CRANIAL_VOLUME_MM3,
     min_caudal_mm3: float = MIN_CAUDAL_VOLUME_MM3,
-) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-    """(centroids of the complete vertebrae, volumes in mm³ of the partial ones left out)."""
-    volumes = label_volumes_mm3(mask, voxel_volume_mm3)
+    min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+) -> dict[int, Completeness]:
+    """Completeness of every vertebra of ``mask``: its body cut by the scan's edge (geometry), or
+    an end vertebra below the volume thresholds (mm³)."""
+    volumes = label_volumes_mm3(mask, float(np.prod(voxel_sizes(affine))))
+    out = {v: Completeness(True) for v in volumes}
     kept = complete_vertebrae(volumes, min_cranial_mm3, min_caudal_mm3)
-    return label_centroids(mask, kept), {v: vol for v, vol in volumes.items() if v not in kept}
+    for v in volumes:
+        if v not in kept:
+            out[v] = Completeness(False, f"end vertebra of {volumes[v]:.0f} mm3, below the volume threshold")
+    for v, reason in body_cut_by_fov(mask, affine, list(volumes), min_contact_mm2=min_contact_mm2).items():
+        out[v] = Completeness(False, reason)
+    return out
 
 
-def centroid_records(centroids: dict[int, np.ndarray]) -> list[dict]:
-    """The json records, sorted by label."""
-    return [
-        {"label": int(vid), "X": float(c[0]), "Y": float(c[1]), "Z": float(c[2])}
-        for vid, c in sorted(centroids.items())
-    ]
+def centroid_records(
+    centroids: dict[int, np.ndarray], completeness: dict[int, Completeness] | None = None
+) -> list[dict]:
+    """The json records, sorted by label; ``complete`` (and ``reason`` when false) on each."""
+    records = []
+    for vid, c in sorted(centroids.items()):
+        state = (completeness or {}).get(int(vid), Completeness(True))
+        rec = {"label": int(vid), "X": float(c[0]), "Y": float(c[1]), "Z": float(c[2])}
+        rec["complete"] = bool(state.complete)
+        if not state.complete:
+            rec["reason"] = state.reason or "not measurable"
+        records.append(rec)
+    return records
 
 
-def write_centroids(path: str | os.PathLike, centroids: dict[int, np.ndarray]) -> None:
+def write_centroids(
+    path: str | os.PathLike,
+    centroids: dict[int, np.ndarray],
+    completeness: dict[int, Completeness] | None = None,
+) -> None:
     """Write the centroid json atomically."""
-    write_json(path, centroid_records(centroids), indent=4)
+    write_json(path, centroid_records(centroids, completeness), indent=4)
+
+
+def read_completeness(path: str | os.PathLike) -> dict[int, Completeness] | None:
+    """``complete``/``reason`` of each record of a centroid json; None for a file in the
+    reference's format (no record says), whose completeness must be found from the mask."""
+    path = Path(path)
+    records = read_json(path, "centroid file", "write it with straighten/location_json_local.py")
+    if not any(isinstance(r, dict) and "complete" in r for r in records if isinstance(records, list)):
+        return None
+    out: dict[int, Completeness] = {}
+    for rec in records if isinstance(records, list) else []:
+        if isinstance(rec, dict) and "label" in rec:
+            complete = rec.get("complete", True)
+            if not isinstance(complete, bool):
+                raise input_error(path, f"label {rec['label']}: 'complete' must be true or false")
+            out[int(rec["label"])] = Completeness(complete, None if complete else rec.get("reason"))
+    return out
 
 
 def read_centroids(path: str | os.PathLike) -> dict[int, np.ndarray]:

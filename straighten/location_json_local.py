@@ -1,11 +1,14 @@
 """Write each patient's centroid json from its vertebra mask.
 
     python straighten/location_json_local.py --dataroot D [--label_scheme verse|totalseg]
-        [--min_cranial_volume_mm3 6000] [--min_caudal_volume_mm3 8000] [--overwrite] [--shard i/n]
+        [--min_cranial_volume_mm3 6000] [--min_caudal_volume_mm3 8000] [--min_cut_contact_mm2 20]
+        [--overwrite] [--shard i/n]
 
-Writes ``D/raw/<pid>/<pid>.json``: ``[{"label": id, "X": i, "Y": j, "Z": k}]`` with VerSe ids and
-the mean voxel index along each axis of the mask as stored. Partially visible end vertebrae
-(smaller than the volume thresholds, in mm³ so they hold at any voxel size) are left out.
+Writes ``D/raw/<pid>/<pid>.json``: ``[{"label": id, "X": i, "Y": j, "Z": k, "complete": bool,
+"reason"?}]`` with VerSe ids and the mean voxel index along each axis of the mask as stored. Every
+vertebra is listed; one whose body is cut by the scan's edge (any direction), or an end vertebra
+below the volume thresholds (mm³, so they hold at any voxel size), has ``complete: false`` and a
+reason: it keeps its centroid for the spine curve but gets no crop, height, RHLV or grade.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 from tqdm import tqdm
 
 from data import label_schemes
@@ -27,21 +29,27 @@ from data.nifti_io import load_mask
 from straighten.centroids import (
     MIN_CAUDAL_VOLUME_MM3,
     MIN_CRANIAL_VOLUME_MM3,
-    complete_vertebra_centroids,
+    MIN_CUT_CONTACT_MM2,
+    label_centroids,
+    vertebra_completeness,
     write_centroids,
 )
 from util.errors import InputError, input_error
 
 
-def centroids_for(mask_path: Path, scheme: str, min_cranial: float, min_caudal: float):
-    """(centroids of the complete vertebrae, the labels left out) of one mask."""
+def centroids_for(
+    mask_path: Path,
+    scheme: str,
+    min_cranial: float = MIN_CRANIAL_VOLUME_MM3,
+    min_caudal: float = MIN_CAUDAL_VOLUME_MM3,
+    min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+):
+    """(centroids of every vertebra, their completeness) of one mask."""
     mask = load_mask(mask_path, scheme)
-    centroids, dropped = complete_vertebra_centroids(
-        mask.array, float(np.prod(mask.spacing)), min_cranial, min_caudal
-    )
-    if not centroids:
-        raise input_error(mask_path, "no complete vertebra (every label is below the volume thresholds)")
-    return centroids, dropped
+    completeness = vertebra_completeness(mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2)
+    if not any(c.complete for c in completeness.values()):
+        raise input_error(mask_path, "no complete vertebra (every body is cut by the scan's edge, or small)")
+    return label_centroids(mask.array, list(completeness)), completeness
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--min_cranial_volume_mm3",
         type=float,
         default=MIN_CRANIAL_VOLUME_MM3,
-        help="drop the cranial-most vertebra if smaller (partially visible)",
+        help="mark the cranial-most vertebra incomplete if smaller (partially visible)",
     )
     parser.add_argument(
         "--min_caudal_volume_mm3",
         type=float,
         default=MIN_CAUDAL_VOLUME_MM3,
-        help="drop the caudal-most vertebra if smaller (partially visible)",
+        help="mark the caudal-most vertebra incomplete if smaller (partially visible)",
+    )
+    parser.add_argument(
+        "--min_cut_contact_mm2",
+        type=float,
+        default=MIN_CUT_CONTACT_MM2,
+        help="a body with this much area on the scan's edge is cut (incomplete)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing centroid files")
     parser.add_argument("--shard", default=None, help="process only shard i/n of the patients")
@@ -80,15 +94,20 @@ def main(argv: list[str] | None = None) -> int:
             if case.centroids.exists() and not opt.overwrite:
                 skipped += 1
                 continue
-            centroids, dropped = centroids_for(
-                case.mask, opt.label_scheme, opt.min_cranial_volume_mm3, opt.min_caudal_volume_mm3
+            centroids, completeness = centroids_for(
+                case.mask,
+                opt.label_scheme,
+                opt.min_cranial_volume_mm3,
+                opt.min_caudal_volume_mm3,
+                opt.min_cut_contact_mm2,
             )
         except InputError as exc:
             failed.append(str(exc))
             continue
-        for v, vol in dropped.items():
-            tqdm.write(f"{pid}: left out partial {label_schemes.vertebra_name(v)} ({vol:.0f} mm3)")
-        write_centroids(case.centroids, centroids)
+        for v, state in completeness.items():
+            if not state.complete:
+                tqdm.write(f"{pid}: {label_schemes.vertebra_name(v)} not measurable: {state.reason}")
+        write_centroids(case.centroids, centroids, completeness)
         written += 1
     for message in failed:
         print(f"error: {message}", file=sys.stderr)

@@ -8,6 +8,10 @@ body's axis). Each crop
 is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
 there): the target keeps its true shape and the crop's affine is its true scanner position.
 
+Only complete vertebrae get a crop (``"complete"`` in the centroid json): a vertebra whose body is
+cut by the scan's edge keeps its centroid, which steers the curve, and stays a neighbour in the
+crops of others, but the curve json lists it under ``not_measurable`` with its reason.
+
 Everything is read and checked before anything is written, so bad input leaves no partial
 crops; each file is written atomically, the curve json last (its presence marks a finished
 patient).
@@ -27,7 +31,14 @@ from scipy import ndimage
 from data import label_schemes
 from data.layout import curve_path, raw_case, straightened_paths
 from data.nifti_io import Volume, load_case, resample_to_grid, save_nifti, voxel_to_world
-from straighten.centroids import read_centroids, vertebra_labels
+from straighten.centroids import (
+    curve_labels,
+    label_volumes_mm3,
+    read_centroids,
+    read_completeness,
+    vertebra_completeness,
+    vertebra_labels,
+)
 from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
 from straighten.depedicle import body_mask, depedicle
 from util.atomic import write_json
@@ -181,7 +192,13 @@ def keep_bodies(
 
 
 def curve_record(
-    pid: str, curve: SpineCurve, opt: StraightenOptions, crops: dict, centroids_mm: dict, sources: dict
+    pid: str,
+    curve: SpineCurve,
+    opt: StraightenOptions,
+    crops: dict,
+    centroids_mm: dict,
+    sources: dict,
+    not_measurable: dict | None = None,
 ) -> dict:
     return {
         "pid": pid,
@@ -197,6 +214,7 @@ def curve_record(
         "lr": np.round(curve.lr, 5).tolist(),
         "body_centroids_mm": {str(v): np.round(c, 3).tolist() for v, c in centroids_mm.items()},
         "crops": {str(v): c for v, c in crops.items()},
+        "not_measurable": {str(v): reason for v, reason in (not_measurable or {}).items()},
     }
 
 
@@ -212,6 +230,21 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     ct, mask = load_case(None if opt.labels_only else case.ct, case.mask, opt.label_scheme)
     centroids = read_centroids(case.centroids)
     order = ordered_vertebrae(centroids, mask, case.centroids)
+    states = read_completeness(case.centroids)
+    if states is None:  # the reference's format: find the cut vertebrae here
+        states = vertebra_completeness(mask.array, mask.affine)
+        log.info("%s: no completeness in %s; found from the mask", pid, case.centroids.name)
+    not_measurable = {
+        v: states[v].reason or "not measurable" for v in order if v in states and not states[v].complete
+    }
+    measured = [v for v in order if v not in not_measurable]
+    # fragments at the scan's edge would bend the curve; cut vertebrae of real size steer it
+    steering = curve_labels(label_volumes_mm3(mask.array, float(np.prod(mask.spacing)), order))
+    steering = [v for v in order if v in steering or v in measured]
+    if len(steering) < 2:
+        raise input_error(mask.path, f"straightening needs two vertebrae of real size, found {len(steering)}")
+    if not measured:
+        log.warning("%s: no complete vertebra (%s)", pid, "; ".join(not_measurable.values()))
     world = {v: voxel_to_world(mask.affine, centroids[v]) for v in order}
 
     n_rows, n_ap, n_lr = opt.crop_shape
@@ -220,18 +253,20 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
         # the polyline: a partial end vertebra's centroid (mostly posterior elements) would make a
         # spline overshoot; this pass only has to find the bodies
         first = fit_spine_curve(
-            np.array([world[v] for v in order]), opt.spacing_mm, CURVE_EXTENSION_MM, degree=1
+            np.array([world[v] for v in steering]), opt.spacing_mm, CURVE_EXTENSION_MM, degree=1
         )
         along = depedicle(straighten(mask.array, mask.affine, first, plane, order=0), opt.spacing_mm)
         bodies = {}
-        for v in order:
+        for v in steering:
             idx = np.argwhere(along == v)
             if idx.size == 0:
+                if v in not_measurable:  # a cut vertebra may have lost its body: it only steers
+                    continue
                 raise input_error(
                     case.mask, f"label {v} has no body left after straightening and de-pedicling"
                 )
             bodies[v] = index_to_world(first, plane, idx.mean(axis=0))
-        through = np.array([bodies[v] for v in order])
+        through = np.array([bodies[v] for v in steering if v in bodies])
         try:
             curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, opt.smoothing_mm)
         except ValueError:
@@ -240,7 +275,7 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
     affines, raw_labels, own_body, crops = {}, {}, {}, {}
-    for v in order:
+    for v in measured:
         row = curve.project(bodies[v])
         affines[v], raw_labels[v], own_body[v] = centred_crop(
             mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm
@@ -249,7 +284,7 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
         crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}
 
     outputs = []
-    for v in order:
+    for v in measured:
         labels = keep_bodies(raw_labels[v], affines[v], affines, own_body, opt.spacing_mm)
         image = None
         if ct is not None:
@@ -268,8 +303,9 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
         "ct": None if ct is None else str(case.ct),
         "centroids": str(case.centroids),
     }
-    write_json(curve_path(root, pid), curve_record(pid, curve, opt, crops, bodies, sources))
-    return PatientResult(pid, list(order), time.perf_counter() - start)
+    record = curve_record(pid, curve, opt, crops, bodies, sources, not_measurable)
+    write_json(curve_path(root, pid), record)
+    return PatientResult(pid, measured, time.perf_counter() - start)
 
 
 def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientResult | None, str | None]:

@@ -9,6 +9,8 @@ from evaluation.heights import (
     genant_grade,
     height_reduction,
     heights_from_columns,
+    measure_body,
+    rim_columns,
 )
 
 
@@ -30,11 +32,16 @@ def test_wedge_thirds_take_medians_of_their_columns():
     for j in range(30):
         height = 12 + round(12 * j / 29)
         m[30 - height :, j, :] = True
-    hts = body_heights(m, 1.0)
+    # steps 2-4 (columns, thirds, medians) in the crop's axes; the frame is tested on tilted boxes
+    hts = body_heights(m, 1.0, align=False)
     cols = np.array([12 + round(12 * j / 29) for j in range(30)], float)
     assert hts.anterior == pytest.approx(np.median(cols[:10]))
     assert hts.middle == pytest.approx(np.median(cols[10:20]))
     assert hts.posterior == pytest.approx(np.median(cols[20:]))
+    # in its own frame (the bisector of its endplates, tilted by half the wedge) within 1 mm
+    own = measure_body(m, 1.0)
+    assert own.heights.as_array() == pytest.approx(hts.as_array(), abs=1.0)
+    assert 5 < own.tilt_deg < 17
 
 
 def test_only_the_central_lr_planes_count():
@@ -76,3 +83,117 @@ def test_genant_boundaries():
     assert genant_from_heights(healthy, BodyHeights(15.0, 24.0, 26.0)) == 2
     assert genant_from_heights(healthy, BodyHeights(25.0, 12.0, 26.0)) == 3
     assert genant_from_heights(healthy, healthy) == 0
+
+
+def tilted_box(height, depth, width, tilt_deg, n=72, step=1.0):
+    """A box rotated by ``tilt_deg`` about the LR axis, sampled on an (h, ap, lr) grid."""
+    g = (np.arange(n) - n / 2) * step
+    h, a, r = np.meshgrid(g, g, g, indexing="ij")
+    t = np.radians(tilt_deg)
+    hh, aa = h * np.cos(t) + a * np.sin(t), -h * np.sin(t) + a * np.cos(t)
+    return (np.abs(hh) <= height / 2) & (np.abs(aa) <= depth / 2) & (np.abs(r) <= width / 2)
+
+
+@pytest.mark.parametrize("tilt", [0.0, 12.0, 22.0])
+def test_tilted_box_is_measured_in_its_own_frame_with_its_tilt(tilt):
+    m = measure_body(tilted_box(30, 34, 44, tilt))
+    assert m.heights.as_array() == pytest.approx([30, 30, 30], abs=1.0)
+    assert m.tilt_deg == pytest.approx(tilt, abs=1.0)
+    if tilt > 20:  # along the crop's axis the columns are 30 / cos(22°) = 32.4 mm
+        old = body_heights(tilted_box(30, 34, 44, tilt), align=False).as_array()
+        assert old == pytest.approx([32, 32, 32], abs=1.0)
+
+
+def test_box_turned_about_the_long_axis_keeps_its_depth():
+    # turned 30° about axis 0: the in-plane principal axes bring AP back to the body's own
+    m = tilted_box(26, 30, 46, 0.0, n=80)
+    turned = np.zeros_like(m)
+    g = np.arange(80) - 40
+    a, r = np.meshgrid(g, g, indexing="ij")
+    t = np.radians(30)
+    turned[:] = (
+        (np.abs(a * np.cos(t) + r * np.sin(t)) <= 15) & (np.abs(-a * np.sin(t) + r * np.cos(t)) <= 23)
+    )[None] & m.any(axis=(1, 2))[:, None, None]
+    frame = measure_body(turned).frame
+    assert abs(frame[1] @ np.array([0, np.cos(t), np.sin(t)])) == pytest.approx(1.0, abs=0.02)
+
+
+def bevelled_box(height, depth, width, bevel_mm, n=70):
+    """A box whose anterior wall (low axis 1) is bevelled at 45° top and bottom over ``bevel_mm``."""
+    g = np.arange(n) - n / 2 + 0.5
+    h, a, r = np.meshgrid(g, g, g, indexing="ij")
+    box = (np.abs(h) <= height / 2) & (np.abs(a) <= depth / 2) & (np.abs(r) <= width / 2)
+    from_wall = a + depth / 2
+    return box & (np.abs(h) <= height / 2 - np.clip(bevel_mm - from_wall, 0, None))
+
+
+def test_bevelled_rim_is_left_out():
+    m = bevelled_box(26, 34, 44, 8)
+    assert body_heights(m).as_array() == pytest.approx([26, 26, 26])
+    # without the rim rule the bevel pulls the anterior median down
+    assert body_heights(m, exclude_rim=False).anterior < 23
+
+
+def test_rim_rule_keeps_a_wedge_fracture():
+    # anterior 12 mm rising linearly to 24 mm posteriorly over 35 columns: no column is rim
+    cols = np.tile((12 + 12 * np.arange(35) / 34)[:, None], (1, 10))
+    assert not rim_columns(cols[:, 0], 1.0).any()
+    with_rule = heights_from_columns(cols)
+    assert with_rule.as_array() == pytest.approx(heights_from_columns(cols, exclude_rim=False).as_array())
+
+
+def test_rim_rule_drops_only_steep_columns_at_the_wall_ends():
+    plane = np.r_[np.nan, 8.0, 14.0, 20.0, np.full(20, 26.0), 12.0]
+    rim = rim_columns(plane, 1.0)
+    assert rim.tolist() == [False, True, True, True] + [False] * 20 + [True]
+    # a short column inside the body (not at a wall end) stays
+    inner = np.full(24, 26.0)
+    inner[12] = 10.0
+    assert not rim_columns(inner, 1.0).any()
+
+
+def test_anisotropic_voxels_give_the_same_heights_in_mm():
+    fine = tilted_box(30, 34, 44, 12.0, n=72)
+    coarse = fine[:, :, ::3]  # 1 x 1 x 3 mm
+    m = measure_body(coarse, (1.0, 1.0, 3.0))
+    assert m.heights.as_array() == pytest.approx([30, 30, 30], abs=1.0)
+    assert m.tilt_deg == pytest.approx(12.0, abs=1.0)
+
+
+def test_cli_writes_heights_of_a_straightened_root(tmp_path, capsys):
+    import csv
+    import json
+
+    from data.nifti_io import save_nifti
+    from evaluation.heights import main
+
+    label = tmp_path / "straightened" / "label"
+    for vid, height in ((20, 24), (21, 30)):
+        crop = np.zeros((40, 40, 50), np.uint8)
+        crop[20 - height // 2 : 20 - height // 2 + height, 5:35, 5:45] = vid
+        crop[0:3, 5:35, 5:45] = 19  # a neighbour in the crop does not count
+        save_nifti(label / f"p1_{vid}.nii.gz", crop, np.diag([1.0, 1.0, 1.0, 1.0]), dtype=np.uint8)
+    curve = tmp_path / "straightened" / "curve" / "p1.json"
+    curve.parent.mkdir(parents=True)
+    curve.write_text(
+        json.dumps({"pid": "p1", "crops": {}, "not_measurable": {"22": "body cut by the scan's caudal edge"}})
+    )
+    out = tmp_path / "heights.csv"
+    assert main(["--dataroot", str(tmp_path), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:7] == [
+        "pid",
+        "vid",
+        "complete",
+        "height_anterior_mm",
+        "height_middle_mm",
+        "height_posterior_mm",
+        "tilt_deg",
+    ]
+    by_vid = {int(r["vid"]): r for r in rows}
+    assert float(by_vid[20]["height_middle_mm"]) == 24 and float(by_vid[21]["height_anterior_mm"]) == 30
+    assert by_vid[20]["complete"] == "true" and float(by_vid[20]["tilt_deg"]) == 0
+    assert by_vid[22]["complete"] == "false" and by_vid[22]["height_middle_mm"] == ""
+    assert "1 not measurable" in capsys.readouterr().out
+    assert main(["--dataroot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -199,3 +199,44 @@ def test_fracture_fraction_extremes(tmp_path, fraction):
     )
     grades = [r["grade"] for r in rows]
     assert (max(grades) == 0) if fraction == 0 else (min(grades) > 0 or sum(g > 0 for g in grades) >= 3)
+
+
+@pytest.mark.slow
+def test_quirks_have_truth_and_the_cut_vertebrae_are_flagged(tmp_path):
+    """Every quirk on (2 mm, 4 mm slices): the cranial and caudal cuts go through the first and
+    last full bodies, the centroid json flags exactly those, thick slices are in the affine."""
+    from data.phantom import Quirks
+    from straighten.centroids import read_completeness
+
+    rows = generate(tmp_path, 1, 4, 2.0, fracture_fraction=0.0, progress=False, quirks=Quirks.all_on(4.0))
+    cut = {r["vid"]: r["reason"] for r in rows if not r["complete"]}
+    assert set(cut) == {17, 24} and "cranial" in cut[17] and "caudal" in cut[24]
+    states = read_completeness(tmp_path / "raw/phantom000/phantom000.json")
+    assert {v for v, s in states.items() if not s.complete and v in range(17, 25)} == {17, 24}
+    mask = load_mask(tmp_path / "raw/phantom000/phantom000_msk.nii.gz")
+    np.testing.assert_allclose(mask.spacing, [2.0, 2.0, 4.0])
+    assert mask.shape[0] * 2.0 <= 82.0  # the lateral field of view of 80 mm
+    graded = json.loads((tmp_path / "vertebra_data.json").read_text())
+    keys = {k for split in graded.values() for k in split}
+    assert "phantom000_17" not in keys and "phantom000_20" in keys
+    geo = json.loads((tmp_path / "truth/phantom000/phantom000_geometry.json").read_text())
+    tilts = [g["tilt_to_curve_deg"] for g in geo["vertebrae"] if g["vid"] != 26]
+    assert max(abs(t) for t in tilts) <= 6.0 and len({round(t, 3) for t in tilts}) > 3
+    assert all(3.0 <= g["bevel_mm"] <= 5.0 for g in geo["vertebrae"] if g["vid"] != 26)
+
+
+def test_bevelled_rim_leaves_the_truth_heights_alone():
+    """The rim rule: the truth of a bevelled body is that of the same body without the bevel."""
+    from data.phantom import truth_heights
+    from data.phantom_anatomy import VertebraShape
+    from evaluation.heights import heights_from_columns
+
+    plain = VertebraShape(vid=20, centre=np.zeros(3), axes=np.eye(3), H=25.0, A=16.0, W=21.0)
+    bevelled = VertebraShape(
+        vid=20, centre=np.zeros(3), axes=np.eye(3), H=25.0, A=16.0, W=21.0, bevel=6.0, bevel_depth=9.0
+    )
+    with_rule = truth_heights(bevelled, fractured=False).as_array()
+    assert with_rule == pytest.approx(truth_heights(plain, fractured=False).as_array(), abs=1.0)
+    cols = bevelled.column_heights(0.25, fractured=False)
+    without = heights_from_columns(cols, ap_spacing_mm=0.25, exclude_rim=False)
+    assert without.anterior < with_rule[0] - 1.0

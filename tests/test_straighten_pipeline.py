@@ -134,17 +134,18 @@ REAL = {
         "real/totalseg_abdomen_ct/ct.nii.gz",
         None,
         "totalseg",
-        [19, 20, 21, 22, 23, 24],
+        [20, 21, 22, 23, 24],  # T12 (19) is cut by the scan's cranial face
     ),
     "tptbox": (
         "real/tptbox_l3_ct/vert_msk.nii.gz",
         "real/tptbox_l3_ct/ct.nii.gz",
         None,
         "verse",
-        [21, 22, 23],
+        [22],  # L2 and L4 are cut by the crop's cranial and caudal faces
     ),
     "verse004": ("masks/sub-verse004_vert_msk.nii.gz", None, None, "verse", list(range(16, 25))),
-    "0007": ("masks/0007_msk.nii.gz", None, "masks/0007.json", "verse", list(range(17, 25))),
+    # T10 (17) is cut by the first slice: the reference-format json does not say, the mask does
+    "0007": ("masks/0007_msk.nii.gz", None, "masks/0007.json", "verse", list(range(18, 25))),
 }
 
 
@@ -181,6 +182,11 @@ def test_real_scans_straighten_with_centred_targets(real_scan):
         if has_ct:  # bone is bright in the windowed CT where the body label is
             ct = load_ct(ct_path).array
             assert ct[lab.array == vid].mean() > ct[lab.array == 0].mean() + 40
+    cut = {"tptbox": {21, 23}, "0007": {17}, "totalseg": {18, 19}, "verse004": set()}[name]
+    with open(root / "straightened" / "curve" / f"{name}.json") as f:
+        assert {int(v) for v in json.load(f)["not_measurable"]} == cut
+    for vid in cut:  # no crop of their own
+        assert not (root / "straightened" / "label" / f"{name}_{vid}.nii.gz").exists()
     if name == "totalseg":
         assert SACRUM in np.unique(label_crop(root, name, 24).array)
     if name == "verse004":  # L1 is grade 3: over 40 % lower everywhere than T12 and L2
