@@ -2,7 +2,7 @@
 
     python Attention/grad_CAM_3d_sagittal.py --dataroot D [--checkpoint C/<name>/classifier.pth]
         [--cam_input unmasked|masked] [--plane sagittal|coronal] [--batch_size 32]
-        [--no_png] [--shard i/n] [--overwrite] [--gpu_ids auto|-1|0]
+        [--no_png] [--min_grade G] [--shard i/n] [--overwrite] [--gpu_ids auto|-1|0]
 
 For every crop ``D/straightened/CT/<pid>_<vid>.nii.gz`` writes ``D/heatmap/<pid>_<vid>.nii.gz`` on
 the crop's grid and affine (float32): on every slice of ``--plane`` that cuts the target
@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=32, help="slices per forward/backward pass")
     parser.add_argument("--out", default=None, help="output folder (default <dataroot>/heatmap)")
     parser.add_argument("--no_png", action="store_true", help="no PNG overlay per vertebra")
+    parser.add_argument(
+        "--min_grade",
+        type=int,
+        default=None,
+        choices=(0, 1, 2, 3),
+        help="map only the split's vertebrae of at least this grade (default: every crop)",
+    )
     parser.add_argument("--shard", default=None, help="process only shard i/n of the crops")
     parser.add_argument("--overwrite", action="store_true", help="redo maps that exist")
     return parser
@@ -149,15 +156,20 @@ def run(opt: argparse.Namespace) -> int:
             checkpoint, f"the classifier learnt {config.plane} slices; train one with --plane {plane}"
         )
     store = CropStore(opt.dataroot, cache_dir=opt.cache_dir)
+    split_file = Path(opt.vertebra_json or Path(opt.dataroot) / "vertebra_data.json")
+    min_grade = int(config.extra.get("options", {}).get("fracture_min_grade", 2))
+    use_split = opt.vertebra_json or opt.min_grade is not None or split_file.exists()
+    fractured = fractured_keys(split_file, min_grade) if use_split else set()
+    keys = store.keys()
+    if opt.min_grade is not None:
+        chosen = fractured_keys(split_file, opt.min_grade)
+        keys = [k for k in keys if k in chosen]
     try:
-        keys = shard(store.keys(), opt.shard)
+        keys = shard(keys, opt.shard)
     except ValueError as exc:
         raise input_error(None, str(exc)) from None
     if not keys:
         raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
-    split_file = Path(opt.vertebra_json or Path(opt.dataroot) / "vertebra_data.json")
-    min_grade = int(config.extra.get("options", {}).get("fracture_min_grade", 2))
-    fractured = fractured_keys(split_file, min_grade) if opt.vertebra_json or split_file.exists() else set()
     out = Path(opt.out or Path(opt.dataroot) / "heatmap")
     cam = CamMaker(model, device, opt.batch_size)
 

@@ -2,12 +2,15 @@
 
     python Attention/train_classifier.py --dataroot D [--checkpoints_dir C] [--name classifier]
         [--vertebra_json J] [--fracture_min_grade 2] [--plane sagittal|coronal] [--n_epochs 6]
+        [--window_mm 128] [--central_fraction 0.3]
         [--gpu_ids auto|-1|0] [--cache_dir DIR] [--overwrite]
 
 Learns fractured (Genant grade >= ``--fracture_min_grade``) against normal (grade 0) vertebrae
-from the slices through the central part of each target vertebra of the straightened CT crops of
-the ``train`` split, with class-balanced sampling and light augmentation (small shifts and zooms,
-intensity jitter, noise). After every epoch it reports, per vertebra (the mean probability over
+from the sagittal (or coronal) slices through the central ``--central_fraction`` of each target
+vertebra of the straightened CT crops of the ``train`` split, each cut to a ``--window_mm`` square
+around the target (the network is fully convolutional, so the maps are later made on whole
+slices), with class-balanced sampling and light augmentation (small shifts and zooms, intensity
+jitter, noise). After every epoch it reports, per vertebra (the mean probability over
 its slices), the ``val`` split's ROC AUC, sensitivity and specificity; at the end the ``test``
 split's too when the split file has one. Writes ``C/<name>/classifier.pth`` (the final weights,
 a plain state dict) and ``C/<name>/classifier.json`` (architecture, options, metrics).

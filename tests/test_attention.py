@@ -23,6 +23,7 @@ from Attention.slices import (
     window_slices,
 )
 from straighten import straighten_mask_3d
+from tests.conftest import write_nifti
 from util.checkpoint import save_checkpoint
 from util.errors import InputError
 
@@ -92,7 +93,10 @@ def test_classifier_shapes_and_backward(size):
     assert out.shape == (3, 2)
     out[:, 1].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    assert model.cam_layer(torch.zeros(1, 64, 4, 4)).shape[1] == 64
+    seen = []
+    model.cam_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(torch.rand(1, 1, *size))
+    assert seen == [(1, 64, size[0] // 16, size[1] // 16)]  # the maps come from a 1/16-scale layer
 
 
 def test_default_classifier_is_small():
@@ -150,6 +154,7 @@ def trained(straight_2mm, tmp_path_factory):
     return ckpts / "cls" / "classifier.pth"
 
 
+@pytest.mark.slow
 def test_training_smoke_writes_weights_only_checkpoint(trained):
     state = torch.load(trained, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
@@ -160,6 +165,7 @@ def test_training_smoke_writes_weights_only_checkpoint(trained):
     assert len(saved["extra"]["history"]) == 1 and "val_auc" in saved["extra"]["history"][0]
 
 
+@pytest.mark.slow
 def test_maps_on_the_crop_grid(straight_2mm, trained, capsys):
     args = [
         "--dataroot",
@@ -205,50 +211,75 @@ def _one_line_error(capsys, rc: int, expected: str) -> None:
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err and expected in err
 
 
-def test_missing_checkpoint_exits_2(straight_2mm, tmp_path, capsys):
-    args = [
-        "--dataroot",
-        str(straight_2mm),
-        "--checkpoint",
-        str(tmp_path / "no.pth"),
-        "--out",
-        str(tmp_path / "h"),
-    ]
-    _one_line_error(capsys, grad_CAM_3d_sagittal.main(args), "checkpoint not found")
-    assert not (tmp_path / "h").exists()
-
-
-def test_checkpoint_of_another_architecture_exits_2(straight_2mm, tmp_path, capsys):
-    ckpt = tmp_path / "other.pth"
-    save_checkpoint(torch.nn.Linear(4, 2).state_dict(), ckpt)
-    rc = grad_CAM_3d_sagittal.main(
-        ["--dataroot", str(straight_2mm), "--checkpoint", str(ckpt), "--out", str(tmp_path / "h")]
+@pytest.fixture
+def tiny_crops(tmp_path):
+    """Two 32x32x8 crops of patient p0 (vertebrae 20 and 21) and a split naming both."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for vid in (20, 21):
+        label = np.zeros((32, 32, 8), np.uint8)
+        label[12:20, 10:22, 2:6] = vid
+        write_nifti(tmp_path / "straightened" / "label" / f"p0_{vid}.nii.gz", label, affine)
+        write_nifti(tmp_path / "straightened" / "CT" / f"p0_{vid}.nii.gz", label * 5, affine)
+    (tmp_path / "vertebra_data.json").write_text(
+        json.dumps({"train": {"p0_20": 0, "p0_21": 3}, "val": {"p0_20": 0}})
     )
+    return tmp_path
+
+
+def test_missing_checkpoint_exits_2(tiny_crops, capsys):
+    args = ["--dataroot", str(tiny_crops), "--checkpoint", str(tiny_crops / "no.pth")]
+    _one_line_error(capsys, grad_CAM_3d_sagittal.main(args), "checkpoint not found")
+    assert not (tiny_crops / "heatmap").exists()
+
+
+def test_checkpoint_of_another_architecture_exits_2(tiny_crops, capsys):
+    ckpt = tiny_crops / "other.pth"
+    save_checkpoint(torch.nn.Linear(4, 2).state_dict(), ckpt)
+    rc = grad_CAM_3d_sagittal.main(["--dataroot", str(tiny_crops), "--checkpoint", str(ckpt)])
     _one_line_error(capsys, rc, "another architecture")
-    assert not (tmp_path / "h").exists()
+    assert not (tiny_crops / "heatmap").exists()
 
 
 @pytest.mark.parametrize(
     "split, expected",
     [
-        ({"train": {"phantom002_99": 0}, "val": {"phantom000_20": 0}}, "no straightened crop"),
-        ({"train": {}, "val": {"phantom000_20": 0}}, "empty or missing"),
+        ({"train": {"p0_20": 0, "p0_99": 3}, "val": {"p0_20": 0}}, "no straightened crop in"),
+        ({"train": {}, "val": {"p0_20": 0}}, "empty or missing"),
+        ({"train": {"p0_20": 0, "p0_21": 3}, "val": {}}, "'val' is empty or missing"),
     ],
-    ids=["unknown-vertebra", "empty-split"],
+    ids=["unknown-vertebra", "empty-train-split", "empty-val-split"],
 )
-def test_bad_split_exits_2(straight_2mm, tmp_path, capsys, split, expected):
-    split_file = tmp_path / "split.json"
+def test_bad_split_exits_2(tiny_crops, capsys, split, expected):
+    split_file = tiny_crops / "split.json"
     split_file.write_text(json.dumps(split))
     args = [
         "--dataroot",
-        str(straight_2mm),
+        str(tiny_crops),
         "--vertebra_json",
         str(split_file),
         "--checkpoints_dir",
-        str(tmp_path),
+        str(tiny_crops),
     ]
-    _one_line_error(capsys, train_classifier.main(args), expected)
-    assert not (tmp_path / "classifier").exists()
+    _one_line_error(capsys, train_classifier.main(args + ["--gpu_ids", "-1"]), expected)
+    assert not (tiny_crops / "classifier").exists()
+
+
+def test_tiny_crops_train_and_map(tiny_crops):
+    """The same scripts on 32-voxel crops: one iteration, then maps for both crops."""
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(tiny_crops), "--gpu_ids", "-1"]
+    small = ["--n_epochs", "1", "--iters_per_epoch", "1", "--batch_size", "2", "--width", "4"]
+    assert train_classifier.main(args + small) == 0
+    ckpt = tiny_crops / "classifier" / "classifier.pth"
+    assert (
+        grad_CAM_3d_sagittal.main(["--dataroot", str(tiny_crops), "--checkpoint", str(ckpt), "--no_png"]) == 0
+    )
+    heat = np.asarray(nib.load(str(tiny_crops / "heatmap" / "p0_21.nii.gz")).dataobj)
+    assert heat.shape == (32, 32, 8) and heat[:, :, [0, 1, 6, 7]].max() == 0 and heat.max() <= 1
+    out = tiny_crops / "fractured_only"
+    cam_args = ["--dataroot", str(tiny_crops), "--checkpoint", str(ckpt), "--out", str(out), "--no_png"]
+    assert grad_CAM_3d_sagittal.main(cam_args + ["--min_grade", "2"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_21.nii.gz"]
+    assert grad_CAM_3d_sagittal.main(cam_args + ["--plane", "coronal", "--overwrite"]) == 2  # learnt sagittal
 
 
 @pytest.mark.gpu
