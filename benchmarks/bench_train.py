@@ -13,7 +13,9 @@ it holds at least a batch (``--vert_class all`` is used, to have more samples);
 otherwise from synthetic samples of the sample contract (``tests/fixtures/synthetic_vertebra``),
 whose loading cost is not representative (the loading share is then marked "synthetic").
 Figures: median seconds per iteration, median data wait, loading share = wait / iteration,
-peak memory (CPU: the process's peak resident set; CUDA: peak allocated by torch).
+peak memory (CPU: the process's peak resident set; CUDA: peak allocated by torch), and the
+process's CPU seconds per iteration (on a machine shared with other jobs, CPU seconds with
+``--torch_threads 1`` approximate the wall time the iteration would take on an idle core).
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def run_one(args: argparse.Namespace) -> dict:
     model = create_model(opt)
     model.setup(opt)
     model.train()
-    waits, totals = [], []
+    waits, totals, cpu = [], [], []
     needed = args.iters + 1
     done = 0
     while done < needed:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for data in dataset:
             got = time.perf_counter()
             model.set_input(data)
@@ -88,10 +90,11 @@ def run_one(args: argparse.Namespace) -> dict:
             if done > 0:  # the first iteration is a warm-up
                 waits.append(got - start)
                 totals.append(end - start)
+                cpu.append(time.process_time() - cpu_start)
             done += 1
             if done >= needed:
                 break
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
     if model.device.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
     else:
@@ -105,6 +108,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "data": source,
         "s_per_iteration": it,
+        "cpu_s_per_iteration": statistics.median(cpu),
         "data_wait_s": wait,
         "loading_share_pct": 100 * wait / it,
         "peak_memory_gb": peak_gb,
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = [a for a in passthrough if a not in args.configs]
     print(
         f"{'config':>8} {'device':>6} {'amp':>5} {'thr':>3} {'data':>16} {'s/it':>8} {'wait s':>7} "
-        f"{'load %':>6} {'peak GB':>7}"
+        f"{'load %':>6} {'peak GB':>7} {'CPU s/it':>8}"
     )
     for config in args.configs:
         proc = subprocess.run(
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['config']:>8} {r['device']:>6} {r['amp']!s:>5} {r['torch_threads']:>3} {r['data']:>16} "
             f"{r['s_per_iteration']:>8.2f} {r['data_wait_s']:>7.3f} {r['loading_share_pct']:>6.1f} "
-            f"{r['peak_memory_gb']:>7.2f}"
+            f"{r['peak_memory_gb']:>7.2f} {r['cpu_s_per_iteration']:>8.2f}"
         )
     print(f"medians over {args.iters} iterations after one warm-up; machine shared with other jobs")
     return 0
