@@ -152,10 +152,11 @@ def test_scripts_give_a_clear_message_when_a_stage_is_missing(capsys):
     assert train.main(["--dataroot", "x"]) == 2
     err = capsys.readouterr().err  # the model and dataset exist now: the bad dataroot is named, in one line
     assert err.startswith("error: x:") and err.count("\n") == 1
-    import eval_3d_sagittal_twostage
+    from evaluation import RHLV_quantification, SVM_grading
 
-    assert eval_3d_sagittal_twostage.main([]) == 2
-    assert "not available" in capsys.readouterr().err
+    for module in (RHLV_quantification, SVM_grading):
+        assert module.main([]) == 2
+        assert "not available" in capsys.readouterr().err
 
 
 def test_split_reader_errors(tmp_path):

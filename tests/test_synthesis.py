@@ -342,6 +342,9 @@ def test_cam_folder_and_batch_size_give_the_same_volumes(dataset, tmp_path):
 
 def test_bad_inputs_give_one_line_and_status_2(dataset, tmp_path, capsys):
     root, checkpoints, _ = dataset
+    with pytest.raises(SystemExit) as exc:  # argparse: --name and --output_dir are required
+        synth_cli.main([])
+    assert exc.value.code == 2 and "--name" in capsys.readouterr().err
     broken = tmp_path / "runs"
     write_run(broken, "no_ckpt", "sagittal")
     (broken / "no_ckpt" / "latest_net_G.pth").unlink()
