@@ -420,6 +420,9 @@ def dataset_rows(dataroot: str | Path, progress: bool = True) -> list[dict]:
         crop = store.load(key)
         if (crop.pid, crop.vid) in cut:
             continue
+        if not (crop.label == crop.vid).any():
+            cut[(crop.pid, crop.vid)] = "its crop holds no voxel of its label"
+            continue
         rows.append(crop_row(crop.pid, crop.vid, crop.label, crop.spacing_mm))
     for (pid, vid), reason in cut.items():
         empty = {f"height_{r}_mm": "" for r in REGIONS}

@@ -158,8 +158,9 @@ def body_cut_by_fov(
     out: dict[int, str] = {}
     volumes = label_volumes_mm3(mask, float(np.prod(spacing)), labels)
     typical = float(np.median(list(volumes.values())))
+    steering = curve_labels(volumes)
     for v in labels:  # a sliver: its centroid would bend the curve, and it has no body to measure
-        if v not in curve_labels(volumes):
+        if v not in steering:
             out[v] = f"only a fragment is in the scan ({volumes[v]:.0f} mm3, median {typical:.0f} mm3)"
     labels = [v for v in labels if v not in out]
     if len(labels) < 2:

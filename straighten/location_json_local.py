@@ -46,7 +46,12 @@ def centroids_for(
 ):
     """(centroids of every vertebra, their completeness) of one mask."""
     mask = load_mask(mask_path, scheme)
-    completeness = vertebra_completeness(mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2)
+    try:
+        completeness = vertebra_completeness(
+            mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2
+        )
+    except ValueError as exc:  # no spine curve through the centroids (orientation, coinciding labels)
+        raise input_error(mask_path, f"cannot tell which vertebrae are cut: {exc}") from exc
     if not any(c.complete for c in completeness.values()):
         raise input_error(mask_path, "no complete vertebra (every body is cut by the scan's edge, or small)")
     return label_centroids(mask.array, list(completeness)), completeness

@@ -232,7 +232,10 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     order = ordered_vertebrae(centroids, mask, case.centroids)
     states = read_completeness(case.centroids)
     if states is None:  # the reference's format: find the cut vertebrae here
-        states = vertebra_completeness(mask.array, mask.affine)
+        try:
+            states = vertebra_completeness(mask.array, mask.affine)
+        except ValueError as exc:
+            raise input_error(case.mask, f"cannot tell which vertebrae are cut: {exc}") from exc
         log.info("%s: no completeness in %s; found from the mask", pid, case.centroids.name)
     not_measurable = {
         v: states[v].reason or "not measurable" for v in order if v in states and not states[v].complete
