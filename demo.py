@@ -363,7 +363,9 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
         keys = [k for k in ("n", "ssim_band", "psnr_band", "dice", "height_mae_mm") if k in truth_summary]
         report.text("Pseudo-healthy twins against the truth (evaluation/generation_eval_sagittal.py):")
         report.table(keys, [[truth_summary[k] for k in keys]])
-    report.text("Files: " + ", ".join(f"{m}: rhlv/{m}/rhlv.csv, grading/{m}/metrics.json" for m in METHODS))
+    files = [out / "rhlv" / m / "rhlv.csv" for m in METHODS]
+    files += [out / "grading" / m / "metrics.json" for m in METHODS] + [out / "metrics" / "truth_eval.csv"]
+    report.links("Files:", [(f, str(f.relative_to(out))) for f in files])
 
     report.section("Confusion matrices (test split)")
     report.figures(

@@ -60,7 +60,11 @@ def test_quick_demo_report_references_its_outputs(quick_run):
         assert (quick_run / src).is_file(), src
     for method in demo.METHODS:
         assert f"grading/{method}/confusion_test.png" in images
-        assert f"rhlv/{method}/rhlv.csv" in html and f"grading/{method}/metrics.json" in html
+    links = re.findall(r'<a href="([^"]+)"', html)
+    for src in links:
+        assert (quick_run / src).is_file(), src
+    for method in demo.METHODS:
+        assert f"rhlv/{method}/rhlv.csv" in links and f"grading/{method}/metrics.json" in links
     assert any(src.startswith("figures/") for src in images)  # input / pseudo-healthy / truth / map
     for stage in ("phantom", "straightening", "HealthiVert training", "3D synthesis", "grading (SVM)"):
         assert stage in html
