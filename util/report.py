@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dominate
-from dominate.tags import div, figcaption, figure, h1, h2, img, p, style, table, tbody, td, th, thead, tr
+import dominate.util
+from dominate.tags import a, div, figcaption, figure, h1, h2, img, p, style, table, tbody, td, th, thead, tr
 
 from util.atomic import write_text
 
@@ -42,6 +43,14 @@ class Report:
     def text(self, text: str) -> None:
         with self.doc:
             p(text)
+
+    def links(self, label: str, items: Sequence[tuple[str | os.PathLike, str]]) -> None:
+        """One paragraph: ``label`` then a link per (file, text), paths relative to the page."""
+        with self.doc, p(label + " "):
+            for i, (path, text) in enumerate(items):
+                a(text, href=os.path.relpath(path, self.path.parent))
+                if i < len(items) - 1:
+                    dominate.util.text(", ")
 
     def figures(self, items: Sequence[tuple[str | os.PathLike, str]], width: int = 480) -> None:
         with self.doc, div():
