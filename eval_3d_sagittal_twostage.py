@@ -47,7 +47,7 @@ from models.synthesis import (
     synthesise_crop,
     to_uint8,
 )
-from options.base_options import _gpu_ids, load_options
+from options.base_options import load_options, parse_gpu_ids
 from util import distributed
 from util.errors import InputError, input_error
 from util.registry import RegistryError
@@ -213,15 +213,6 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     )
 
 
-def release(store: CropStore, key: str) -> None:
-    """Drop a finished crop from the store's cache: each crop is read once here, so memory stays flat.
-
-    An adapter: :class:`data.crops.CropStore` keeps every decoded crop and has no public way to
-    forget one yet.
-    """
-    store._cache.pop(key, None)
-
-
 def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt) -> CropSynthesis:
     with weights_cached():
         results = {
@@ -243,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--batch_slices must be 0 (all) or a positive number")
         if opt.plane == "fusion" and not opt.name_coronal:
             raise InputError("--plane fusion needs --name_coronal (a run trained on coronal slices)")
-        gpu_ids = _gpu_ids(opt.gpu_ids)
+        gpu_ids = parse_gpu_ids(opt.gpu_ids)
         if gpu_ids and distributed.env_world_size() > 1:
             gpu_ids = [distributed.local_rank()]  # one GPU per process under torchrun
         wanted = {"sagittal": opt.name} if opt.plane == "fusion" else {opt.plane: opt.name}
@@ -288,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         save_like(ct_path, to_uint8(result.ct), crop.affine)
         save_like(label_path, result.label.astype(np.uint8), crop.affine)
-        release(store, key)
+        store.release(key)
         done += 1
         passes += result.forward_passes
     seconds = time.perf_counter() - start

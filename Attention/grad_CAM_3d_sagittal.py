@@ -48,7 +48,7 @@ from Attention.train_classifier import CHECKPOINT_NAME, add_common_options
 from data.base_dataset import read_split, split_key
 from data.crops import Crop, CropStore, crop_key, save_like
 from data.layout import shard
-from options.base_options import _gpu_ids, device_of
+from options.base_options import device_of, parse_gpu_ids
 from util.errors import InputError, input_error
 
 log = logging.getLogger(__name__)
@@ -223,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch_size must be >= 1", file=sys.stderr)
         return 2
     try:
-        opt.gpu_ids = _gpu_ids(opt.gpu_ids)
-    except ValueError:
-        print(f"error: --gpu_ids {opt.gpu_ids!r}: expected auto, -1 or device ids like 0,1", file=sys.stderr)
-        return 2
-    try:
+        opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)
         return run(opt)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,7 +38,7 @@ from Attention.dataset import SliceBank, binary_metrics, split_examples
 from Attention.slices import PLANE_AXIS
 from data.base_dataset import read_split
 from data.crops import CropStore
-from options.base_options import _gpu_ids, device_of
+from options.base_options import device_of, parse_gpu_ids
 from util.atomic import write_json
 from util.checkpoint import save_checkpoint, seed_everything
 from util.errors import InputError, input_error
@@ -243,11 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        opt.gpu_ids = _gpu_ids(opt.gpu_ids)
-    except ValueError:
-        print(f"error: --gpu_ids {opt.gpu_ids!r}: expected auto, -1 or device ids like 0,1", file=sys.stderr)
-        return 2
-    try:
+        opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)
         return train(opt)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

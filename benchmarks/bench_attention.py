@@ -28,7 +28,7 @@ from Attention.classifier import build_classifier, load_classifier
 from Attention.grad_CAM_3d_sagittal import CamMaker, crop_heatmap
 from Attention.train_classifier import augment
 from data.crops import CropStore
-from options.base_options import _gpu_ids, device_of
+from options.base_options import device_of, parse_gpu_ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--gpu_ids", default="auto")
     opt = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    opt.gpu_ids = _gpu_ids(opt.gpu_ids)
+    opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)
     device = device_of(opt)
     model, config = load_classifier(opt.checkpoint, device)
     store = CropStore(opt.dataroot)

@@ -105,6 +105,10 @@ class CropStore:
             self._cache[key] = crop
         return crop
 
+    def release(self, key: str) -> None:
+        """Forget a decoded crop (a reader that visits each crop once keeps its memory flat)."""
+        self._cache.pop(key, None)
+
     # --- decoding ---------------------------------------------------------------------------
     def _decode(self, key: str) -> Crop:
         pid, _, vid = key.rpartition("_")

@@ -18,6 +18,7 @@ import torch
 
 from util.atomic import read_json, write_json
 from util.checkpoint import seed_everything
+from util.errors import InputError
 
 
 class BaseOptions:
@@ -115,15 +116,22 @@ class BaseOptions:
         opt.isTrain = self.is_train
         if opt.suffix:
             opt.name = f"{opt.name}_{opt.suffix.format(**vars(opt))}"
-        opt.gpu_ids = _gpu_ids(opt.gpu_ids)
+        opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)
         self.parser_ = parser
         return opt
 
 
-def _gpu_ids(spec: str) -> list[int]:
+def parse_gpu_ids(spec: str) -> list[int]:
+    """``--gpu_ids``: 'auto' (CUDA device 0 when present), '-1' (the CPU) or device ids like '0,1'.
+
+    Without CUDA, device ids fall back to the CPU with a warning; anything else is an InputError.
+    """
     if spec == "auto":
         return [0] if torch.cuda.is_available() else []
-    ids = [i for i in (int(s) for s in str(spec).split(",") if s.strip() != "") if i >= 0]
+    try:
+        ids = [i for i in (int(s) for s in str(spec).split(",") if s.strip() != "") if i >= 0]
+    except ValueError:
+        raise InputError(f"--gpu_ids {spec!r}: expected auto, -1 or device ids like 0,1") from None
     if ids and not torch.cuda.is_available():
         warnings.warn(f"--gpu_ids {spec}: CUDA is not available here; running on the CPU", stacklevel=3)
         return []
