@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -41,11 +40,12 @@ from evaluation.eval_io import (
     csv_text,
     load_fake,
     read_truth_table,
+    run_script,
     split_entries,
     target_of,
 )
 from util.atomic import atomic_path, write_json, write_text
-from util.errors import InputError, input_error
+from util.errors import input_error
 
 log = logging.getLogger(__name__)
 
@@ -275,22 +275,16 @@ def _mean(values: list) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    csv_path = Path(opt.result_folder) / "rhlv.csv"
-    if csv_path.exists() and not opt.overwrite:
-        print(f"{csv_path} exists; pass --overwrite to measure again")
-        return 0
-    start = time.perf_counter()
-    try:
-        n, skipped, csv_path = run(opt)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"RHLV ({opt.method}, {opt.height_definition} heights) of {n} vertebrae in "
-        f"{time.perf_counter() - start:.1f} s; {skipped} skipped; {csv_path}"
-    )
-    return 0
+
+    def summary(result: tuple[int, int, Path], seconds: float) -> str:
+        n, skipped, csv_path = result
+        return (
+            f"RHLV ({opt.method}, {opt.height_definition} heights) of {n} vertebrae in "
+            f"{seconds:.1f} s; {skipped} skipped; {csv_path}"
+        )
+
+    done = Path(opt.result_folder) / "rhlv.csv"
+    return run_script(done, opt.overwrite, "measure", lambda: run(opt), summary)
 
 
 if __name__ == "__main__":

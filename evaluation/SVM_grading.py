@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,9 +30,9 @@ import numpy as np
 
 from data.base_dataset import SPLITS
 from evaluation import grading
-from evaluation.eval_io import csv_text, read_csv_rows
+from evaluation.eval_io import csv_text, read_csv_rows, run_script
 from util.atomic import atomic_path, write_json, write_text
-from util.errors import InputError, input_error
+from util.errors import input_error
 
 log = logging.getLogger(__name__)
 
@@ -206,25 +205,18 @@ def run(opt: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     done = Path(opt.output_folder) / "metrics.json"
-    if done.exists() and not opt.overwrite:
-        print(f"{done} exists; pass --overwrite to grade again")
-        return 0
-    start = time.perf_counter()
-    try:
-        m = run(opt)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    cv = m["cv"]["mean"]
-    print(
-        f"graded {m['test']['n']} {m['evaluated_on']} vertebrae ({m['features']}, {m['classes']}): "
-        f"macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}; {m['cv']['folds']}-fold CV on "
-        f"{m['n_fit']}: macro-F1 {cv['macro_f1']:.3f} +- {m['cv']['std']['macro_f1']:.3f} "
-        f"in {time.perf_counter() - start:.1f} s; {done}"
-    )
-    return 0
+
+    def summary(m: dict, seconds: float) -> str:
+        cv = m["cv"]["mean"]
+        return (
+            f"graded {m['test']['n']} {m['evaluated_on']} vertebrae ({m['features']}, {m['classes']}): "
+            f"macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}; {m['cv']['folds']}-fold CV on "
+            f"{m['n_fit']}: macro-F1 {cv['macro_f1']:.3f} +- {m['cv']['std']['macro_f1']:.3f} "
+            f"in {seconds:.1f} s; {done}"
+        )
+
+    return run_script(done, opt.overwrite, "grade", lambda: run(opt), summary)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ Phantom truth is ``truth/vertebrae.csv`` and ``truth/<pid>/<pid>_healthy[_msk].n
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,9 +23,31 @@ from data.base_dataset import SPLITS, read_split, split_key
 from data.crops import CROP_SUFFIX, Crop
 from data.nifti_io import _read
 from evaluation.heights import REGIONS
-from util.errors import input_error
+from util.errors import InputError, input_error
+
+R = TypeVar("R")
 
 FAKE_KINDS = ("CT_fake", "label_fake")
+
+
+def run_script(
+    done: Path, overwrite: bool, verb: str, work: Callable[[], R], summary: Callable[[R, float], str]
+) -> int:
+    """The body of an evaluation script's ``main``: skip when ``done`` (the file written last) exists
+    and not ``overwrite``; else run ``work``, print ``summary(result, seconds)`` and return 0, or
+    print one ``error:`` line and return 2 on bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if done.exists() and not overwrite:
+        print(f"{done} exists; pass --overwrite to {verb} again")
+        return 0
+    start = time.perf_counter()
+    try:
+        result = work()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result, time.perf_counter() - start))
+    return 0
 
 
 @dataclass(frozen=True)

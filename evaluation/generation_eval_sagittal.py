@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -44,13 +43,14 @@ from evaluation.eval_io import (
     fake_path,
     load_fake,
     read_truth_table,
+    run_script,
     split_entries,
     target_of,
 )
 from evaluation.heights import REGIONS
 from evaluation.rhlv import design_heights
 from util.atomic import read_json, write_json, write_text
-from util.errors import InputError, input_error
+from util.errors import input_error
 
 log = logging.getLogger(__name__)
 
@@ -245,25 +245,18 @@ def run(opt: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     done = Path(opt.result_folder) / "summary.json"
-    if done.exists() and not opt.overwrite:
-        print(f"{done} exists; pass --overwrite to evaluate again")
-        return 0
-    start = time.perf_counter()
-    try:
-        s = run(opt)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    line = f"evaluated {s['input']['n']} vertebrae against their input ({opt.plane})"
-    if s["input"]["n"]:
-        line += f": band SSIM {s['input']['ssim_band']}, Dice {s['input']['dice']}"
-    if "truth" in s:
-        t = s["truth"]
-        line += f"; {t['n']} fractured against the truth: height MAE {t.get('height_mae_mm')} mm"
-    print(f"{line}; in {time.perf_counter() - start:.1f} s; {done}")
-    return 0
+
+    def summary(s: dict, seconds: float) -> str:
+        line = f"evaluated {s['input']['n']} vertebrae against their input ({opt.plane})"
+        if s["input"]["n"]:
+            line += f": band SSIM {s['input']['ssim_band']}, Dice {s['input']['dice']}"
+        if "truth" in s:
+            t = s["truth"]
+            line += f"; {t['n']} fractured against the truth: height MAE {t.get('height_mae_mm')} mm"
+        return f"{line}; in {seconds:.1f} s; {done}"
+
+    return run_script(done, opt.overwrite, "evaluate", lambda: run(opt), summary)
 
 
 if __name__ == "__main__":
