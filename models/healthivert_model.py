@@ -156,6 +156,13 @@ class HealthiVertModel(BaseModel):
             "least one D receptive field; local columns: the central band), 'full' = the whole "
             "zero-padded image as in the reference (same losses, about 2x slower training)",
         )
+        g.add_argument(
+            "--grad_checkpoint",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="recompute G's activations in the backward pass (less memory, about one more G "
+            "forward per step); auto = on for the CPU, off on CUDA",
+        )
         return parser
 
     def __init__(self, opt: argparse.Namespace):
@@ -186,6 +193,10 @@ class HealthiVertModel(BaseModel):
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
         self.netG = InpaintGenerator(opt.ngf).to(self.device)
+        mode = getattr(opt, "grad_checkpoint", "off")
+        self.netG.checkpointing = self.isTrain and (
+            mode == "on" or (mode == "auto" and self.device.type == "cpu")
+        )
         if self.isTrain:
             self.netD = init_net(
                 nn.ModuleDict({k: define_D(1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm) for k in D_NAMES}),

@@ -1,5 +1,7 @@
 """HealthiVert networks, per-sample contextual attention, gradients of EEM and the seg-D, synthesis."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -146,6 +148,25 @@ def test_local_and_seg_discriminators_see_the_band_window(tmp_path):
     assert torch.equal(ws, crop_rows(f["seg"][0], start, rows))  # the generated seg: the band's rows
     window.optimize_parameters()  # a full step on the windows
     assert all(torch.isfinite(torch.tensor(list(window.get_current_losses().values()))))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing the stages in the backward pass changes neither the gradients nor spectral
+    norm's power-iteration vectors (one step per forward, as without checkpointing)."""
+    torch.manual_seed(0)
+    plain = InpaintGenerator(8)
+    recomputed = copy.deepcopy(plain)
+    recomputed.checkpointing = True
+    b = batch([0, 1])
+    for net in (plain, recomputed):
+        out = net(b["ct_masked"], b["hole"], b["slice_ratio"], b["cam"])
+        loss = out.fine_image.sum() + out.coarse_seg.sum() + out.fine_seg.pow(2).sum() + out.fine_height.sum()
+        loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    for (name, u), v in zip(plain.named_buffers(), recomputed.buffers(), strict=True):
+        assert torch.equal(u, v), name
+    assert recomputed.fine.image_head.conv.parametrizations.weight[0].training  # mode restored
 
 
 @pytest.mark.parametrize("k", [3, 5])
