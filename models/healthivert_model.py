@@ -11,7 +11,11 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
 * Three PatchGANs in ``netD`` (an ``nn.ModuleDict``, saved as ``<epoch>_net_D.pth``): ``global``
   (fine composite vs ground truth), ``local`` (hole band x central ``--local_width`` of the
   columns) and ``seg`` (fine segmentation, binarised by a straight-through estimator so its
-  generator term trains G, vs the target label).
+  generator term trains G, vs the target label). By default (``--d_window band``) ``local`` and
+  ``seg`` see a window centred on each sample's hole band instead of the reference's zero-padded
+  full images (see :meth:`HealthiVertModel._discriminator_inputs`); ``--d_window full`` is the
+  reference's input. On the CPU the generator's activations are recomputed in the backward pass
+  (``--grad_checkpoint``, exact gradients) to keep the peak memory down.
 * Generator losses, returned by :meth:`generator_losses` as a dict and summed in one place:
   ``G_GAN`` (``--lambda_GAN`` per discriminator, 1/6 as in the reference), ``G_L1`` (both
   stages, normalised per sample by its own hole: independent of batch size, defect 2),
