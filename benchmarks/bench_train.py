@@ -2,10 +2,11 @@
 
     python -m benchmarks.bench_train [--configs 256x12 128x8] [--iters 3] [--dataroot D/straightened]
         [--vertebra_json D/vertebra_data.json] [--num_threads 0] [--torch_threads N] [--device cpu|cuda]
-        [--no_amp]
+        [--no_amp] [--d_window band|full] [--grad_checkpoint auto|on|off]
 
 Each configuration ``SIZExBATCH`` runs in its own process (so peak memory is its own) at the
-reference's model configuration (ngf 16, ndf 64, three PatchGANs, vanilla GAN): one warm-up
+reference's model configuration (ngf 16, ndf 64, three PatchGANs, vanilla GAN; the table states
+ngf/ndf, and ``--d_window`` / ``--grad_checkpoint`` pick the model's options): one warm-up
 iteration, then ``--iters`` timed iterations of the real training loop (next batch from the
 DataLoader, ``set_input``, ``optimize_parameters``). With ``--dataroot`` the batches come from
 ``aligned_sagittal`` on that straightened root when its slices have the configured size and
@@ -49,6 +50,7 @@ def run_one(args: argparse.Namespace) -> dict:
     common += ["--num_threads", str(args.num_threads), "--checkpoints_dir", "/tmp/bench_train_ckpt"]
     common += ["--gpu_ids", "0" if args.device == "cuda" else "-1", "--crop_size", str(size)]
     common += ["--no_amp"] if args.no_amp else []
+    common += ["--d_window", args.d_window, "--grad_checkpoint", args.grad_checkpoint]
     source = "synthetic"
     opt = None
     if args.dataroot:
@@ -106,6 +108,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "device": str(model.device),
         "amp": model.use_amp,
         "torch_threads": torch.get_num_threads(),
+        "ngf_ndf": f"{opt.ngf}/{opt.ndf}",
+        "options": f"{opt.d_window}/{opt.grad_checkpoint}",
         "data": source,
         "s_per_iteration": it,
         "cpu_s_per_iteration": statistics.median(cpu),
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0: default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no_amp", action="store_true", help="CUDA: fp32 instead of bf16 + channels_last")
+    parser.add_argument("--d_window", default="band", choices=["band", "full"], help="local/seg D input")
+    parser.add_argument("--grad_checkpoint", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--configs"]
     passthrough = [a for a in passthrough if a not in args.configs]
     print(
-        f"{'config':>8} {'device':>6} {'amp':>5} {'thr':>3} {'data':>16} {'s/it':>8} {'wait s':>7} "
+        f"{'config':>8} {'device':>6} {'amp':>5} {'thr':>3} {'ngf/ndf':>7} {'window/ckpt':>11} "
+        f"{'data':>16} {'s/it':>8} {'wait s':>7} "
         f"{'load %':>6} {'peak GB':>7} {'CPU s/it':>8}"
     )
     for config in args.configs:
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         r = json.loads(lines[-1][7:])
         print(
-            f"{r['config']:>8} {r['device']:>6} {r['amp']!s:>5} {r['torch_threads']:>3} {r['data']:>16} "
+            f"{r['config']:>8} {r['device']:>6} {r['amp']!s:>5} {r['torch_threads']:>3} {r['ngf_ndf']:>7} "
+            f"{r['options']:>11} {r['data']:>16} "
             f"{r['s_per_iteration']:>8.2f} {r['data_wait_s']:>7.3f} {r['loading_share_pct']:>6.1f} "
             f"{r['peak_memory_gb']:>7.2f} {r['cpu_s_per_iteration']:>8.2f}"
         )

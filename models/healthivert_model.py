@@ -11,7 +11,11 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
 * Three PatchGANs in ``netD`` (an ``nn.ModuleDict``, saved as ``<epoch>_net_D.pth``): ``global``
   (fine composite vs ground truth), ``local`` (hole band x central ``--local_width`` of the
   columns) and ``seg`` (fine segmentation, binarised by a straight-through estimator so its
-  generator term trains G, vs the target label).
+  generator term trains G, vs the target label). By default (``--d_window band``) ``local`` and
+  ``seg`` see a window centred on each sample's hole band instead of the reference's zero-padded
+  full images (see :meth:`HealthiVertModel._discriminator_inputs`); ``--d_window full`` is the
+  reference's input. On the CPU the generator's activations are recomputed in the backward pass
+  (``--grad_checkpoint``, exact gradients) to keep the peak memory down.
 * Generator losses, returned by :meth:`generator_losses` as a dict and summed in one place:
   ``G_GAN`` (``--lambda_GAN`` per discriminator, 1/6 as in the reference), ``G_L1`` (both
   stages, normalised per sample by its own hole: independent of batch size, defect 2),
@@ -40,7 +44,7 @@ from models.losses.reconstruction import hole_l1
 from models.metrics import masked_psnr, masked_ssim
 from models.networks import init_net
 from models.networks.inpaint import InpaintGenerator
-from models.networks.patchgan import define_D
+from models.networks.patchgan import define_D, receptive_field
 
 SAMPLE_TENSORS = (
     "ct",
@@ -69,9 +73,45 @@ def straight_through_binary(probability: torch.Tensor) -> torch.Tensor:
 
 def central_columns(width: int, fraction: float, device: torch.device) -> torch.Tensor:
     """(1, 1, 1, W) mask of the central ``fraction`` of the columns (at least one column)."""
-    half = max(1, round(width * fraction / 2))
+    first, stop = column_span(width, fraction)
     c = torch.arange(width, device=device)
-    return ((c >= width // 2 - half) & (c < width // 2 + half)).float().reshape(1, 1, 1, width)
+    return ((c >= first) & (c < stop)).float().reshape(1, 1, 1, width)
+
+
+def column_span(width: int, fraction: float, min_cols: int = 0) -> tuple[int, int]:
+    """First and last+1 of the central ``fraction`` of ``width`` columns (at least two, and at
+    least ``min_cols`` up to ``width``)."""
+    half = max(1, round(width * fraction / 2), -(-min_cols // 2))
+    return max(0, width // 2 - half), min(width, width // 2 + half)
+
+
+def band_window(
+    band_top: torch.Tensor, band_bottom: torch.Tensor, image_rows: int, min_rows: int, multiple: int = 8
+) -> tuple[torch.Tensor, int]:
+    """Rows of a window shared by the batch that holds every sample's hole band, centred on it.
+
+    Args:
+        band_top, band_bottom: per-sample hole rows ``[band_top, band_bottom)``, shape (B,) or (B, 1).
+        image_rows: rows of the image.
+        min_rows: the window has at least this many rows (a discriminator's receptive field).
+        multiple: the window's rows are rounded up to a multiple of this.
+    Returns:
+        ``(start, rows)``: per-sample first row (B,) int64 and the common window height; the
+        window lies inside the image and contains ``[band_top, band_bottom)``.
+    """
+    top, bottom = band_top.reshape(-1).long(), band_bottom.reshape(-1).long()
+    rows = max(int((bottom - top).max()), min_rows)
+    rows = min(image_rows, -(-rows // multiple) * multiple)
+    # centred, it holds the band (rows >= its height); the clamp keeps it inside the image
+    start = torch.div(top + bottom, 2, rounding_mode="floor") - rows // 2
+    return start.clamp(0, image_rows - rows), rows
+
+
+def crop_rows(x: torch.Tensor, start: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows ``[start_b, start_b + rows)`` of each sample of ``x`` (B, C, H, W); differentiable."""
+    b, c, _, w = x.shape
+    index = (start.reshape(b, 1) + torch.arange(rows, device=x.device)).reshape(b, 1, rows, 1)
+    return torch.gather(x, 2, index.expand(b, c, rows, w))
 
 
 def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS) -> dict:
@@ -112,6 +152,21 @@ class HealthiVertModel(BaseModel):
         g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
         )
+        g.add_argument(
+            "--d_window",
+            choices=("band", "full"),
+            default="band",
+            help="local and seg D inputs: 'band' = a window around the hole band (rows: the band, at "
+            "least one D receptive field; local columns: the central band), 'full' = the whole "
+            "zero-padded image as in the reference (same losses, about 2x slower training)",
+        )
+        g.add_argument(
+            "--grad_checkpoint",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="recompute G's activations in the backward pass (less memory, about one more G "
+            "forward per step); auto = on for the CPU, off on CUDA",
+        )
         return parser
 
     def __init__(self, opt: argparse.Namespace):
@@ -142,6 +197,10 @@ class HealthiVertModel(BaseModel):
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
         self.netG = InpaintGenerator(opt.ngf).to(self.device)
+        mode = getattr(opt, "grad_checkpoint", "off")
+        self.netG.checkpointing = self.isTrain and (
+            mode == "on" or (mode == "auto" and self.device.type == "cpu")
+        )
         if self.isTrain:
             self.netD = init_net(
                 nn.ModuleDict({k: define_D(1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm) for k in D_NAMES}),
@@ -168,8 +227,13 @@ class HealthiVertModel(BaseModel):
         self.real_A, self.real_B, self.cam = s["ct_masked"], s["ct"], s["cam"]
         self.target_mask = s["target_mask"]
         self.image_paths = list(input.get("path", []))
-        w = s["ct"].shape[-1]
+        h, w = s["ct"].shape[-2:]
         self.local_mask = s["hole"] * central_columns(w, self.opt.local_width, self.device)
+        self.window = None
+        if getattr(self.opt, "d_window", "full") == "band" and self.isTrain:
+            field = receptive_field(self.netD["local"])
+            start, rows = band_window(s["band_top"], s["band_bottom"], h, min(h, field))
+            self.window = (start, rows, *column_span(w, self.opt.local_width, field))
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self) -> None:
@@ -191,15 +255,33 @@ class HealthiVertModel(BaseModel):
         self.edge_real = sobel_magnitude(self.target_mask)
 
     def _discriminator_inputs(self, detach: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{name: (fake, real)} for the three discriminators."""
+        """{name: (fake, real)} for the three discriminators.
+
+        ``global`` sees the whole composite. ``local`` sees the hole band x central columns, zero
+        elsewhere, and ``seg`` the binarised fine segmentation vs the target label. With
+        ``--d_window band`` (default) those two see only a window shared by the batch, centred
+        on each sample's hole band: its rows hold the whole band (at least one receptive field of
+        the D), its columns the local columns widened to one receptive field (local) or all
+        columns (seg). What is cut away is, for ``local``, zeros in fake and real alike and, for
+        ``seg``, rows where the target label is zero and where the generated segmentation is never
+        used (the composite takes only the inserted band); the per-pixel computation inside is the
+        reference's, on a fraction of the pixels.
+        """
         fake = self.fake_B.detach() if detach else self.fake_B
         seg = straight_through_binary(self.seg_fine)
         seg = seg.detach() if detach else seg
-        real = self.real_B
+        real, target, mask = self.real_B, self.target_mask, self.local_mask
+        local_fake, local_real = fake, real
+        if self.window is not None:
+            start, rows, first, stop = self.window
+            seg, target = crop_rows(seg, start, rows), crop_rows(target, start, rows)
+            mask = crop_rows(mask.expand_as(fake), start, rows)[..., first:stop]
+            local_fake = crop_rows(fake, start, rows)[..., first:stop]
+            local_real = crop_rows(real, start, rows)[..., first:stop]
         return {
             "global": (fake, real),
-            "local": (fake * self.local_mask, real * self.local_mask),
-            "seg": (seg, self.target_mask),
+            "local": (local_fake * mask, local_real * mask),
+            "seg": (seg, target),
         }
 
     def _D(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """HealthiVert networks, per-sample contextual attention, gradients of EEM and the seg-D, synthesis."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import default_collate
 
 from models.composite import compose
-from models.healthivert_model import HealthiVertModel, straight_through_binary
-from models.networks.contextual_attention import contextual_attention
+from models.healthivert_model import HealthiVertModel, band_window, crop_rows
+from models.networks.contextual_attention import _diagonal_sum, contextual_attention
 from models.networks.inpaint import InpaintGenerator
 from models.networks.patchgan import define_D
 from options.train_options import TrainOptions
@@ -92,7 +94,8 @@ def test_edge_loss_and_seg_discriminator_train_the_generator(tmp_path):
     assert grad_norm(model.netG.fine.seg_head) > 0 and grad_norm(model.netG.fine.hallucinate) > 0
     model.netG.zero_grad()
     model.forward()
-    seg_term = model.criterionGAN(model.netD["seg"](straight_through_binary(model.seg_fine)), True, False)
+    seg_fake, _ = model._discriminator_inputs(detach=False)["seg"]  # the training path (window)
+    seg_term = model.criterionGAN(model.netD["seg"](seg_fake), True, False)
     seg_term.backward()
     assert grad_norm(model.netG.fine.seg_head) > 0
     # the height heads learn through the height loss only (the composite's rounding passes no gradient)
@@ -100,6 +103,77 @@ def test_edge_loss_and_seg_discriminator_train_the_generator(tmp_path):
     model.forward()
     model.generator_losses()["height"].backward()
     assert model.netG.coarse.height.fc.weight.grad.abs().sum() > 0
+
+
+def test_band_window_holds_every_band():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows_img = int(torch.randint(24, 300, (1,), generator=g))
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        height = torch.randint(1, rows_img + 1, (n,), generator=g)
+        top = (torch.rand(n, generator=g) * (rows_img - height + 1)).long()
+        min_rows = int(torch.randint(1, 80, (1,), generator=g))
+        start, rows = band_window(top, top + height, rows_img, min(min_rows, rows_img))
+        assert rows == min(rows_img, -(-max(int(height.max()), min_rows) // 8) * 8)
+        assert (start >= 0).all() and (start + rows <= rows_img).all()
+        assert (start <= top).all() and (start + rows >= top + height).all()
+    x = torch.arange(2 * 10 * 3.0).reshape(2, 1, 10, 3).requires_grad_(True)
+    crop = crop_rows(x, torch.tensor([1, 4]), 5)
+    assert torch.equal(crop[0], x[0, :, 1:6].detach()) and torch.equal(crop[1], x[1, :, 4:9].detach())
+    crop.sum().backward()
+    assert x.grad.sum() == 2 * 5 * 3
+
+
+def test_local_and_seg_discriminators_see_the_band_window(tmp_path):
+    """The window drops only what the reference's full-size inputs hold outside the hole band:
+    zeros (local) and rows the target label and the composite never use (seg)."""
+    size = 160
+    b = batch([0, 1], size=size)
+    full = model_for(tmp_path, "--d_window", "full", size=size)
+    full.set_input(b)
+    full.forward()
+    window = model_for(tmp_path, size=size)
+    window.set_input(b)
+    window.forward()
+    assert torch.equal(full.fake_B, window.fake_B)
+    f, w = full._discriminator_inputs(detach=True), window._discriminator_inputs(detach=True)
+    assert f["local"][0].shape == (2, 1, size, size) and f["seg"][0].shape == (2, 1, size, size)
+    wl, ws = w["local"][0], w["seg"][0]
+    assert wl.shape[-2] == ws.shape[-2] == 72 and wl.shape[-1] == 70 and ws.shape[-1] == size
+    for full_x, window_x in (*zip(f["local"], w["local"], strict=True), (f["seg"][1], w["seg"][1])):
+        # local fake and real, and the seg target: the window holds everything that is not zero
+        assert full_x.abs().sum() > 0
+        assert torch.allclose(full_x.abs().sum((1, 2, 3)), window_x.abs().sum((1, 2, 3)))
+    start, rows = window.window[:2]
+    assert torch.equal(ws, crop_rows(f["seg"][0], start, rows))  # the generated seg: the band's rows
+    window.optimize_parameters()  # a full step on the windows
+    assert all(torch.isfinite(torch.tensor(list(window.get_current_losses().values()))))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing the stages in the backward pass changes neither the gradients nor spectral
+    norm's power-iteration vectors (one step per forward, as without checkpointing)."""
+    torch.manual_seed(0)
+    plain = InpaintGenerator(8)
+    recomputed = copy.deepcopy(plain)
+    recomputed.checkpointing = True
+    b = batch([0, 1])
+    for net in (plain, recomputed):
+        out = net(b["ct_masked"], b["hole"], b["slice_ratio"], b["cam"])
+        loss = out.fine_image.sum() + out.coarse_seg.sum() + out.fine_seg.pow(2).sum() + out.fine_height.sum()
+        loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    for (name, u), v in zip(plain.named_buffers(), recomputed.buffers(), strict=True):
+        assert torch.equal(u, v), name
+    assert recomputed.fine.image_head.conv.parametrizations.weight[0].training  # mode restored
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_attention_fusion_equals_the_identity_convolution(k):
+    s = torch.randn(2, 1, 37, 37)
+    eye = torch.eye(k).reshape(1, 1, k, k)
+    assert torch.allclose(_diagonal_sum(s, k), torch.nn.functional.conv2d(s, eye, padding=k // 2), atol=1e-6)
 
 
 def test_l1_term_does_not_change_with_batch_size(tmp_path):

@@ -17,16 +17,30 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _diagonal_sum(s: torch.Tensor, k: int) -> torch.Tensor:
+    """``conv2d(s, eye(k), padding=k // 2)`` for a (N, 1, R, C) map, as k shifted adds.
+
+    A one-channel convolution over a (L, L) score matrix is slow on the CPU (oneDNN has nothing to
+    vectorise over); the identity kernel only sums ``s`` along the diagonal, so shifted slices of
+    the zero-padded map give the same values (up to float rounding order) for a fraction of the time.
+    """
+    pad = k // 2
+    r, c = s.shape[-2:]
+    padded = F.pad(s, (pad, pad, pad, pad))
+    out = padded[..., :r, :c]
+    for a in range(1, k):
+        out = out + padded[..., a : a + r, a : a + c]
+    return out
+
+
 def _fuse(score: torch.Tensor, hb: int, wb: int, hf: int, wf: int, fuse_k: int) -> torch.Tensor:
     """Smooth a (B, Lb, hf, wf) score along the image's rows, then its columns, with an identity kernel."""
     b = score.shape[0]
-    eye = torch.eye(fuse_k, device=score.device, dtype=score.dtype).reshape(1, 1, fuse_k, fuse_k)
-    pad = fuse_k // 2
     # rows of the score matrix = background patches (hb, wb) in raster order; columns = (hf, wf)
     s = score.reshape(b, 1, hb * wb, hf * wf)
-    s = F.conv2d(s, eye, padding=pad)  # neighbours along raster order (i.e. along the columns)
+    s = _diagonal_sum(s, fuse_k)  # neighbours along raster order (i.e. along the columns)
     s = s.reshape(b, hb, wb, hf, wf).permute(0, 2, 1, 4, 3).reshape(b, 1, wb * hb, wf * hf)
-    s = F.conv2d(s, eye, padding=pad)  # and along the rows (transposed order)
+    s = _diagonal_sum(s, fuse_k)  # and along the rows (transposed order)
     s = s.reshape(b, wb, hb, wf, hf).permute(0, 2, 1, 4, 3)
     return s.reshape(b, hb * wb, hf, wf)
 

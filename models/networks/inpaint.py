@@ -15,16 +15,26 @@ generator has 986,888 parameters (coarse 409,771, fine 577,117), as in REFERENCE
 Any size works: :class:`InpaintGenerator` pads to multiples of 8 (two stride-2 stages, then
 matching at half that resolution) and crops back.
 No device is hard-wired.
+
+Activation checkpointing (:attr:`InpaintGenerator.checkpointing`, ``--grad_checkpoint``): five
+segments (coarse encoder and decoder; fine hallucination branch, attention branch and decoder)
+keep only their inputs and outputs for the backward pass and run their forward again there,
+which cuts the generator's share of peak memory to about its largest segment for about one
+more generator forward per step. The recomputation gives the same values: spectral norm's power
+iteration runs once per step (in the first forward), and the recomputation reuses the ``u, v``
+vectors it left, as spectral norm does in eval mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
 
 from models.networks.contextual_attention import ContextualAttention
 
@@ -62,6 +72,29 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+@contextlib.contextmanager
+def _no_power_iteration(module: nn.Module):
+    """Spectral norm in ``module`` without a power-iteration step (eval mode), restored on exit."""
+    norms = [m for m in module.modules() if type(m).__name__ == "_SpectralNorm"]
+    modes = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(norms, modes, strict=True):
+            m.training = mode
+
+
+def _segment(stage: nn.Module, fn, *args: torch.Tensor):
+    """``fn(*args)``, checkpointed when ``stage.checkpointing`` is set and gradients are recorded;
+    the recomputation runs ``stage``'s spectral norms without a power-iteration step."""
+    if not (getattr(stage, "checkpointing", False) and torch.is_grad_enabled()):
+        return fn(*args)
+    contexts = lambda: (contextlib.nullcontext(), _no_power_iteration(stage))  # noqa: E731
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
 class CoarseOutput(NamedTuple):
     image: torch.Tensor
     seg: torch.Tensor
@@ -71,6 +104,7 @@ class CoarseOutput(NamedTuple):
 class CoarseGenerator(nn.Module):
     def __init__(self, ngf: int = 16, in_ch: int = 3):
         super().__init__()
+        self.checkpointing = False  # see :func:`_segment`
         c = ngf
         self.encoder = nn.Sequential(
             ConvBlock(in_ch, c, 5),
@@ -92,18 +126,22 @@ class CoarseGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> CoarseOutput:
         """``x`` (B, 3, H, W): masked CT, slice ratio, hole; ``guidance`` (B, 1, H, W) = 1 - CAM."""
-        z = self.encoder(x)
+        z = _segment(self, self.encoder, x)
+        return CoarseOutput(*_segment(self, self._decode, z, guidance))
+
+    def _decode(self, z: torch.Tensor, guidance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.height(z)
         z = _up(self.middle(z))
         half = F.interpolate(guidance, size=z.shape[-2:], mode="nearest")
         z = _up(self.dec_half(torch.cat([z, half.to(z.dtype)], 1)))
         z = self.dec_full(torch.cat([z, guidance.to(z.dtype)], 1))
-        return CoarseOutput(self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p)
+        return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p
 
 
 class FineGenerator(nn.Module):
     def __init__(self, ngf: int = 16, in_ch: int = 4):
         super().__init__()
+        self.checkpointing = False  # see :func:`_segment`
         c = ngf
         self.hallucinate = nn.Sequential(
             ConvBlock(in_ch, c, 5),
@@ -134,14 +172,20 @@ class FineGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, coarse_image: torch.Tensor, hole: torch.Tensor) -> CoarseOutput:
         """``x`` (B, 4, H, W): masked CT, coarse segmentation, hole, slice ratio."""
-        a = self.attend_in(x)
-        a = self.attend_out(self.attention(a, hole))
-        z = self.merge(torch.cat([self.hallucinate(x), a], 1))
+        a = _segment(self, self._attend, x, hole)
+        z = _segment(self, self.hallucinate, x)
+        return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image))
+
+    def _attend(self, x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        return self.attend_out(self.attention(self.attend_in(x), hole))
+
+    def _decode(self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = self.merge(torch.cat([z, a], 1))
         p = self.height(z)
         z = self.dec_half(_up(self.middle(z)))
         z = self.dec_full(_up(z))
-        z = torch.cat([z, coarse_image.to(z.dtype)], 1)
-        return CoarseOutput(self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p)
+        z = torch.cat([z, coarse.to(z.dtype)], 1)
+        return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p
 
 
 class GeneratorOutput(NamedTuple):
@@ -154,12 +198,25 @@ class GeneratorOutput(NamedTuple):
 
 
 class InpaintGenerator(nn.Module):
-    """Coarse then fine stage; inputs as in the sample contract (all (B, 1, H, W) except ``ratio``)."""
+    """Coarse then fine stage; inputs as in the sample contract (all (B, 1, H, W) except ``ratio``).
 
-    def __init__(self, ngf: int = 16):
+    ``checkpointing`` (default off): recompute each stage's activations in the backward pass
+    instead of keeping them (used only when gradients are being recorded).
+    """
+
+    def __init__(self, ngf: int = 16, checkpointing: bool = False):
         super().__init__()
         self.coarse = CoarseGenerator(ngf)
         self.fine = FineGenerator(ngf)
+        self.checkpointing = checkpointing
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.coarse.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool) -> None:
+        self.coarse.checkpointing = self.fine.checkpointing = bool(on)
 
     def forward(
         self, ct_masked: torch.Tensor, hole: torch.Tensor, slice_ratio: torch.Tensor, cam: torch.Tensor

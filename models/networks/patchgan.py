@@ -60,6 +60,17 @@ class PixelDiscriminator(nn.Module):
         return self.net(x)
 
 
+def receptive_field(net: nn.Module) -> int:
+    """Side in pixels of the input patch one output of ``net`` sees (its Conv2d layers in order).
+
+    70 for the basic PatchGAN, 1 for the pixel discriminator.
+    """
+    rf = 1
+    for conv in reversed([m for m in net.modules() if isinstance(m, nn.Conv2d)]):
+        rf = (rf - 1) * conv.stride[0] + conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+    return rf
+
+
 def define_D(input_nc: int, ndf: int = 64, netD: str = "basic", n_layers_D: int = 3, norm: str = "batch"):
     """The discriminator ``--netD`` names: basic (70x70 PatchGAN) | n_layers | pixel (not initialised)."""
     if netD == "basic":
