@@ -63,6 +63,9 @@ SAMPLE_TENSORS = (
     "row_spacing_mm",
 )
 D_NAMES = ("global", "local", "seg")
+# --grad_checkpoint auto on the CPU: recompute G's activations only for batches of at least this many
+# pixels (half the reference's 12 x 256 x 256), where they cost gigabytes; small batches keep the time.
+AUTO_CHECKPOINT_PIXELS = 6 * 256 * 256
 
 
 def straight_through_binary(probability: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,8 @@ class HealthiVertModel(BaseModel):
             choices=("auto", "on", "off"),
             default="auto",
             help="recompute G's activations in the backward pass (less memory, about one more G "
-            "forward per step); auto = on for the CPU, off on CUDA",
+            "forward per step); auto = on the CPU for batches of at least 6 x 256 x 256 pixels, "
+            "off on CUDA",
         )
         return parser
 
@@ -197,10 +201,8 @@ class HealthiVertModel(BaseModel):
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
         self.netG = InpaintGenerator(opt.ngf).to(self.device)
-        mode = getattr(opt, "grad_checkpoint", "off")
-        self.netG.checkpointing = self.isTrain and (
-            mode == "on" or (mode == "auto" and self.device.type == "cpu")
-        )
+        self.checkpoint_mode = getattr(opt, "grad_checkpoint", "off") if self.isTrain else "off"
+        self.netG.checkpointing = self.checkpoint_mode == "on"
         if self.isTrain:
             self.netD = init_net(
                 nn.ModuleDict({k: define_D(1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm) for k in D_NAMES}),
@@ -224,6 +226,9 @@ class HealthiVertModel(BaseModel):
         for name in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam"):
             s[name] = self.memory_format(s[name].float())
         self.sample = s
+        if self.checkpoint_mode == "auto":
+            big = s["ct"].numel() >= AUTO_CHECKPOINT_PIXELS
+            self.netG.checkpointing = self.device.type == "cpu" and big
         self.real_A, self.real_B, self.cam = s["ct_masked"], s["ct"], s["cam"]
         self.target_mask = s["target_mask"]
         self.image_paths = list(input.get("path", []))

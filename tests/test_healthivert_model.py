@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 from models.composite import compose
-from models.healthivert_model import HealthiVertModel, band_window, crop_rows
+from models.healthivert_model import AUTO_CHECKPOINT_PIXELS, HealthiVertModel, band_window, crop_rows
 from models.networks.contextual_attention import _diagonal_sum, contextual_attention
 from models.networks.inpaint import InpaintGenerator
 from models.networks.patchgan import define_D
@@ -167,6 +167,22 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for (name, u), v in zip(plain.named_buffers(), recomputed.buffers(), strict=True):
         assert torch.equal(u, v), name
     assert recomputed.fine.image_head.conv.parametrizations.weight[0].training  # mode restored
+
+
+def test_auto_checkpointing_only_for_large_cpu_batches(tmp_path):
+    """``--grad_checkpoint auto`` recomputes activations on the CPU for big batches only."""
+    model = model_for(tmp_path)  # auto is the default
+    model.set_input(batch([0, 1]))
+    assert not model.netG.checkpointing
+    big = {
+        k: (v.repeat(1, 1, 64, 64) if torch.is_tensor(v) and v.dim() == 4 else v)
+        for k, v in batch([0] * 6).items()
+    }
+    assert big["ct"].numel() >= AUTO_CHECKPOINT_PIXELS
+    model.set_input(big)
+    assert model.netG.checkpointing
+    assert not model_for(tmp_path, "--grad_checkpoint", "off").netG.checkpointing
+    assert model_for(tmp_path, "--grad_checkpoint", "on").netG.checkpointing
 
 
 @pytest.mark.parametrize("k", [3, 5])
