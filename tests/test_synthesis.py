@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval_3d_sagittal_twostage as synth_cli
-from models.synthesis import SynthesisSettings, fuse_planes, step_order, synthesise_crop
+from models.synthesis import SynthesisSettings, auto_batch_slices, fuse_planes, step_order, synthesise_crop
 from options.base_options import save_options
 from tests.conftest import write_nifti
 from tests.fixtures.synth_model import SynthModel
@@ -382,3 +382,12 @@ def test_cuda_matches_cpu(dataset, tmp_path):
         assert synth_cli.main(argv) == 0
         outs.append(np.asarray(nib.load(str(out / "label_fake" / "p1_20.nii.gz")).dataobj))
     assert (outs[0] != outs[1]).mean() < 0.01
+
+
+def test_default_slices_per_pass():
+    """All slices of a step on a GPU; on the CPU about 65k pixels per pass, at least one slice."""
+    assert auto_batch_slices("cuda", 256 * 256) == 0
+    assert auto_batch_slices("cpu", 256 * 256) == 1
+    assert auto_batch_slices("cpu", 512 * 512) == 1
+    assert auto_batch_slices("cpu", 128 * 128) == 4
+    assert auto_batch_slices("cpu", 96 * 64) == 10
