@@ -3,7 +3,8 @@
     python -m data.phantom --out DIR --patients N --seed S [--spacing_mm 1.0] [--levels T10-L5]
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
                            [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
-                           [--tilt_deg 6] [--oblique_deg 5] [--quirks]
+                           [--tilt_deg 6] [--oblique_deg 5] [--lumbosacral_deg 20]
+                           [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -30,14 +31,16 @@ Quirks of real scans (:class:`Quirks`, each a flag, all off by default) reproduc
 scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral; the truth csv
 says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
 slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
-(``tilt_to_curve_deg`` in the geometry json). Not drawn yet: an oblique affine, a steep L5/S1,
-transitional anatomy (L6, T13, a missing level), osteophytes.
+(``tilt_to_curve_deg`` in the geometry json), an oblique affine (the grid turned against the
+world axes) and a steep L5/S1 junction. Not drawn yet: transitional anatomy (L6, T13, a missing
+level), osteophytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -108,6 +111,8 @@ class Quirks:
         oblique_deg: the scan's grid turned by up to this much about its left-right and
             anterior-posterior axes (an oblique affine; the slices of ``slice_mm`` follow the grid).
             The rendered volumes are resampled onto it (CT linear, labels nearest neighbour).
+        lumbosacral_deg: a steep lumbosacral junction: the sacrum turned by 70-100 % of this much
+            more lordosis against L5 (a wedge-shaped L5/S1 disc; L5's own shape is unchanged).
     """
 
     truncate: tuple[str, ...] = ()
@@ -115,6 +120,7 @@ class Quirks:
     bevel_mm: float = 0.0
     tilt_deg: float = 0.0
     oblique_deg: float = 0.0
+    lumbosacral_deg: float = 0.0
 
     @classmethod
     def all_on(cls, slice_mm: float = 0.0) -> Quirks:
@@ -223,6 +229,9 @@ def build_patient(
     full = np.array([v in levels for v in elements])
     alpha = np.interp(positions, p_grid, alpha_p)
     beta = np.interp(positions, p_grid, beta_p)
+    if quirks is not None and quirks.lumbosacral_deg > 0 and elements[-1] == label_schemes.SACRUM:
+        qrng = quirk_rng if quirk_rng is not None else np.random.default_rng(0)
+        alpha[-1] -= quirks.lumbosacral_deg * qrng.uniform(0.7, 1.0)  # lordosis: alpha falls caudally
     tilt = 0.0 if straight else rng.uniform(-4, 4)
     alpha_off = alpha[full].mean() - tilt
     beta_off = beta[full].mean()
@@ -870,6 +879,8 @@ def generate(
             raise InputError(f"--slice_mm must be a multiple of --spacing_mm, got {quirks.slice_mm}")
         if quirks.bevel_mm < 0 or not 0 <= quirks.tilt_deg <= 20 or not 0 <= quirks.oblique_deg <= 20:
             raise InputError("--bevel_mm must be >= 0, --tilt_deg and --oblique_deg in [0, 20]")
+        if not 0 <= quirks.lumbosacral_deg <= 30:
+            raise InputError(f"--lumbosacral_deg must be in [0, 30], got {quirks.lumbosacral_deg}")
     args = [
         (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
     ]
@@ -925,6 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--oblique_deg", type=float, default=0.0, help="the scan's grid turned up to this (oblique affine)"
     )
     quirks.add_argument(
+        "--lumbosacral_deg", type=float, default=0.0, help="extra lordosis at L5/S1 (steep junction), degrees"
+    )
+    quirks.add_argument(
         "--quirks", action="store_true", help="all of them: truncate all three sides, bevel 5 mm, tilt 6 deg"
     )
     return parser
@@ -964,13 +978,13 @@ def option_problem(opt: argparse.Namespace) -> str | None:
 
 
 def quirks_of(opt: argparse.Namespace) -> Quirks | None:
-    """The quirks the options ask for (None: none)."""
+    """The quirks the options ask for (None: none); ``--quirks`` with the flags outside it added."""
+    extra = {"oblique_deg": opt.oblique_deg, "lumbosacral_deg": opt.lumbosacral_deg}
     if opt.quirks:
-        return Quirks.all_on(opt.slice_mm)
+        return dataclasses.replace(Quirks.all_on(opt.slice_mm), **extra)
     truncate = tuple(t.strip() for t in opt.truncate.split(",") if t.strip())
-    if not (truncate or opt.slice_mm or opt.bevel_mm or opt.tilt_deg or opt.oblique_deg):
-        return None
-    return Quirks(truncate, opt.slice_mm, opt.bevel_mm, opt.tilt_deg, opt.oblique_deg)
+    quirks = Quirks(truncate, opt.slice_mm, opt.bevel_mm, opt.tilt_deg, **extra)
+    return None if quirks == Quirks() else quirks
 
 
 def main(argv: list[str] | None = None) -> int:

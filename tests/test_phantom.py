@@ -263,3 +263,23 @@ def test_oblique_grid_turns_the_affine_and_keeps_every_label_in_place():
         np.testing.assert_allclose(after, before, atol=0.5)
         assert (out["mask"] == vid).sum() == pytest.approx((mask == vid).sum(), rel=0.05)
     np.testing.assert_array_equal(out["body"], out["mask"])
+
+
+def test_steep_lumbosacral_junction_turns_the_sacrum_not_l5():
+    """The steep-L5/S1 quirk adds 70-100 % of its angle between L5 and the sacrum; L5 keeps its truth."""
+    from data.label_schemes import SACRUM, parse_levels
+    from data.phantom import Quirks, build_patient, truth_heights
+
+    def draw(deg):
+        rng, qrng = np.random.default_rng([3, 0]), np.random.default_rng([3, 0, 7])
+        p = build_patient(
+            "p", rng, parse_levels("L3-L5"), 2.0, 0.0, quirks=Quirks(lumbosacral_deg=deg), quirk_rng=qrng
+        )
+        by = {s.vid: s for s in p.shapes}
+        angle = np.degrees(np.arccos(np.clip(by[24].axes[0] @ by[SACRUM].axes[0], -1, 1)))
+        return angle, truth_heights(by[24], fractured=False).as_array()
+
+    flat, l5_flat = draw(0.0)
+    steep, l5_steep = draw(20.0)
+    assert 14.0 - 1e-6 <= steep - flat <= 20.0 + 1e-6
+    np.testing.assert_allclose(l5_steep, l5_flat)
