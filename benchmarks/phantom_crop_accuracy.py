@@ -1,7 +1,8 @@
 """Accuracy on the phantom: heights and de-pedicled volumes on straightened crops against truth.
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
-        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--root DIR] [--details]
+        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20]
+        [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
 error statistics per region (by the definition, and by the crop's axes without the rim rule, the
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quirks", action="store_true", help="every quirk of real scans on")
     parser.add_argument("--slice_mm", type=float, default=0.0, help="slice thickness (e.g. 3)")
     parser.add_argument("--oblique_deg", type=float, default=0.0, help="oblique affine quirk (degrees)")
+    parser.add_argument("--lumbosacral_deg", type=float, default=0.0, help="steep L5/S1 quirk (degrees)")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
     parser.add_argument(
         "--label_resampling",
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if opt.quirks
         else (Quirks(slice_mm=opt.slice_mm) if opt.slice_mm else None)
     )
-    if opt.oblique_deg:
-        quirks = dataclasses.replace(quirks or Quirks(), oblique_deg=opt.oblique_deg)
+    if opt.oblique_deg or opt.lumbosacral_deg:
+        quirks = dataclasses.replace(
+            quirks or Quirks(), oblique_deg=opt.oblique_deg, lumbosacral_deg=opt.lumbosacral_deg
+        )
     with contextlib.ExitStack() as stack:
         root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if not (root / "truth" / "vertebrae.csv").is_file():
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{opt.patients} phantom patients at {opt.spacing_mm} mm"
         f"{f' with {opt.slice_mm} mm slices' if opt.slice_mm else ''}"
         f"{' with every quirk' if opt.quirks else ''}"
-        f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}, "
+        f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
+        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}, "
         f"{len(rows)} full levels "
         f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "
         f"straightened in {seconds / opt.patients:.1f} s/patient ({opt.workers} workers)"
