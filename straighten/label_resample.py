@@ -22,15 +22,22 @@ neighbour box covers, so memory and time stay those of a few bodies, not of the 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy import ndimage
 
 from data.nifti_io import resample_to_grid, voxel_sizes
 
+log = logging.getLogger(__name__)
+
 MODES = ("nearest", "linear", "distance")
 
 # Input voxels around a label's box: room for its field to fall off.
 SOURCE_MARGIN = 2
+# A label whose box holds more input voxels (stray islands far apart, very fine scans) is
+# resampled by nearest neighbour, which needs no field: memory stays bounded.
+MAX_FIELD_VOXELS = 24_000_000
 
 
 class LabelFields:
@@ -44,12 +51,17 @@ class LabelFields:
         self.mode = mode
         self.spacing = voxel_sizes(self.affine)
         self.boxes = ndimage.find_objects(labels)
-        self._fields: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._fields: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
 
-    def field(self, vid: int) -> tuple[np.ndarray, np.ndarray]:
-        """(field, start index) of label ``vid`` on its padded box of the input."""
+    def field(self, vid: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(field, start index) of label ``vid`` on its padded box of the input; None for a box
+        over ``MAX_FIELD_VOXELS``."""
         if vid not in self._fields:
             box = self.boxes[vid - 1]
+            if np.prod([b.stop - b.start + 2 * SOURCE_MARGIN for b in box]) > MAX_FIELD_VOXELS:
+                log.warning("label %d spans too large a box for a smooth crop; nearest neighbour", vid)
+                self._fields[vid] = None
+                return None
             lo = np.array([max(0, b.start - SOURCE_MARGIN) for b in box])
             hi = np.array(
                 [min(n, b.stop + SOURCE_MARGIN) for b, n in zip(box, self.labels.shape, strict=True)]
@@ -77,15 +89,20 @@ class LabelFields:
         threshold = 0.5 if self.mode == "linear" else 0.0
         best = np.full(out_shape, threshold, dtype=np.float32)
         out = np.zeros(out_shape, dtype=nearest.dtype)
+        fallback = []
         for vid, box in enumerate(ndimage.find_objects(nearest), start=1):
             if box is None or self.boxes[vid - 1] is None:
+                continue
+            field = self.field(vid)
+            if field is None:
+                fallback.append(vid)
                 continue
             obox = tuple(
                 slice(max(0, b.start - margin), min(n, b.stop + margin))
                 for b, n in zip(box, out_shape, strict=True)
             )
             ostart = np.array([b.start for b in obox], dtype=np.float64)
-            values, sstart = self.field(vid)
+            values, sstart = field
             cval = 0.0 if self.mode == "linear" else -float(self.spacing.max()) * (SOURCE_MARGIN + 1)
             sub = ndimage.affine_transform(
                 values,
@@ -101,4 +118,7 @@ class LabelFields:
             win = sub > region
             region[win] = sub[win]
             labels[win] = vid
+        if fallback:
+            keep = (out == 0) & np.isin(nearest, fallback)
+            out[keep] = nearest[keep]
         return out

@@ -66,3 +66,15 @@ def test_isotropic_labels_come_back_unchanged():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="label resampling"):
         LabelFields(np.zeros((3, 3, 3), np.uint8), np.eye(4), "cubic")
+
+
+def test_a_label_over_the_size_limit_falls_back_to_nearest(monkeypatch):
+    import straighten.label_resample as lr
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:18, 2:18] = 20
+    labels[10:18, 2:18, 2:18] = 21
+    labels[0, 0, 0] = labels[19, 19, 19] = 22  # a label in two far corners: a large box
+    monkeypatch.setattr(lr, "MAX_FIELD_VOXELS", 5000)
+    out = LabelFields(labels, np.eye(4), "distance").resample(np.eye(4), labels.shape)
+    np.testing.assert_array_equal(out, labels)
