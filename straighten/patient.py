@@ -7,6 +7,8 @@ body centroids (the posterior elements no longer pull it about, so its tangent f
 body's axis). Each crop
 is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
 there): the target keeps its true shape and the crop's affine is its true scanner position.
+Label crops go through each label's signed distance (``straighten/label_resample.py``), so thick
+slices leave ramps, not staircases, where an endplate crosses them.
 
 Only complete vertebrae get a crop (``"complete"`` in the centroid json): a vertebra whose body is
 cut by the scan's edge keeps its centroid, which steers the curve, and stays a neighbour in the
