@@ -1,7 +1,7 @@
 """Accuracy on the phantom: heights and de-pedicled volumes on straightened crops against truth.
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
-        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20]
+        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--levels T10-L5]
         [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quirks", action="store_true", help="every quirk of real scans on")
     parser.add_argument("--slice_mm", type=float, default=0.0, help="slice thickness (e.g. 3)")
+    parser.add_argument("--levels", default="T10-L5", help="full levels, e.g. T10,T11,L1-L5 (T12 missing)")
     parser.add_argument("--oblique_deg", type=float, default=0.0, help="oblique affine quirk (degrees)")
     parser.add_argument("--lumbosacral_deg", type=float, default=0.0, help="steep L5/S1 quirk (degrees)")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 opt.patients,
                 opt.seed,
                 opt.spacing_mm,
+                levels=opt.levels,
                 fracture_fraction=opt.fracture_fraction,
                 workers=opt.workers,
                 progress=False,
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' with every quirk' if opt.quirks else ''}"
         f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
         f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}, "
-        f"{len(rows)} full levels "
+        f"{len(rows)} full levels ({opt.levels}) "
         f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "
         f"straightened in {seconds / opt.patients:.1f} s/patient ({opt.workers} workers)"
     )
