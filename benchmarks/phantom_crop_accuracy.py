@@ -1,13 +1,16 @@
 """Accuracy on the phantom: heights and de-pedicled volumes on straightened crops against truth.
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
-        [--quirks] [--slice_mm 3]
+        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--levels T10-L5]
+        [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
 error statistics per region (by the definition, and by the crop's axes without the rim rule, the
 definition before the body frame), the de-pedicled label volume against the truth body volume,
 and, with ``--quirks`` (every quirk of :class:`data.phantom.Quirks`), how many cut vertebrae were
-flagged and how many complete ones were flagged wrongly.
+flagged and how many complete ones were flagged wrongly. ``--root DIR`` keeps the generated
+dataset there (and reuses it, re-straightening only, when it already holds one); ``--details``
+prints every complete vertebra's errors with the angle between its endplates and the slices.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
+import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,18 @@ from straighten import straighten_mask_3d
 from straighten.centroids import read_completeness
 
 
+def slice_angles(root: Path, pid: str) -> dict[int, float]:
+    """Per vertebra of ``pid``, the angle (degrees) between its true height axis and the scan's
+    slice axis (array axis 2 of the raw mask): 0 means its endplates lie in the slices."""
+    geometry = json.loads((root / "truth" / pid / f"{pid}_geometry.json").read_text())
+    mask = load_mask(root / "raw" / pid / f"{pid}_msk.nii.gz")
+    slice_axis = mask.affine[:3, 2] / np.linalg.norm(mask.affine[:3, 2])
+    return {
+        int(g["vid"]): float(np.degrees(np.arccos(min(1.0, abs(np.dot(g["axes"]["height"], slice_axis))))))
+        for g in geometry["vertebrae"]
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=6)
@@ -38,33 +56,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quirks", action="store_true", help="every quirk of real scans on")
     parser.add_argument("--slice_mm", type=float, default=0.0, help="slice thickness (e.g. 3)")
+    parser.add_argument("--levels", default="T10-L5", help="full levels, e.g. T10,T11,L1-L5 (T12 missing)")
+    parser.add_argument("--oblique_deg", type=float, default=0.0, help="oblique affine quirk (degrees)")
+    parser.add_argument("--lumbosacral_deg", type=float, default=0.0, help="steep L5/S1 quirk (degrees)")
+    parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
+    parser.add_argument(
+        "--label_resampling",
+        default="distance",
+        help="passed to straighten_mask_3d (distance, linear, nearest)",
+    )
+    parser.add_argument("--details", action="store_true", help="print every complete vertebra's errors")
     opt = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quirks = (
         Quirks.all_on(opt.slice_mm)
         if opt.quirks
         else (Quirks(slice_mm=opt.slice_mm) if opt.slice_mm else None)
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        generate(
-            root,
-            opt.patients,
-            opt.seed,
-            opt.spacing_mm,
-            fracture_fraction=opt.fracture_fraction,
-            workers=opt.workers,
-            progress=False,
-            quirks=quirks,
+    if opt.oblique_deg or opt.lumbosacral_deg:
+        quirks = dataclasses.replace(
+            quirks or Quirks(), oblique_deg=opt.oblique_deg, lumbosacral_deg=opt.lumbosacral_deg
         )
+    with contextlib.ExitStack() as stack:
+        root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if not (root / "truth" / "vertebrae.csv").is_file():
+            generate(
+                root,
+                opt.patients,
+                opt.seed,
+                opt.spacing_mm,
+                levels=opt.levels,
+                fracture_fraction=opt.fracture_fraction,
+                workers=opt.workers,
+                progress=False,
+                quirks=quirks,
+            )
+        start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             code = straighten_mask_3d.main(
                 ["--dataroot", str(root), "--spacing_mm", str(opt.spacing_mm), "--workers", str(opt.workers)]
+                + ["--overwrite", "--label_resampling", opt.label_resampling]
             )
+        seconds = time.perf_counter() - start
         if code:
             raise SystemExit("straightening failed")
         with open(root / "truth" / "vertebrae.csv") as f:
             rows = list(csv.DictReader(f))
-        errors, old_errors, ratios, missed, false_cut = [], [], [], [], []
+        errors, old_errors, ratios, missed, false_cut, details = [], [], [], [], [], []
         for r in rows:
             pid, vid = r["pid"], int(r["vid"])
             truth_complete = r["complete"] == "True"
@@ -86,15 +123,27 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(
                 body.sum() * np.prod(lab.spacing) / ((truth.array == vid).sum() * np.prod(truth.spacing))
             )
+            if opt.details:
+                angle = slice_angles(root, pid)[vid]
+                details.append(
+                    f"  {pid}_{vid} grade {r['grade']} {r['fracture_type']:>10}, {angle:4.1f} deg to the "
+                    f"slices: errors {np.array2string(errors[-1], precision=2)} mm, volume {ratios[-1]:.3f}"
+                )
     errors, old_errors, ratios = np.array(errors), np.array(old_errors), np.array(ratios)
     worst = np.abs(errors).max(axis=1)
     grades = np.bincount([int(r["grade"]) for r in rows], minlength=4)
     n_cut = sum(r["complete"] != "True" for r in rows)
+    if details:
+        print("\n".join(details))
     print(
         f"{opt.patients} phantom patients at {opt.spacing_mm} mm"
         f"{f' with {opt.slice_mm} mm slices' if opt.slice_mm else ''}"
-        f"{' with every quirk' if opt.quirks else ''}, {len(rows)} full levels "
-        f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view"
+        f"{' with every quirk' if opt.quirks else ''}"
+        f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
+        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}, "
+        f"{len(rows)} full levels ({opt.levels}) "
+        f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "
+        f"straightened in {seconds / opt.patients:.1f} s/patient ({opt.workers} workers)"
     )
     print(
         f"cut vertebrae flagged: {n_cut - len(missed)}/{n_cut}; "

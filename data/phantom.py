@@ -3,7 +3,8 @@
     python -m data.phantom --out DIR --patients N --seed S [--spacing_mm 1.0] [--levels T10-L5]
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
                            [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
-                           [--tilt_deg 6] [--quirks]
+                           [--tilt_deg 6] [--oblique_deg 5] [--lumbosacral_deg 20]
+                           [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -30,14 +31,16 @@ Quirks of real scans (:class:`Quirks`, each a flag, all off by default) reproduc
 scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral; the truth csv
 says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
 slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
-(``tilt_to_curve_deg`` in the geometry json). Not drawn yet: an oblique affine, a steep L5/S1,
-transitional anatomy (L6, T13, a missing level), osteophytes.
+(``tilt_to_curve_deg`` in the geometry json), an oblique affine (the grid turned against the
+world axes) and a steep L5/S1 junction. Not drawn yet: transitional anatomy (L6, T13, a missing
+level), osteophytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -105,12 +108,19 @@ class Quirks:
         bevel_mm: bevelled anterior rims: each endplate drops up to this much (mm) over the last
             4-7 mm before the anterior wall.
         tilt_deg: each body tilted (sagittal) by up to this much relative to the spine curve.
+        oblique_deg: the scan's grid turned by up to this much about its left-right and
+            anterior-posterior axes (an oblique affine; the slices of ``slice_mm`` follow the grid).
+            The rendered volumes are resampled onto it (CT linear, labels nearest neighbour).
+        lumbosacral_deg: a steep lumbosacral junction: the sacrum turned by 70-100 % of this much
+            more lordosis against L5 (a wedge-shaped L5/S1 disc; L5's own shape is unchanged).
     """
 
     truncate: tuple[str, ...] = ()
     slice_mm: float = 0.0
     bevel_mm: float = 0.0
     tilt_deg: float = 0.0
+    oblique_deg: float = 0.0
+    lumbosacral_deg: float = 0.0
 
     @classmethod
     def all_on(cls, slice_mm: float = 0.0) -> Quirks:
@@ -219,6 +229,9 @@ def build_patient(
     full = np.array([v in levels for v in elements])
     alpha = np.interp(positions, p_grid, alpha_p)
     beta = np.interp(positions, p_grid, beta_p)
+    if quirks is not None and quirks.lumbosacral_deg > 0 and elements[-1] == label_schemes.SACRUM:
+        qrng = quirk_rng if quirk_rng is not None else np.random.default_rng(0)
+        alpha[-1] -= quirks.lumbosacral_deg * qrng.uniform(0.7, 1.0)  # lordosis: alpha falls caudally
     tilt = 0.0 if straight else rng.uniform(-4, 4)
     alpha_off = alpha[full].mean() - tilt
     beta_off = beta[full].mean()
@@ -682,40 +695,78 @@ def geometry_record(patient: Patient) -> dict:
     }
 
 
+def _rotation(ax_deg: float, ay_deg: float) -> np.ndarray:
+    """Rotation about the world x (left-right) axis, then about y (anterior-posterior)."""
+    a, b = np.radians([ax_deg, ay_deg])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    return ry @ rx
+
+
+def oblique_grid(
+    vols: dict[str, np.ndarray], affine: np.ndarray, angles_deg: tuple[float, float]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The volumes resampled on a grid turned by ``angles_deg`` (about x, then y) that holds the
+    whole original volume (CT linear with air outside, labels nearest neighbour)."""
+    from data.nifti_io import resample_to_grid
+
+    lin = _rotation(*angles_deg) @ affine[:3, :3]
+    shape = np.array(vols["mask"].shape)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1).T
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    idx = np.linalg.solve(lin, world.T).T  # the corners on the turned grid (up to its origin)
+    lo, hi = np.floor(idx.min(axis=0)), np.ceil(idx.max(axis=0))
+    out_aff = np.eye(4)
+    out_aff[:3, :3] = lin
+    out_aff[:3, 3] = lin @ lo
+    out_shape = tuple(int(n) for n in hi - lo + 1)
+    out = {}
+    for name, vol in vols.items():
+        is_ct = name.endswith("ct")
+        order, cval = (1, -1024.0) if is_ct else (0, 0.0)
+        out[name] = resample_to_grid(vol, affine, out_aff, out_shape, order, cval)
+    return out, out_aff
+
+
 def apply_fov_quirks(
-    vols: dict[str, np.ndarray], patient: Patient, quirks: Quirks
+    vols: dict[str, np.ndarray], patient: Patient, quirks: Quirks, affine: np.ndarray | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
     """Cut the field of view and thicken the slices; returns (volumes, affine, {vid: reason} of
-    the full levels whose true body loses voxels to a cut)."""
-    aff = patient.affine.copy()
-    keep = [slice(None)] * 3
+    the full levels whose true body loses voxels to a cut). Cuts run along the array's axes
+    (``affine``: the grid of ``vols``, the patient's own by default)."""
+    aff = (patient.affine if affine is None else affine).copy()
+    shape = vols["mask"].shape
+    keep = [slice(0, n) for n in shape]
     full = [s for s in patient.shapes if s.vid in patient.full_levels]
-    coords = [patient.origin[k] + patient.spacing * np.arange(patient.shape[k]) for k in range(3)]
-    z_lo, z_hi = -np.inf, np.inf
+
+    def index_of(point: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(aff[:3, :3], point - aff[:3, 3])
+
+    i_lo, i_hi = 0, shape[2]
     if "cranial" in quirks.truncate:
-        z_hi = full[0].centre[2]
+        i_hi = int(np.floor(index_of(full[0].centre)[2])) + 1  # RAS: higher index is superior
     if "caudal" in quirks.truncate:
-        z_lo = full[-1].centre[2]
-    keep[2] = slice(*np.flatnonzero((coords[2] >= z_lo) & (coords[2] <= z_hi))[[0, -1]] + [0, 1])
+        i_lo = int(np.ceil(index_of(full[-1].centre)[2]))
+    keep[2] = slice(max(0, i_lo), min(shape[2], i_hi))
     if "lateral" in quirks.truncate:
-        x0 = float(np.mean([s.centre[0] for s in full]))
-        inside = np.flatnonzero(np.abs(coords[0] - x0) <= LATERAL_FOV_MM / 2)
-        keep[0] = slice(inside[0], inside[-1] + 1)
+        x0 = index_of(np.mean([s.centre for s in full], axis=0))[0]
+        half = LATERAL_FOV_MM / 2 / float(np.linalg.norm(aff[:3, 0]))
+        keep[0] = slice(max(0, int(np.ceil(x0 - half))), min(shape[0], int(np.floor(x0 + half)) + 1))
     window = tuple(keep)
     cut = {}
     for s in full:
         idx = np.argwhere(vols["body"] == s.vid)
         sides = []
-        if (idx[:, 2] >= (keep[2].stop or patient.shape[2])).any():
-            sides.append("cranial")  # RAS: higher z is superior
-        if (idx[:, 2] < (keep[2].start or 0)).any():
+        if (idx[:, 2] >= keep[2].stop).any():
+            sides.append("cranial")
+        if (idx[:, 2] < keep[2].start).any():
             sides.append("caudal")
-        if ((idx[:, 0] < (keep[0].start or 0)) | (idx[:, 0] >= (keep[0].stop or patient.shape[0]))).any():
+        if ((idx[:, 0] < keep[0].start) | (idx[:, 0] >= keep[0].stop)).any():
             sides.append("lateral")
         if sides:
             cut[s.vid] = "body cut by the field of view (" + "/".join(sides) + ")"
     out = {k: v[window] for k, v in vols.items()}
-    aff[:3, 3] += aff[:3, :3] @ np.array([sl.start or 0 for sl in keep], dtype=np.float64)
+    aff[:3, 3] += aff[:3, :3] @ np.array([sl.start for sl in keep], dtype=np.float64)
     k = int(round(quirks.slice_mm / patient.spacing)) if quirks.slice_mm > 0 else 1
     if k > 1:
         n = out["mask"].shape[2] // k * k
@@ -747,8 +798,11 @@ def generate_patient(
     patient = build_patient(pid, rng, levels, spacing, fracture_fraction, straight, quirks, quirk_rng)
     vols = render(patient, rng)
     aff, cut = patient.affine, {}
+    if quirks is not None and quirks.oblique_deg > 0:
+        angles = quirk_rng.uniform(0.5, 1.0, 2) * quirks.oblique_deg * quirk_rng.choice([-1.0, 1.0], 2)
+        vols, aff = oblique_grid(vols, aff, (float(angles[0]), float(angles[1])))
     if quirks is not None and (quirks.truncate or quirks.slice_mm > 0):
-        vols, aff, cut = apply_fov_quirks(vols, patient, quirks)
+        vols, aff, cut = apply_fov_quirks(vols, patient, quirks, aff)
     raw, truth = out / "raw" / pid, out / "truth" / pid
     save_nifti(raw / f"{pid}.nii.gz", vols["ct"], aff)
     save_nifti(raw / f"{pid}_msk.nii.gz", vols["mask"], aff)
@@ -823,8 +877,10 @@ def generate(
         k = quirks.slice_mm / spacing_mm
         if quirks.slice_mm < 0 or (quirks.slice_mm > 0 and abs(k - round(k)) > 1e-6):
             raise InputError(f"--slice_mm must be a multiple of --spacing_mm, got {quirks.slice_mm}")
-        if quirks.bevel_mm < 0 or not 0 <= quirks.tilt_deg <= 20:
-            raise InputError("--bevel_mm must be >= 0 and --tilt_deg in [0, 20]")
+        if quirks.bevel_mm < 0 or not 0 <= quirks.tilt_deg <= 20 or not 0 <= quirks.oblique_deg <= 20:
+            raise InputError("--bevel_mm must be >= 0, --tilt_deg and --oblique_deg in [0, 20]")
+        if not 0 <= quirks.lumbosacral_deg <= 30:
+            raise InputError(f"--lumbosacral_deg must be in [0, 30], got {quirks.lumbosacral_deg}")
     args = [
         (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
     ]
@@ -877,6 +933,12 @@ def build_parser() -> argparse.ArgumentParser:
     quirks.add_argument("--bevel_mm", type=float, default=0.0, help="bevelled anterior rims, mm per endplate")
     quirks.add_argument("--tilt_deg", type=float, default=0.0, help="bodies tilted up to this vs the curve")
     quirks.add_argument(
+        "--oblique_deg", type=float, default=0.0, help="the scan's grid turned up to this (oblique affine)"
+    )
+    quirks.add_argument(
+        "--lumbosacral_deg", type=float, default=0.0, help="extra lordosis at L5/S1 (steep junction), degrees"
+    )
+    quirks.add_argument(
         "--quirks", action="store_true", help="all of them: truncate all three sides, bevel 5 mm, tilt 6 deg"
     )
     return parser
@@ -916,13 +978,13 @@ def option_problem(opt: argparse.Namespace) -> str | None:
 
 
 def quirks_of(opt: argparse.Namespace) -> Quirks | None:
-    """The quirks the options ask for (None: none)."""
+    """The quirks the options ask for (None: none); ``--quirks`` with the flags outside it added."""
+    extra = {"oblique_deg": opt.oblique_deg, "lumbosacral_deg": opt.lumbosacral_deg}
     if opt.quirks:
-        return Quirks.all_on(opt.slice_mm)
+        return dataclasses.replace(Quirks.all_on(opt.slice_mm), **extra)
     truncate = tuple(t.strip() for t in opt.truncate.split(",") if t.strip())
-    if not (truncate or opt.slice_mm or opt.bevel_mm or opt.tilt_deg):
-        return None
-    return Quirks(truncate, opt.slice_mm, opt.bevel_mm, opt.tilt_deg)
+    quirks = Quirks(truncate, opt.slice_mm, opt.bevel_mm, opt.tilt_deg, **extra)
+    return None if quirks == Quirks() else quirks
 
 
 def main(argv: list[str] | None = None) -> int:

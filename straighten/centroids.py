@@ -9,7 +9,9 @@ Every vertebra present is listed; each record also carries ``"complete": true|fa
 false, ``"reason"`` (extra keys keep the reference's readers working). A vertebra is incomplete
 when its *body* is cut by the edge of the scan, found from the geometry (:func:`body_cut_by_fov`:
 the body, found by de-pedicling along a coarse spine curve, reaches the array's border in any
-direction), or when it is an end vertebra below the volume thresholds in mm³ (the reference's
+direction), when its body is cut by another vertebra's label (:func:`body_cut_by_label`: it
+touches that label over half its cross-section with no disc between), or when it is an end
+vertebra below the volume thresholds in mm³ (the reference's
 6000 voxels cranially and 8000 caudally at its assumed 1 mm³ voxels; options, kept as a second
 test). Posterior elements cut by a narrow lateral field of view do not make a vertebra incomplete.
 A cut vertebra keeps its centroid (the spine curve uses it; it stays a neighbour in other crops)
@@ -41,6 +43,8 @@ COMPLETENESS_STEP_MM = 2.0
 COMPLETENESS_PLANE_MM = 160.0
 # A body with at least this area (mm², counted in straightened voxels) on a face of the array is cut.
 MIN_CUT_CONTACT_MM2 = 20.0
+# A body touching another vertebra's label over this fraction of its cross-section is cut by it.
+MIN_LABEL_CONTACT_FRACTION = 0.5
 # Labels smaller than this fraction of the median vertebra are fragments: not used for the curve.
 MIN_CURVE_VOLUME_FRACTION = 0.1
 
@@ -167,12 +171,57 @@ def curve_labels(volumes_mm3: dict[int, float]) -> list[int]:
     )
 
 
+@dataclass
+class StraightenedBodies:
+    """The mask straightened (nearest neighbour, ``step_mm``) along the polyline through its
+    centroids, its bodies found by de-pedicling, and where each straightened voxel came from."""
+
+    labels: np.ndarray  # (rows, n, n) straightened labels
+    bodies: np.ndarray  # the same, each vertebra reduced to its body
+    on_face: np.ndarray  # True where the source voxel lies on a face of the array
+    curve: object
+    step_mm: float
+
+    def to_voxels(self, idx: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """Source voxel indices (rounded) of straightened indices ``idx`` (k, 3)."""
+        n = self.labels.shape[1]
+        rows, ap, lr = idx.T
+        world = (
+            self.curve.points[rows]
+            + ((ap - n // 2) * self.step_mm)[:, None] * self.curve.ap[rows]
+            + ((lr - n // 2) * self.step_mm)[:, None] * self.curve.lr[rows]
+        )
+        return np.rint(world_to_voxel(affine, world)).astype(np.int64)
+
+
+def straightened_bodies(
+    mask: np.ndarray, affine: np.ndarray, labels: list[int], step_mm: float = COMPLETENESS_STEP_MM
+) -> StraightenedBodies:
+    """Straighten ``mask`` coarsely along the polyline through the centroids of ``labels`` (two
+    or more) and find each vertebra's body there."""
+    # imported here: the curve and de-pedicling modules sit above this one
+    from straighten.curve import fit_spine_curve, straighten
+    from straighten.depedicle import depedicle
+
+    spacing = voxel_sizes(affine)
+    step = max(float(step_mm), float(spacing.min()))
+    centres = label_centroids(mask, labels)
+    world = voxel_to_world(affine, np.array([centres[v] for v in labels]))
+    curve = fit_spine_curve(world, step, 40.0, degree=1)
+    n = int(round(COMPLETENESS_PLANE_MM / step))
+    along = straighten(mask, affine, curve, (n, n), order=0)
+    edge = edge_distance_mm(mask.shape, spacing)
+    on_face = straighten(edge, affine, curve, (n, n), order=0, cval=-1.0) == 0
+    return StraightenedBodies(along, depedicle(along, step), on_face, curve, step)
+
+
 def body_cut_by_fov(
     mask: np.ndarray,
     affine: np.ndarray,
     labels: list[int] | None = None,
     step_mm: float = COMPLETENESS_STEP_MM,
     min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+    straightened: StraightenedBodies | None = None,
 ) -> dict[int, str]:
     """Vertebrae whose body reaches the edge of the scan, with the reason.
 
@@ -180,20 +229,16 @@ def body_cut_by_fov(
     label centroids and de-pedicled, which finds each body whatever the orientation; each body
     voxel carries the distance of its source voxel to the array's faces. A body with at least
     ``min_contact_mm2`` of voxels on a face is cut there. A single vertebra, which has no curve,
-    is cut if its label reaches a face at all.
+    is cut if its label reaches a face at all. ``straightened`` reuses a straightening of the
+    same labels.
 
     Returns:
         {vertebra id: reason} for the cut ones.
     """
-    # imported here: the curve and de-pedicling modules sit above this one
-    from straighten.curve import fit_spine_curve, straighten
-    from straighten.depedicle import depedicle
-
     labels = vertebra_labels(mask) if labels is None else [int(v) for v in labels]
     if not labels:
         return {}
     spacing = voxel_sizes(affine)
-    edge = edge_distance_mm(mask.shape, spacing)
     out: dict[int, str] = {}
     volumes = label_volumes_mm3(mask, float(np.prod(spacing)), labels)
     typical = float(np.median(list(volumes.values())))
@@ -203,31 +248,59 @@ def body_cut_by_fov(
             out[v] = f"only a fragment is in the scan ({volumes[v]:.0f} mm3, median {typical:.0f} mm3)"
     labels = [v for v in labels if v not in out]
     if len(labels) < 2:
+        edge = edge_distance_mm(mask.shape, spacing)
         for v in labels:
             ijk = np.argwhere((mask == v) & (edge == 0))
             if len(ijk):
                 out[v] = f"cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
         return out
-    step = max(float(step_mm), float(spacing.min()))
-    centres = label_centroids(mask, labels)
-    world = voxel_to_world(affine, np.array([centres[v] for v in labels]))
-    curve = fit_spine_curve(world, step, 40.0, degree=1)
-    n = int(round(COMPLETENESS_PLANE_MM / step))
-    along = straighten(mask, affine, curve, (n, n), order=0)
-    bodies = depedicle(along, step)
-    on_face = straighten(edge, affine, curve, (n, n), order=0, cval=-1.0) == 0
-    min_voxels = max(1, int(np.ceil(min_contact_mm2 / step**2)))
+    sb = straightened or straightened_bodies(mask, affine, labels, step_mm)
+    min_voxels = max(1, int(np.ceil(min_contact_mm2 / sb.step_mm**2)))
     for v in labels:
-        contact = (bodies == v) & on_face
+        contact = (sb.bodies == v) & sb.on_face
         if int(contact.sum()) >= min_voxels:
-            rows, ap, lr = np.nonzero(contact)
-            world_pts = (
-                curve.points[rows]
-                + ((ap - n // 2) * step)[:, None] * curve.ap[rows]
-                + ((lr - n // 2) * step)[:, None] * curve.lr[rows]
-            )
-            ijk = np.rint(world_to_voxel(affine, world_pts)).astype(np.int64)
+            ijk = sb.to_voxels(np.argwhere(contact), affine)
             out[v] = f"body cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
+    return out
+
+
+def body_cut_by_label(
+    sb: StraightenedBodies, labels: list[int], min_fraction: float = MIN_LABEL_CONTACT_FRACTION
+) -> dict[int, str]:
+    """Vertebrae whose body is cut by another vertebra's label, with the reason.
+
+    Bodies are kept apart by their discs; a body that touches another vertebra's label over at
+    least ``min_fraction`` of its own mean cross-section (its volume over its height, in the
+    straightened frame) has lost part of itself to that label, or holds part of it: both are
+    flagged. Contact is counted on the faces between voxels of the coarse straightening.
+    """
+    out: dict[int, str] = {}
+    others = np.isin(sb.labels, [*labels, label_schemes.SACRUM])
+    for v in labels:
+        body = sb.bodies == v
+        if not body.any():
+            continue
+        rows = np.flatnonzero(body.any(axis=(1, 2)))
+        section = body.sum() / (rows[-1] - rows[0] + 1)  # voxels per row: the mean cross-section
+        touching = np.zeros(256, dtype=np.int64)
+        for axis in range(3):
+            lo = tuple(slice(None, -1) if k == axis else slice(None) for k in range(3))
+            hi = tuple(slice(1, None) if k == axis else slice(None) for k in range(3))
+            for here, there in ((lo, hi), (hi, lo)):
+                hit = body[here] & others[there] & (sb.labels[there] != v)
+                touching += np.bincount(sb.labels[there][hit].astype(np.int64), minlength=256)[:256]
+        touched = {int(w): int(c) for w, c in enumerate(touching) if c}
+        for w, count in touched.items():
+            if count >= min_fraction * section:
+                area = count * sb.step_mm**2
+                for a, b in ((v, w), (w, v)):
+                    if a not in labels:
+                        continue
+                    out.setdefault(
+                        a,
+                        f"body cut by the label of {label_schemes.vertebra_name(b)} ({b}): they touch over "
+                        f"{area:.0f} mm2 with no disc between",
+                    )
     return out
 
 
@@ -237,16 +310,24 @@ def vertebra_completeness(
     min_cranial_mm3: float = MIN_CRANIAL_VOLUME_MM3,
     min_caudal_mm3: float = MIN_CAUDAL_VOLUME_MM3,
     min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+    min_label_contact_fraction: float = MIN_LABEL_CONTACT_FRACTION,
 ) -> dict[int, Completeness]:
-    """Completeness of every vertebra of ``mask``: its body cut by the scan's edge (geometry), or
-    an end vertebra below the volume thresholds (mm³)."""
+    """Completeness of every vertebra of ``mask``: its body cut by the scan's edge or by another
+    vertebra's label (geometry, :func:`body_cut_by_fov`, :func:`body_cut_by_label`; 0 turns the
+    latter off), or an end vertebra below the volume thresholds (mm³)."""
     volumes = label_volumes_mm3(mask, float(np.prod(voxel_sizes(affine))))
     out = {v: Completeness(True) for v in volumes}
     kept = complete_vertebrae(volumes, min_cranial_mm3, min_caudal_mm3)
     for v in volumes:
         if v not in kept:
             out[v] = Completeness(False, f"end vertebra of {volumes[v]:.0f} mm3, below the volume threshold")
-    for v, reason in body_cut_by_fov(mask, affine, list(volumes), min_contact_mm2=min_contact_mm2).items():
+    steering = curve_labels(volumes)
+    sb = straightened_bodies(mask, affine, steering) if len(steering) >= 2 else None
+    if sb is not None and min_label_contact_fraction > 0:
+        for v, reason in body_cut_by_label(sb, steering, min_label_contact_fraction).items():
+            out[v] = Completeness(False, reason)
+    cut = body_cut_by_fov(mask, affine, list(volumes), min_contact_mm2=min_contact_mm2, straightened=sb)
+    for v, reason in cut.items():
         out[v] = Completeness(False, reason)
     return out
 

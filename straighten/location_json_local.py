@@ -2,11 +2,13 @@
 
     python straighten/location_json_local.py --dataroot D [--label_scheme verse|totalseg]
         [--min_cranial_volume_mm3 6000] [--min_caudal_volume_mm3 8000] [--min_cut_contact_mm2 20]
+        [--min_label_contact 0.5]
         [--overwrite] [--shard i/n]
 
 Writes ``D/raw/<pid>/<pid>.json``: ``[{"label": id, "X": i, "Y": j, "Z": k, "complete": bool,
 "reason"?}]`` with VerSe ids and the mean voxel index along each axis of the mask as stored. Every
-vertebra is listed; one whose body is cut by the scan's edge (any direction), or an end vertebra
+vertebra is listed; one whose body is cut by the scan's edge (any direction) or by another
+vertebra's label (touching it over half its cross-section, no disc between), or an end vertebra
 below the volume thresholds (mm³, so they hold at any voxel size), has ``complete: false`` and a
 reason: it keeps its centroid for the spine curve but gets no crop, height, RHLV or grade.
 """
@@ -34,6 +36,7 @@ from straighten.centroids import (
     MIN_CAUDAL_VOLUME_MM3,
     MIN_CRANIAL_VOLUME_MM3,
     MIN_CUT_CONTACT_MM2,
+    MIN_LABEL_CONTACT_FRACTION,
     label_centroids,
     vertebra_completeness,
     write_centroids,
@@ -47,12 +50,13 @@ def centroids_for(
     min_cranial: float = MIN_CRANIAL_VOLUME_MM3,
     min_caudal: float = MIN_CAUDAL_VOLUME_MM3,
     min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
+    min_label_contact: float = MIN_LABEL_CONTACT_FRACTION,
 ):
     """(centroids of every vertebra, their completeness) of one mask."""
     mask = load_mask(mask_path, scheme)
     try:
         completeness = vertebra_completeness(
-            mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2
+            mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2, min_label_contact
         )
     except ValueError as exc:  # no spine curve through the centroids (orientation, coinciding labels)
         raise input_error(mask_path, f"cannot tell which vertebrae are cut: {exc}") from exc
@@ -82,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=MIN_CUT_CONTACT_MM2,
         help="a body with this much area on the scan's edge is cut (incomplete)",
+    )
+    parser.add_argument(
+        "--min_label_contact",
+        type=float,
+        default=MIN_LABEL_CONTACT_FRACTION,
+        help="a body touching another vertebra's label over this fraction of its cross-section is cut "
+        "(0: off)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing centroid files")
     parser.add_argument("--shard", default=None, help="process only shard i/n of the patients")
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     opt.min_cranial_volume_mm3,
                     opt.min_caudal_volume_mm3,
                     opt.min_cut_contact_mm2,
+                    opt.min_label_contact,
                 )
                 problem = stacking_problem(case.mask, centroids)
                 if problem:

@@ -7,6 +7,8 @@ body centroids (the posterior elements no longer pull it about, so its tangent f
 body's axis). Each crop
 is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
 there): the target keeps its true shape and the crop's affine is its true scanner position.
+Label crops go through each label's signed distance (``straighten/label_resample.py``), so thick
+slices leave ramps, not staircases, where an endplate crosses them.
 
 Only complete vertebrae get a crop (``"complete"`` in the centroid json): a vertebra whose body is
 cut by the scan's edge keeps its centroid, which steers the curve, and stays a neighbour in the
@@ -44,6 +46,7 @@ from straighten.centroids import (
 )
 from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
 from straighten.depedicle import body_mask, depedicle
+from straighten.label_resample import LabelFields
 from util.atomic import write_json
 from util.errors import failure_line, input_error
 
@@ -66,6 +69,8 @@ class StraightenOptions:
     labels_only: bool = False
     smoothing_mm: float = 1.0
     overwrite: bool = False
+    # how label crops are resampled (straighten/label_resample.py)
+    label_resampling: str = "distance"
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
@@ -168,16 +173,23 @@ def is_done(root: Path, pid: str, labels_only: bool) -> bool:
 
 
 def centred_crop(
-    mask: Volume, vid: int, affine: np.ndarray, shape: tuple[int, int, int], spacing_mm: float
+    mask: Volume,
+    vid: int,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    spacing_mm: float,
+    fields: LabelFields | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(affine, labels, body) of a crop whose centre row holds the centroid of ``vid``'s body.
 
     The body found in the first pass sits within a few rows of the centre; the crop is moved
     along its own axis by what remains (a rigid move, so one step is enough) and resampled.
+    Labels are resampled by ``fields`` (nearest neighbour without).
     """
+    fields = fields or LabelFields(mask.array, mask.affine, "nearest")
 
     def sample(aff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        labels = resample_to_grid(mask.array, mask.affine, aff, shape, 0)
+        labels = fields.resample(aff, shape)
         body = body_mask(labels == vid, spacing_mm)
         if not body.any():
             raise input_error(mask.path, f"label {vid}: no vertebral body found in its crop")
@@ -308,10 +320,11 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
     affines, raw_labels, own_body, crops = {}, {}, {}, {}
+    fields = LabelFields(mask.array, mask.affine, opt.label_resampling)
     for v in measured:
         row = curve.project(bodies[v])
         affines[v], raw_labels[v], own_body[v] = centred_crop(
-            mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm
+            mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm, fields
         )
         centre = affines[v] @ np.r_[np.asarray(opt.crop_shape) // 2, 1.0]
         crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="how far (RMS, mm) the spine curve may pass from the centroids",
     )
+    parser.add_argument(
+        "--label_resampling",
+        default="distance",
+        choices=("distance", "linear", "nearest"),
+        help="label crops: each label's signed distance (default) or mask, trilinear, or nearest neighbour",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--shard", default=None, help="process only shard i/n of the patients")
     parser.add_argument("--overwrite", action="store_true", help="redo patients whose crops exist")
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.labels_only,
         opt.smoothing_mm,
         opt.overwrite,
+        opt.label_resampling,
     )
     try:
         pids = shard(list_patients(opt.dataroot), opt.shard)

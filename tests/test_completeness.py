@@ -107,3 +107,26 @@ def test_location_json_local_writes_every_vertebra_with_completeness(tmp_path):
     assert [r["label"] for r in records] == [19, 20, 21, 22]
     assert [r["complete"] for r in records] == [True, True, True, False]
     assert "caudal" in records[-1]["reason"]
+
+
+def test_a_body_cut_by_its_neighbours_label_is_flagged_and_a_narrow_disc_is_not():
+    mask = mini_spine(tp=False)
+    z = np.flatnonzero((mask == 20).any(axis=(0, 1)))
+    body = mask[:, 16:32, :] == 20
+    cut = mask.copy()
+    upper = cut[:, 16:32, z[-1] - 4 : z[-1] + 1]
+    upper[body[:, :, z[-1] - 4 : z[-1] + 1]] = 19  # T12's label takes the top of L1's body
+    states = vertebra_completeness(cut, affine_2mm(), 0.0, 0.0)
+    assert {v for v, s in states.items() if not s.complete} == {19, 20}
+    assert "label of T12 (19)" in states[20].reason and "no disc" in states[20].reason
+    # the same spine with its discs narrowed to one voxel (2 mm): nothing is cut
+    narrow = mask.copy()
+    for vid in (20, 21, 22):
+        zz = np.flatnonzero((mask == vid).any(axis=(0, 1)))
+        shift = 16 - 12 - 1  # each body grows upwards until one voxel below the body above
+        narrow[:, 16:32, zz[-1] + 1 : zz[-1] + 1 + shift][
+            mask[:, 16:32, zz[-1] : zz[-1] + 1].repeat(shift, 2) == vid
+        ] = vid
+    assert all(s.complete for s in vertebra_completeness(narrow, affine_2mm(), 0.0, 0.0).values())
+    # off: the option turns the test off
+    assert all(s.complete for s in vertebra_completeness(cut, affine_2mm(), 0.0, 0.0, 20.0, 0.0).values())

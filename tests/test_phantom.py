@@ -240,3 +240,46 @@ def test_bevelled_rim_leaves_the_truth_heights_alone():
     cols = bevelled.column_heights(0.25, fractured=False)
     without = heights_from_columns(cols, ap_spacing_mm=0.25, exclude_rim=False)
     assert without.anterior < with_rule[0] - 1.0
+
+
+def test_oblique_grid_turns_the_affine_and_keeps_every_label_in_place():
+    """The oblique-affine quirk: the grid turns, the anatomy stays where it was in the world."""
+    from data.nifti_io import voxel_to_world
+    from data.phantom import _rotation, oblique_grid
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-30.0, -20.0, -40.0]
+    mask = np.zeros((30, 24, 40), np.uint8)
+    mask[8:20, 6:16, 10:22] = 20
+    mask[8:20, 6:16, 26:36] = 21
+    vols = {"ct": np.where(mask > 0, 500, 40).astype(np.int16), "mask": mask, "body": mask.copy()}
+    out, aff = oblique_grid(vols, affine, (5.0, -4.0))
+    np.testing.assert_allclose(aff[:3, :3], _rotation(5.0, -4.0) @ affine[:3, :3], atol=1e-9)
+    assert not np.allclose(aff[:3, :3], np.diag(np.diag(aff[:3, :3])))  # oblique
+    assert out["ct"].dtype == np.int16 and out["ct"].min() == -1024  # air where the scan was not
+    for vid in (20, 21):
+        before = voxel_to_world(affine, np.argwhere(mask == vid)).mean(axis=0)
+        after = voxel_to_world(aff, np.argwhere(out["mask"] == vid)).mean(axis=0)
+        np.testing.assert_allclose(after, before, atol=0.5)
+        assert (out["mask"] == vid).sum() == pytest.approx((mask == vid).sum(), rel=0.05)
+    np.testing.assert_array_equal(out["body"], out["mask"])
+
+
+def test_steep_lumbosacral_junction_turns_the_sacrum_not_l5():
+    """The steep-L5/S1 quirk adds 70-100 % of its angle between L5 and the sacrum; L5 keeps its truth."""
+    from data.label_schemes import SACRUM, parse_levels
+    from data.phantom import Quirks, build_patient, truth_heights
+
+    def draw(deg):
+        rng, qrng = np.random.default_rng([3, 0]), np.random.default_rng([3, 0, 7])
+        p = build_patient(
+            "p", rng, parse_levels("L3-L5"), 2.0, 0.0, quirks=Quirks(lumbosacral_deg=deg), quirk_rng=qrng
+        )
+        by = {s.vid: s for s in p.shapes}
+        angle = np.degrees(np.arccos(np.clip(by[24].axes[0] @ by[SACRUM].axes[0], -1, 1)))
+        return angle, truth_heights(by[24], fractured=False).as_array()
+
+    flat, l5_flat = draw(0.0)
+    steep, l5_steep = draw(20.0)
+    assert 14.0 - 1e-6 <= steep - flat <= 20.0 + 1e-6
+    np.testing.assert_allclose(l5_steep, l5_flat)
