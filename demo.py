@@ -32,8 +32,9 @@ tiny run (few patients, a few iterations) for the tests: its numbers mean nothin
 Sizes: the default is 8 patients (T10-L5, 64 vertebrae), 2 mm crops of 192 x 128 x 64 mm, a 3-epoch
 classifier and 40 HealthiVert epochs (30 constant, 10 decaying; 120 iterations of batch 8: one slice
 per normal train vertebra per epoch), chosen so the whole run fits 20 minutes on 2 CPU cores. That
-GAN is trained enough to beat the neighbour baseline on this phantom, but far less than a real run. Torch runs on one thread
-by default (``--torch_threads``): on a shared machine tiny convolutions are several times faster so.
+GAN is trained enough to beat the neighbour baseline on this phantom, but far less than a real run.
+Torch runs on one thread by default (``--torch_threads``): on a shared machine tiny convolutions are
+several times faster so.
 """
 
 from __future__ import annotations
