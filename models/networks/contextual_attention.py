@@ -63,37 +63,28 @@ def contextual_attention(
     if h % rate or w % rate:
         raise ValueError(f"feature size {h}x{w} is not divisible by rate {rate}")
     dtype = features.dtype
-    # raw background patches for pasting: (B*L, C, 2r, 2r), L = (h/r)*(w/r)
-    kr = 2 * rate
-    raw = F.unfold(features, kr, padding=rate // 2 if rate > 1 else 0, stride=rate)
+    kr, pad = 2 * rate, rate // 2 if rate > 1 else 0
     hb, wb = h // rate, w // rate
-    raw = raw.reshape(b, c, kr, kr, -1).permute(0, 4, 1, 2, 3)
-    if raw.shape[1] != hb * wb:  # padding for odd rates
+    # raw background patches for pasting: (B, C * 2r * 2r, L), L = (h/r) * (w/r)
+    raw = F.unfold(features, kr, padding=pad, stride=rate)
+    if raw.shape[-1] != hb * wb:  # padding for odd rates
         raise ValueError(f"rate {rate} does not tile a {h}x{w} map")
     down = F.interpolate(features, size=(hb, wb), mode="nearest")
-    # matching patches (B, L, C, k, k), L2-normalised with a 1e-4 floor
-    patches = F.unfold(down, ksize, padding=ksize // 2).reshape(b, c, ksize, ksize, -1).permute(0, 4, 1, 2, 3)
-    norm = patches.float().pow(2).sum(dim=(2, 3, 4), keepdim=True).sqrt().clamp_min(1e-4)
-    patches = (patches.float() / norm).to(dtype)
+    # matching patches (B, C * k * k, L); background ones L2-normalised with a 1e-4 floor
+    fg = F.unfold(down, ksize, padding=ksize // 2)
+    norm = fg.float().pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-4)
+    bg = (fg.float() / norm).to(dtype)
     # valid background patches: no hole pixel under the ksize patch at matching resolution
     m = F.adaptive_max_pool2d(hole.float(), (hb, wb))
     m = F.unfold(m, ksize, padding=ksize // 2).amax(1)  # (B, L) 1 where the patch touches the hole
     valid = (m == 0).to(dtype).reshape(b, hb * wb, 1, 1)
     L = hb * wb
-    score = F.conv2d(
-        down.reshape(1, b * c, hb, wb), patches.reshape(b * L, c, ksize, ksize), padding=ksize // 2, groups=b
-    ).reshape(b, L, hb, wb)
+    score = torch.bmm(bg.transpose(1, 2), fg).reshape(b, L, hb, wb)  # (B, background, foreground)
     if fuse:
         score = _fuse(score, hb, wb, hb, wb, fuse_k)
     score = score * valid
     attention = F.softmax(score.float() * softmax_scale, dim=1).to(dtype) * valid
-    out = F.conv_transpose2d(
-        attention.reshape(1, b * L, hb, wb),
-        raw.reshape(b * L, c, kr, kr),
-        stride=rate,
-        padding=rate // 2 if rate > 1 else 0,
-        groups=b,
-    )
+    out = F.fold(torch.bmm(raw, attention.reshape(b, L, L)), (h, w), kr, padding=pad, stride=rate)
     return (out / 4.0).reshape(b, c, h, w)
 
 
