@@ -122,6 +122,15 @@ def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS)
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
+def composite_rows(sample: dict) -> tuple[int, int]:
+    """The rows any composite of the batch can take from the generated image, whatever height
+    is predicted: ``rows`` in [0, hole_rows] gives ``top = c - rows // 2`` and ``top + rows =
+    c + ceil(rows / 2)`` with ``c = (x1 + x2) // 2``."""
+    c = torch.div(sample["x1"] + sample["x2"], 2, rounding_mode="floor").reshape(-1)
+    hole = sample["hole_rows"].reshape(-1).long()
+    return int((c - hole // 2).min()), int((c + (hole + 1) // 2).max())
+
+
 class HealthiVertModel(BaseModel):
     @staticmethod
     def modify_commandline_options(
@@ -241,10 +250,12 @@ class HealthiVertModel(BaseModel):
             self.window = (start, rows, *column_span(w, self.opt.local_width, field))
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self) -> None:
+    def forward(self, rows: tuple[int, int] | None = None) -> None:
+        """G on the current sample; ``rows``: only those rows of the fine outputs are computed
+        (:class:`InpaintGenerator`; the composite must take no other row)."""
         s = self.sample
         with self.autocast():
-            out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"])
+            out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"], rows=rows)
         self.out = out
         self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"])
         self.rows_fine = predicted_rows(out.fine_height, s["hole_rows"])
@@ -375,7 +386,7 @@ class HealthiVertModel(BaseModel):
         self.netG.eval()
         try:
             self.set_input(batch)
-            self.forward()
+            self.forward(rows=composite_rows(self.sample))
         finally:
             self.netG.train(was_training)
         s = self.sample

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from models.composite import compose
@@ -62,6 +63,39 @@ def test_generator_and_discriminator_shapes(size):
     assert d.shape[:2] == (2, 1) and d.dim() == 4
 
 
+@pytest.mark.parametrize(("size", "rows"), [((64, 48), (20, 37)), ((40, 28), (0, 9)), ((64, 32), (50, 64))])
+def test_generator_rows_window_equals_the_full_decoder(size, rows):
+    h, w = size
+    g = InpaintGenerator(8).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, h, w, generator=gen) * 2 - 1
+    hole = torch.zeros(2, 1, h, w)
+    hole[:, :, rows[0] : rows[1]] = 1
+    args = (x, hole, torch.rand(2, generator=gen), torch.rand(2, 1, h, w, generator=gen))
+    with torch.no_grad():
+        full, part = g(*args), g(*args, rows=rows)
+    r0, r1 = rows
+    for name in ("fine_image", "fine_seg"):
+        a, b = getattr(full, name), getattr(part, name)
+        assert a[..., r0:r1, :].std() > 1e-4  # not a flat output
+        assert torch.allclose(a[..., r0:r1, :], b[..., r0:r1, :], atol=1e-5), name
+    assert (part.fine_image[..., :r0, :] == -1).all() and (part.fine_seg[..., r1:, :] == 0).all()
+    for name in ("coarse_image", "coarse_seg", "coarse_height", "fine_height"):
+        assert torch.allclose(getattr(full, name), getattr(part, name), atol=1e-6), name
+
+
+def test_synthesis_is_the_full_forward_on_the_composite_rows(tmp_path):
+    model = model_for(tmp_path)
+    data = batch([0, 1, 2])
+    out = model.synthesise(data)
+    model.netG.eval()
+    model.set_input(data)
+    with torch.no_grad():
+        model.forward()
+    assert torch.allclose(out["ct"], model.fake_B, atol=1e-5)
+    assert torch.equal(out["rows"], model.rows_fine)
+
+
 @pytest.mark.parametrize("hw", [(16, 16), (8, 12)])
 def test_contextual_attention_is_per_sample(hw):
     h, w = hw
@@ -78,6 +112,42 @@ def test_contextual_attention_is_per_sample(hw):
     # the holes differ, so sample 1 attended with sample 0's hole would differ
     swapped = contextual_attention(features[1:], holes[:1])
     assert not torch.allclose(together[1:], swapped, atol=1e-3)
+
+
+def deepfill_attention(features, hole, ksize=3, rate=2, fuse_k=3, scale=10.0):
+    """DeepFill v1's contextual attention for one sample, as convolutions: background patches
+    are the filters that score every position (conv2d) and paste back (conv_transpose2d)."""
+    _, c, h, w = features.shape
+    hb, wb = h // rate, w // rate
+    raw = F.unfold(features, 2 * rate, padding=rate // 2, stride=rate)
+    raw = raw.reshape(c, 2 * rate, 2 * rate, -1).permute(3, 0, 1, 2)
+    down = F.interpolate(features, size=(hb, wb), mode="nearest")
+    patches = F.unfold(down, ksize, padding=ksize // 2).reshape(c, ksize, ksize, -1).permute(3, 0, 1, 2)
+    patches = patches / patches.pow(2).sum(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-4)
+    m = F.unfold(F.adaptive_max_pool2d(hole, (hb, wb)), ksize, padding=ksize // 2).amax(1)
+    valid = (m == 0).float().reshape(1, hb * wb, 1, 1)
+    score = F.conv2d(down, patches, padding=ksize // 2)  # (1, L, hb, wb)
+    eye = torch.eye(fuse_k).reshape(1, 1, fuse_k, fuse_k)
+    s = F.conv2d(score.reshape(1, 1, hb * wb, hb * wb), eye, padding=fuse_k // 2)
+    s = s.reshape(1, hb, wb, hb, wb).permute(0, 2, 1, 4, 3).reshape(1, 1, hb * wb, hb * wb)
+    s = F.conv2d(s, eye, padding=fuse_k // 2)
+    s = s.reshape(1, wb, hb, wb, hb).permute(0, 2, 1, 4, 3).reshape(1, hb * wb, hb, wb)
+    attention = F.softmax(s * valid * scale, dim=1) * valid
+    return F.conv_transpose2d(attention, raw, stride=rate, padding=rate // 2) / 4.0
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (8, 12)])
+def test_contextual_attention_matches_the_convolution_form(hw):
+    h, w = hw
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 4, h, w, generator=g)
+    holes = torch.zeros(2, 1, 4 * h, 4 * w)
+    holes[0, :, 8 : 4 * h // 2] = 1
+    holes[1, :, :, 4 * w // 2 :] = 1
+    out = contextual_attention(features, holes)
+    for i in range(2):
+        expected = deepfill_attention(features[i : i + 1], holes[i : i + 1])
+        assert torch.allclose(out[i : i + 1], expected, atol=1e-5)
 
 
 def grad_norm(module):

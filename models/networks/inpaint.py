@@ -16,6 +16,13 @@ Any size works: :class:`InpaintGenerator` pads to multiples of 8 (two stride-2 s
 matching at half that resolution) and crops back.
 No device is hard-wired.
 
+Rows needed (``rows=(r0, r1)``, inference): the fine stage's decoder (after the merge, whose
+global mean feeds the height head) has only 3 x 3 convolutions, so output rows [r0, r1) depend
+on :data:`DECODER_MARGIN_QUARTER_ROWS` quarter-resolution rows around them. It then runs on that
+window only and the fine outputs outside [r0, r1) are left at -1 (image) and 0 (segmentation);
+inside they equal the full computation up to float rounding. The synthesis needs only the rows
+of each sample's hole band, about a third of a 256-row slice at 1 mm.
+
 Activation checkpointing (:attr:`InpaintGenerator.checkpointing`, ``--grad_checkpoint``): five
 segments (coarse encoder and decoder; fine hallucination branch, attention branch and decoder)
 keep only their inputs and outputs for the backward pass and run their forward again there,
@@ -66,6 +73,11 @@ class HeightHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.fc(x.float().mean(dim=(2, 3)))).reshape(-1)
+
+
+# Quarter-resolution rows each side of a window that the fine decoder's output rows depend on:
+# two 3 x 3 convs at 1/4 (2 rows), two at 1/2 (1 row at 1/4), two and a head at full (3/4 row).
+DECODER_MARGIN_QUARTER_ROWS = 4
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -170,11 +182,39 @@ class FineGenerator(nn.Module):
         self.image_head = ConvBlock(c // 2 + 1, 1, act="none")
         self.seg_head = ConvBlock(c // 2 + 1, 1, act="none")
 
-    def forward(self, x: torch.Tensor, coarse_image: torch.Tensor, hole: torch.Tensor) -> CoarseOutput:
-        """``x`` (B, 4, H, W): masked CT, coarse segmentation, hole, slice ratio."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        coarse_image: torch.Tensor,
+        hole: torch.Tensor,
+        rows: tuple[int, int] | None = None,
+    ) -> CoarseOutput:
+        """``x`` (B, 4, H, W): masked CT, coarse segmentation, hole, slice ratio; ``rows``: only
+        these output rows are needed (module docstring)."""
         a = _segment(self, self._attend, x, hole)
         z = _segment(self, self.hallucinate, x)
-        return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image))
+        if rows is None:
+            return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image))
+        return self._decode_rows(z, a, coarse_image, rows)
+
+    def _decode_rows(
+        self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor, rows: tuple[int, int]
+    ) -> CoarseOutput:
+        """:meth:`_decode` computed for output rows ``[r0, r1)`` only (the rest -1 and 0)."""
+        z = self.merge(torch.cat([z, a], 1))
+        p = self.height(z)
+        h, scale = coarse.shape[-2], coarse.shape[-2] // z.shape[-2]
+        r0, r1 = max(0, int(rows[0])), min(h, int(rows[1]))
+        q0 = max(0, r0 // scale - DECODER_MARGIN_QUARTER_ROWS)
+        q1 = min(z.shape[-2], -(-r1 // scale) + DECODER_MARGIN_QUARTER_ROWS)
+        w0, w1 = q0 * scale, q1 * scale
+        y = self.dec_full(_up(self.dec_half(_up(self.middle(z[..., q0:q1, :])))))
+        y = torch.cat([y, coarse[..., w0:w1, :].to(y.dtype)], 1)
+        image = coarse.new_full(coarse.shape, -1.0)
+        seg = coarse.new_zeros(coarse.shape)
+        image[..., r0:r1, :] = self.image_head(y).clamp(-1, 1)[..., r0 - w0 : r1 - w0, :].to(image.dtype)
+        seg[..., r0:r1, :] = torch.sigmoid(self.seg_head(y))[..., r0 - w0 : r1 - w0, :].to(seg.dtype)
+        return CoarseOutput(image, seg, p)
 
     def _attend(self, x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         return self.attend_out(self.attention(self.attend_in(x), hole))
@@ -219,10 +259,16 @@ class InpaintGenerator(nn.Module):
         self.coarse.checkpointing = self.fine.checkpointing = bool(on)
 
     def forward(
-        self, ct_masked: torch.Tensor, hole: torch.Tensor, slice_ratio: torch.Tensor, cam: torch.Tensor
+        self,
+        ct_masked: torch.Tensor,
+        hole: torch.Tensor,
+        slice_ratio: torch.Tensor,
+        cam: torch.Tensor,
+        rows: tuple[int, int] | None = None,
     ) -> GeneratorOutput:
         """Images of any size: padded to multiples of 8 (CT with -1, hole with 1, CAM with 0), then
-        cropped back, so the outputs have the input's size."""
+        cropped back, so the outputs have the input's size. ``rows=(r0, r1)``: only those rows of
+        the fine outputs are needed (module docstring; for inference)."""
         b, _, h, w = ct_masked.shape
         pad = (0, -w % 8, 0, -h % 8)
         if any(pad):
@@ -234,7 +280,7 @@ class InpaintGenerator(nn.Module):
         hole = hole.to(ct_masked.dtype)
         coarse = self.coarse(torch.cat([ct_masked, ratio, hole], 1), 1.0 - cam.to(ct_masked.dtype))
         fine_in = torch.cat([ct_masked, coarse.seg.to(ct_masked.dtype), hole, ratio], 1)
-        fine = self.fine(fine_in, coarse.image, hole)
+        fine = self.fine(fine_in, coarse.image, hole, rows)
         out = GeneratorOutput(coarse.image, coarse.seg, coarse.height, fine.image, fine.seg, fine.height)
         if any(pad):
             out = out._replace(
