@@ -5,8 +5,9 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
 * G (:class:`models.networks.inpaint.InpaintGenerator`): the coarse stage sees the squeezed CT,
   the slice-ratio map and the hole, with ``1 - CAM`` guidance in its decoder (HGAM); the fine
   stage adds hallucination and per-sample contextual attention. Each stage predicts the height
-  as a fraction of the sample's hole (SHRM); ``ceil(fraction * hole_rows)`` generated rows are
-  inserted between the real neighbours (:func:`models.composite.compose`), without the
+  as a fraction of the sample's hole (SHRM); ``fraction * hole_rows`` rounded to the nearest row
+  (``--height_rounding``; the reference rounds up, half a row too tall on average) generated rows
+  are inserted between the real neighbours (:func:`models.composite.compose`), without the
   reference's floor at the observed height (defect 6).
 * Three PatchGANs in ``netD`` (an ``nn.ModuleDict``, saved as ``<epoch>_net_D.pth``): ``global``
   (fine composite vs ground truth), ``local`` (hole band x central ``--local_width`` of the
@@ -39,7 +40,7 @@ from models.composite import compose, compose_top
 from models.losses.dice import dice_loss, soft_dice
 from models.losses.edge import edge_loss, sobel_magnitude
 from models.losses.gan import GANLoss, gradient_penalty
-from models.losses.height import height_loss, predicted_rows
+from models.losses.height import ROUNDINGS, height_loss, predicted_rows
 from models.losses.reconstruction import hole_l1
 from models.metrics import masked_psnr, masked_ssim
 from models.networks import init_net
@@ -162,6 +163,13 @@ class HealthiVertModel(BaseModel):
             help="HGAM: L1 weight becomes 1 - w * CAM (0 = off, the reference)",
         )
         g.add_argument(
+            "--height_rounding",
+            choices=ROUNDINGS,
+            default="round",
+            help="predicted height fraction x hole rows -> inserted rows: nearest row, or 'ceil' as in "
+            "the reference (half a row taller on average)",
+        )
+        g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
         )
         g.add_argument(
@@ -257,8 +265,9 @@ class HealthiVertModel(BaseModel):
         with self.autocast():
             out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"], rows=rows)
         self.out = out
-        self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"])
-        self.rows_fine = predicted_rows(out.fine_height, s["hole_rows"])
+        rounding = getattr(self.opt, "height_rounding", "round")
+        self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"], rounding)
+        self.rows_fine = predicted_rows(out.fine_height, s["hole_rows"], rounding)
         self.fake_coarse = compose(
             out.coarse_image.float(), s["ct"], s["x1"], s["x2"], self.rows_coarse, -1.0
         )
@@ -378,7 +387,7 @@ class HealthiVertModel(BaseModel):
             ``ct`` (B, 1, H, W) fine composite in [-1, 1]: ``batch['ct']`` with its rows [x1, x2)
             replaced by ``rows`` generated rows starting at ``top``; ``seg`` (B, 1, H, W) fine
             segmentation probability in the same composite frame (0 outside the band); ``rows``
-            (B,) inserted rows (``ceil(fine fraction * hole_rows)``, no floor at the observed
+            (B,) inserted rows (``fine fraction * hole_rows`` rounded, no floor at the observed
             height); ``top`` (B,) first inserted row. Label maps follow with
             :func:`models.composite.compose` and the same ``x1, x2, rows`` (fill 0).
         """

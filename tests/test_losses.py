@@ -75,9 +75,15 @@ def test_height_loss_known_values_and_rows_have_no_floor():
     h = torch.tensor([[8.0], [10.0]])
     assert relative_height_error(fraction, rows, h).tolist() == pytest.approx([0.25, 0.0])
     assert height_loss(fraction, rows, h).item() == pytest.approx(0.125)
-    # ceil(0.3 * 20) = 6 rows even though the observed height is 8: no floor at the observed height
+    # 0.3 * 20 = 6 rows even though the observed height is 8: no floor at the observed height
     assert predicted_rows(torch.tensor([0.3]), torch.tensor([20])).tolist() == [6]
     assert predicted_rows(torch.tensor([0.0]), torch.tensor([20])).tolist() == [1]
+    # nearest row by default (halves up), the reference's ceil on request
+    fractions, holes = torch.tensor([0.31, 0.33, 0.375, 0.99]), torch.tensor([20, 20, 20, 40])
+    assert predicted_rows(fractions, holes).tolist() == [6, 7, 8, 40]
+    assert predicted_rows(fractions, holes, "ceil").tolist() == [7, 7, 8, 40]
+    with pytest.raises(ValueError, match="rounding"):
+        predicted_rows(fractions, holes, "floor")
 
 
 def test_gan_loss_known_values():
