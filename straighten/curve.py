@@ -6,7 +6,8 @@ vertebrae so that every crop can be centred on its target. Each sample carries a
 
 * ``tangent``: along the spine, towards inferior;
 * ``ap``: the patient's posterior direction with its tangential part removed, so each plane's
-  axis 1 runs anterior to posterior and the frame never twists about the curve;
+  axis 1 runs anterior to posterior and the frame never twists about the curve (a crop of one
+  vertebra may turn it about the tangent to the vertebra's own anatomy: :func:`crop_affine`);
 * ``lr``: ``tangent x ap``, towards the patient's left.
 
 :func:`straighten` samples any volume (CT linearly, labels by nearest neighbour) on the planes
@@ -197,16 +198,42 @@ def index_to_world(curve: SpineCurve, plane_shape: tuple[int, int], ijk: np.ndar
     return point + (ijk[1] - n_ap // 2) * curve.step_mm * ap + (ijk[2] - n_lr // 2) * curve.step_mm * lr
 
 
-def crop_affine(curve: SpineCurve, row: float, shape: tuple[int, int, int]) -> np.ndarray:
+def turned_frame(tangent: np.ndarray, ap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ap, lr) for a unit ``tangent`` and a direction ``ap`` towards posterior: ``ap`` with its
+    tangential part removed, and ``tangent x ap`` (towards the left)."""
+    ap = np.asarray(ap, dtype=np.float64) - np.dot(ap, tangent) * tangent
+    norm = float(np.linalg.norm(ap))
+    if norm < 1e-6:
+        raise ValueError("the AP direction runs along the spine")
+    ap = ap / norm
+    return ap, np.cross(tangent, ap)
+
+
+def turn_deg(axis: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """Signed angle (degrees) from ``start`` to ``end`` about the unit ``axis`` (right-hand rule):
+    about the tangent (towards inferior), a positive turn takes the posterior towards the left."""
+    return float(np.degrees(np.arctan2(np.dot(np.cross(start, end), axis), np.dot(start, end))))
+
+
+def crop_affine(
+    curve: SpineCurve,
+    row: float,
+    shape: tuple[int, int, int],
+    ap: np.ndarray | None = None,
+    step_mm: float | None = None,
+) -> np.ndarray:
     """World affine of a crop centred on the curve at ``row``, in the curve's frame there.
 
     The crop is a rigid reslice (planes perpendicular to the curve at ``row``): a vertebra in it
     keeps its true shape, which planes bent along a curved spine would not. Axis 0 runs along
     the tangent, axis 1 along AP, axis 2 along LR, ``step_mm`` apart; the centre voxel
-    ``(n // 2 for each axis)`` sits on the curve.
+    ``(n // 2 for each axis)`` sits on the curve. ``ap`` (world, towards posterior) turns the
+    planes' axes about the tangent, e.g. to the vertebra's own anatomy; by default the curve's
+    frame (the scanner's posterior). ``step_mm`` overrides the curve's voxel size.
     """
-    point, tangent, ap, lr = frame_at(curve, row)
+    point, tangent, ap_curve, lr = frame_at(curve, row)
+    ap, lr = (ap_curve, lr) if ap is None else turned_frame(tangent, ap)
     aff = np.eye(4)
-    aff[:3, :3] = curve.step_mm * np.stack([tangent, ap, lr], axis=1)
+    aff[:3, :3] = (step_mm or curve.step_mm) * np.stack([tangent, ap, lr], axis=1)
     aff[:3, 3] = point - aff[:3, :3] @ (np.asarray(shape) // 2)
     return aff

@@ -10,6 +10,15 @@ there): the target keeps its true shape and the crop's affine is its true scanne
 Label crops go through each label's signed distance (``straighten/label_resample.py``), so thick
 slices leave ramps, not staircases, where an endplate crosses them.
 
+Each crop's anterior-posterior axis follows the vertebra's own anatomy (``crop_ap="anatomy"``):
+the direction from its body's centroid to the centroid of its posterior elements, with the
+tangential part removed (:func:`anatomical_ap`), so a patient turned in the scanner or a rotated
+scoliotic vertebra gets crops whose axis 1 runs from its body to its canal and whose axis 2 is its
+own left-right. A label with no usable posterior elements (labels of the bodies only, posterior
+elements cut away) keeps the scanner's posterior (the curve's frame), and the curve json says why;
+``crop_ap="scanner"`` is the previous frame everywhere. The curve json records, per crop, the turn
+from the scanner's posterior to the crop's AP axis about the tangent (``ap_turn_deg``).
+
 Only complete vertebrae get a crop (``"complete"`` in the centroid json): a vertebra whose body is
 cut by the scan's edge keeps its centroid, which steers the curve, and stays a neighbour in the
 crops of others, but the curve json lists it under ``not_measurable`` with its reason.
@@ -44,7 +53,15 @@ from straighten.centroids import (
     vertebra_completeness,
     vertebra_labels,
 )
-from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
+from straighten.curve import (
+    SpineCurve,
+    crop_affine,
+    fit_spine_curve,
+    frame_at,
+    index_to_world,
+    straighten,
+    turn_deg,
+)
 from straighten.depedicle import body_mask, depedicle
 from straighten.label_resample import LabelFields
 from util.atomic import write_json
@@ -58,6 +75,23 @@ AIR_HU = -1024.0
 CURVE_EXTENSION_MM = 40.0
 # A centroid must lie within this distance (mm) of its own label.
 CENTROID_TOLERANCE_MM = 10.0
+CROP_AP_MODES = ("anatomy", "scanner")
+# The anatomical AP axis is found on a nearest-neighbour reslice of the vertebra's label alone, in
+# a box (height, AP, LR; mm, centred on the curve) wide enough for the whole vertebra with its
+# transverse and spinous processes, at this voxel size (or the crops' own, if coarser).
+AP_BOX_MM = (100.0, 200.0, 140.0)
+AP_STEP_MM = 2.0
+# Posterior elements must hold this fraction of the body's volume and lie this far (mm, in the
+# plane) from the body's centroid to give a direction; the search stops when the axis turns less
+# than AP_CONVERGED_DEG, after at most AP_ITERATIONS reslices.
+MIN_POSTERIOR_FRACTION = 0.15
+MIN_POSTERIOR_OFFSET_MM = 8.0
+# The smallest hole in the vertebra's axial projection taken for its canal (mm²).
+MIN_CANAL_MM2 = 40.0
+AP_CONVERGED_DEG = 0.5
+AP_ITERATIONS = 4
+# A turn from the scanner's posterior larger than this is taken for a failed search, not anatomy.
+MAX_AP_TURN_DEG = 60.0
 
 
 @dataclass
@@ -71,6 +105,8 @@ class StraightenOptions:
     overwrite: bool = False
     # how label crops are resampled (straighten/label_resample.py)
     label_resampling: str = "distance"
+    # the crops' AP axis: the vertebra's own (body to posterior elements) or the scanner's posterior
+    crop_ap: str = "anatomy"
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
@@ -204,6 +240,103 @@ def centred_crop(
     return affine, labels, body
 
 
+def posterior_offset_mm(vertebra: np.ndarray, step_mm: float) -> tuple[np.ndarray | None, str, str]:
+    """In-plane offset (mm, along axes 1 and 2) from a vertebra's body centroid towards its
+    posterior elements, on a binary mask resliced like a crop (height, AP, LR; isotropic voxels).
+
+    The landmark is the spinal canal where the arch closes around it: the largest hole of the
+    vertebra's projection along the height axis, of at least ``MIN_CANAL_MM2`` (transverse
+    processes, however turned or cut, do not move it). Where the arch is open, the centroid of
+    the posterior elements (everything behind the de-pedicled body). Returns (offset, landmark
+    ``"canal"`` or ``"posterior elements"``, "") or (None, "", why there is no usable direction):
+    no body, too little beyond the body (a label of the body alone, posterior elements cut
+    away), or posterior elements centred on the body.
+    """
+    body = body_mask(vertebra, step_mm)
+    if not body.any():
+        return None, "", "no vertebral body found"
+    centre = np.argwhere(body)[:, 1:].mean(axis=0)
+    projection = vertebra.any(axis=0)
+    holes, n = ndimage.label(ndimage.binary_fill_holes(projection) & ~projection)
+    if n:
+        areas = np.bincount(holes.ravel())[1:]
+        if areas.max() * step_mm**2 >= MIN_CANAL_MM2:
+            canal = np.argwhere(holes == int(np.argmax(areas)) + 1).mean(axis=0)
+            offset = (canal - centre) * step_mm
+            if float(np.linalg.norm(offset)) >= MIN_POSTERIOR_OFFSET_MM:
+                return offset, "canal", ""
+    post = vertebra & ~body
+    n_body, n_post = int(body.sum()), int(post.sum())
+    if n_post < MIN_POSTERIOR_FRACTION * n_body:
+        return (
+            None,
+            "",
+            (
+                f"no posterior elements in its label ({n_post / n_body:.0%} of the body's volume beyond "
+                f"the body, below {MIN_POSTERIOR_FRACTION:.0%})"
+            ),
+        )
+    offset = (np.argwhere(post)[:, 1:].mean(axis=0) - centre) * step_mm
+    if float(np.linalg.norm(offset)) < MIN_POSTERIOR_OFFSET_MM:
+        return (
+            None,
+            "",
+            (
+                f"its posterior elements lie {np.linalg.norm(offset):.1f} mm from the body's centre, "
+                f"under {MIN_POSTERIOR_OFFSET_MM:g} mm"
+            ),
+        )
+    return offset, "posterior elements", ""
+
+
+@dataclass
+class CropAP:
+    """A crop's AP axis: ``ap`` (world; None keeps the scanner's), its turn from the scanner's
+    posterior about the tangent, the landmark it points to (``"scanner"`` for the scanner's
+    posterior) and why the anatomy was not used (empty when it was)."""
+
+    ap: np.ndarray | None
+    turn_deg: float = 0.0
+    landmark: str = "scanner"
+    reason: str = ""
+
+
+def anatomical_ap(
+    mask: Volume, vid: int, curve: SpineCurve, row: float, step_mm: float = AP_STEP_MM
+) -> CropAP:
+    """The AP axis of ``vid``'s crop at ``row`` from its own anatomy, body centroid to posterior
+    elements (:func:`posterior_offset_mm`), tangential part removed.
+
+    The vertebra's label is resliced (nearest neighbour) in a box around the curve, de-pedicled
+    there and the frame turned to the offset found, until it turns less than ``AP_CONVERGED_DEG``:
+    de-pedicling needs the canal behind the body, so a first estimate in a frame turned far from
+    the anatomy is refined in the frame it gives. Falls back to the scanner's posterior (``ap``
+    None, with the reason) where the label gives no direction or the turn exceeds
+    ``MAX_AP_TURN_DEG``.
+    """
+    step = max(float(step_mm), curve.step_mm)
+    shape = tuple(max(1, int(round(b / step))) for b in AP_BOX_MM)
+    _, tangent, scanner_ap, _ = frame_at(curve, row)
+    ap, turn = scanner_ap, 0.0
+    for _ in range(AP_ITERATIONS):
+        aff = crop_affine(curve, row, shape, ap, step)
+        vertebra = resample_to_grid(mask.array, mask.affine, aff, shape, 0) == vid
+        if not vertebra.any():
+            return CropAP(None, reason="its label is not near the curve")
+        offset, landmark, why = posterior_offset_mm(vertebra, step)
+        if offset is None:
+            return CropAP(None, reason=why)
+        new_ap = aff[:3, 1] / step * offset[0] + aff[:3, 2] / step * offset[1]
+        new_ap /= np.linalg.norm(new_ap)
+        change = abs(turn_deg(tangent, ap, new_ap))
+        ap, turn = new_ap, turn_deg(tangent, scanner_ap, new_ap)
+        if abs(turn) > MAX_AP_TURN_DEG:
+            return CropAP(None, reason=f"its anatomy turned {turn:.0f} deg from the scanner's posterior")
+        if change < AP_CONVERGED_DEG:
+            break
+    return CropAP(ap, turn, landmark)
+
+
 def keep_bodies(
     labels: np.ndarray, affine: np.ndarray, affines: dict, bodies: dict, spacing_mm: float
 ) -> np.ndarray:
@@ -249,6 +382,7 @@ def curve_record(
         "crop_shape": list(opt.crop_shape),
         "window_hu": list(opt.window),
         "frame": "world RAS mm; tangent to inferior, ap to posterior, lr to left",
+        "crop_ap": opt.crop_ap,
         "origin_row": curve.origin_row,
         "points_mm": np.round(curve.points, 3).tolist(),
         "tangent": np.round(curve.tangent, 5).tolist(),
@@ -319,15 +453,30 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
             curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, degree=1)
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
-    affines, raw_labels, own_body, crops = {}, {}, {}, {}
+    affines, raw_labels, own_body, crops, fallback = {}, {}, {}, {}, {}
     fields = LabelFields(mask.array, mask.affine, opt.label_resampling)
     for v in measured:
         row = curve.project(bodies[v])
+        frame = anatomical_ap(mask, v, curve, row) if opt.crop_ap == "anatomy" else CropAP(None)
         affines[v], raw_labels[v], own_body[v] = centred_crop(
-            mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm, fields
+            mask, v, crop_affine(curve, row, opt.crop_shape, frame.ap), opt.crop_shape, opt.spacing_mm, fields
         )
         centre = affines[v] @ np.r_[np.asarray(opt.crop_shape) // 2, 1.0]
-        crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}
+        crops[v] = {
+            "curve_row": round(row, 2),
+            "centre_mm": np.round(centre[:3], 3).tolist(),
+            "ap_from": frame.landmark,
+            "ap_turn_deg": round(frame.turn_deg, 2),
+        }
+        if frame.reason:
+            crops[v]["ap_reason"] = frame.reason
+            fallback[v] = frame.reason
+    if fallback:
+        log.warning(
+            "%s: crop AP axis from the scanner's posterior for %s",
+            pid,
+            "; ".join(f"{label_schemes.vertebra_name(v)}: {why}" for v, why in fallback.items()),
+        )
 
     outputs = []
     for v in measured:
