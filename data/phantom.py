@@ -67,6 +67,7 @@ from data.phantom_anatomy import (
 )
 from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
 from straighten.centroids import label_centroids, vertebra_completeness, write_centroids
+from straighten.curve import axis_rotation
 from util.atomic import write_json, write_text
 from util.errors import InputError
 
@@ -744,14 +745,6 @@ def _resample_volumes(
         order, cval = (1, -1024.0) if name.endswith("ct") else (0, 0.0)
         out[name] = resample_to_grid(vol, affine, out_affine, out_shape, order, cval)
     return out
-
-
-def axis_rotation(axis: np.ndarray, deg: float) -> np.ndarray:
-    """Rotation by ``deg`` about the unit vector ``axis`` (right-hand rule)."""
-    u = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
-    a = np.radians(deg)
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
 
 
 # The scanner's long axis, towards inferior: the axial rotation quirk turns about it, so a positive

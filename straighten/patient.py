@@ -54,13 +54,13 @@ from straighten.centroids import (
     vertebra_labels,
 )
 from straighten.curve import (
+    CropAP,
     SpineCurve,
+    anatomical_ap,
     crop_affine,
     fit_spine_curve,
-    frame_at,
     index_to_world,
     straighten,
-    turn_deg,
 )
 from straighten.depedicle import body_mask, depedicle
 from straighten.label_resample import LabelFields
@@ -76,22 +76,6 @@ CURVE_EXTENSION_MM = 40.0
 # A centroid must lie within this distance (mm) of its own label.
 CENTROID_TOLERANCE_MM = 10.0
 CROP_AP_MODES = ("anatomy", "scanner")
-# The anatomical AP axis is found on a nearest-neighbour reslice of the vertebra's label alone, in
-# a box (height, AP, LR; mm, centred on the curve) wide enough for the whole vertebra with its
-# transverse and spinous processes, at this voxel size (or the crops' own, if coarser).
-AP_BOX_MM = (100.0, 200.0, 140.0)
-AP_STEP_MM = 2.0
-# Posterior elements must hold this fraction of the body's volume and lie this far (mm, in the
-# plane) from the body's centroid to give a direction; the search stops when the axis turns less
-# than AP_CONVERGED_DEG, after at most AP_ITERATIONS reslices.
-MIN_POSTERIOR_FRACTION = 0.15
-MIN_POSTERIOR_OFFSET_MM = 8.0
-# The smallest hole in the vertebra's axial projection taken for its canal (mm²).
-MIN_CANAL_MM2 = 40.0
-AP_CONVERGED_DEG = 0.5
-AP_ITERATIONS = 4
-# A turn from the scanner's posterior larger than this is taken for a failed search, not anatomy.
-MAX_AP_TURN_DEG = 60.0
 
 
 @dataclass
@@ -238,103 +222,6 @@ def centred_crop(
         affine[:3, 3] += shift * affine[:3, 0]
         labels, body = sample(affine)
     return affine, labels, body
-
-
-def posterior_offset_mm(vertebra: np.ndarray, step_mm: float) -> tuple[np.ndarray | None, str, str]:
-    """In-plane offset (mm, along axes 1 and 2) from a vertebra's body centroid towards its
-    posterior elements, on a binary mask resliced like a crop (height, AP, LR; isotropic voxels).
-
-    The landmark is the spinal canal where the arch closes around it: the largest hole of the
-    vertebra's projection along the height axis, of at least ``MIN_CANAL_MM2`` (transverse
-    processes, however turned or cut, do not move it). Where the arch is open, the centroid of
-    the posterior elements (everything behind the de-pedicled body). Returns (offset, landmark
-    ``"canal"`` or ``"posterior elements"``, "") or (None, "", why there is no usable direction):
-    no body, too little beyond the body (a label of the body alone, posterior elements cut
-    away), or posterior elements centred on the body.
-    """
-    body = body_mask(vertebra, step_mm)
-    if not body.any():
-        return None, "", "no vertebral body found"
-    centre = np.argwhere(body)[:, 1:].mean(axis=0)
-    projection = vertebra.any(axis=0)
-    holes, n = ndimage.label(ndimage.binary_fill_holes(projection) & ~projection)
-    if n:
-        areas = np.bincount(holes.ravel())[1:]
-        if areas.max() * step_mm**2 >= MIN_CANAL_MM2:
-            canal = np.argwhere(holes == int(np.argmax(areas)) + 1).mean(axis=0)
-            offset = (canal - centre) * step_mm
-            if float(np.linalg.norm(offset)) >= MIN_POSTERIOR_OFFSET_MM:
-                return offset, "canal", ""
-    post = vertebra & ~body
-    n_body, n_post = int(body.sum()), int(post.sum())
-    if n_post < MIN_POSTERIOR_FRACTION * n_body:
-        return (
-            None,
-            "",
-            (
-                f"no posterior elements in its label ({n_post / n_body:.0%} of the body's volume beyond "
-                f"the body, below {MIN_POSTERIOR_FRACTION:.0%})"
-            ),
-        )
-    offset = (np.argwhere(post)[:, 1:].mean(axis=0) - centre) * step_mm
-    if float(np.linalg.norm(offset)) < MIN_POSTERIOR_OFFSET_MM:
-        return (
-            None,
-            "",
-            (
-                f"its posterior elements lie {np.linalg.norm(offset):.1f} mm from the body's centre, "
-                f"under {MIN_POSTERIOR_OFFSET_MM:g} mm"
-            ),
-        )
-    return offset, "posterior elements", ""
-
-
-@dataclass
-class CropAP:
-    """A crop's AP axis: ``ap`` (world; None keeps the scanner's), its turn from the scanner's
-    posterior about the tangent, the landmark it points to (``"scanner"`` for the scanner's
-    posterior) and why the anatomy was not used (empty when it was)."""
-
-    ap: np.ndarray | None
-    turn_deg: float = 0.0
-    landmark: str = "scanner"
-    reason: str = ""
-
-
-def anatomical_ap(
-    mask: Volume, vid: int, curve: SpineCurve, row: float, step_mm: float = AP_STEP_MM
-) -> CropAP:
-    """The AP axis of ``vid``'s crop at ``row`` from its own anatomy, body centroid to posterior
-    elements (:func:`posterior_offset_mm`), tangential part removed.
-
-    The vertebra's label is resliced (nearest neighbour) in a box around the curve, de-pedicled
-    there and the frame turned to the offset found, until it turns less than ``AP_CONVERGED_DEG``:
-    de-pedicling needs the canal behind the body, so a first estimate in a frame turned far from
-    the anatomy is refined in the frame it gives. Falls back to the scanner's posterior (``ap``
-    None, with the reason) where the label gives no direction or the turn exceeds
-    ``MAX_AP_TURN_DEG``.
-    """
-    step = max(float(step_mm), curve.step_mm)
-    shape = tuple(max(1, int(round(b / step))) for b in AP_BOX_MM)
-    _, tangent, scanner_ap, _ = frame_at(curve, row)
-    ap, turn = scanner_ap, 0.0
-    for _ in range(AP_ITERATIONS):
-        aff = crop_affine(curve, row, shape, ap, step)
-        vertebra = resample_to_grid(mask.array, mask.affine, aff, shape, 0) == vid
-        if not vertebra.any():
-            return CropAP(None, reason="its label is not near the curve")
-        offset, landmark, why = posterior_offset_mm(vertebra, step)
-        if offset is None:
-            return CropAP(None, reason=why)
-        new_ap = aff[:3, 1] / step * offset[0] + aff[:3, 2] / step * offset[1]
-        new_ap /= np.linalg.norm(new_ap)
-        change = abs(turn_deg(tangent, ap, new_ap))
-        ap, turn = new_ap, turn_deg(tangent, scanner_ap, new_ap)
-        if abs(turn) > MAX_AP_TURN_DEG:
-            return CropAP(None, reason=f"its anatomy turned {turn:.0f} deg from the scanner's posterior")
-        if change < AP_CONVERGED_DEG:
-            break
-    return CropAP(ap, turn, landmark)
 
 
 def keep_bodies(
