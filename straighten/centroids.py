@@ -9,7 +9,10 @@ Every vertebra present is listed; each record also carries ``"complete": true|fa
 false, ``"reason"`` (extra keys keep the reference's readers working). A vertebra is incomplete
 when its *body* is cut by the edge of the scan, found from the geometry (:func:`body_cut_by_fov`:
 the body, found by de-pedicling along a coarse spine curve, reaches the array's border in any
-direction), when its body is cut by another vertebra's label (:func:`body_cut_by_label`: it
+direction; the planes turned about the spine by the vertebrae's median anatomical turn,
+:func:`straighten.curve.patient_posterior`, so that in a patient turned in the scanner a
+transverse process cut by a narrow field of view is not taken for the body), when its body is cut
+by another vertebra's label (:func:`body_cut_by_label`: it
 touches that label over half its cross-section with no disc between), or when it is an end
 vertebra below the volume thresholds in mm³ (the reference's
 6000 voxels cranially and 8000 caudally at its assumed 1 mm³ voxels; options, kept as a second

@@ -17,6 +17,15 @@ lordosis of radius 150 mm, a body whose centre lies 15 mm off the curve is stret
 and shrunk on the other by about 10 %. Per-vertebra crops therefore use :func:`crop_affine`: the
 planes perpendicular to the curve at the vertebra, one rigid reslice with a true world affine.
 
+A vertebra's crop may turn its planes' axes about the tangent to the vertebra's own anatomy
+(:func:`anatomical_ap`): from its body's centroid to its spinal canal (the hole its arch closes
+in its axial projection), or to the centroid of its posterior elements where the arch is open.
+A patient turned in the scanner, or a rotated scoliotic vertebra, then still gets crops whose
+axis 1 runs from body to canal and whose axis 2 is its own left-right, which de-pedicling
+(``straighten/depedicle.py``: a midline band, the canal behind the body) relies on.
+:func:`patient_posterior` turns the whole curve's reference posterior by the vertebrae's median
+turn, for a frame that follows a turned patient and still never twists.
+
 Why not the ``straighten`` package (neuro-ml; the reference vendors a copy): it samples the
 polyline through the centroids (straight segments between vertebrae), works along the array
 axes (per-axis spacing, but no affine, so no oblique or flipped scans), and its default frame

@@ -156,3 +156,32 @@ def test_axial_rotation_quirk_turns_the_anatomy_and_keeps_its_truth(tmp_path):
         assert np.linalg.norm(body_offset(body, v) - expected) < 1.0
         n, n0 = ((m.array == v["vid"]).sum() for m in (body, body0))
         assert n == pytest.approx(n0, rel=0.03)
+
+
+def test_patient_posterior_turns_with_the_patient():
+    from straighten.curve import POSTERIOR, patient_posterior
+
+    mask, curve = _spine((20.0, 24.0, 22.0)), _curve()
+    posterior, turn = patient_posterior(mask, curve, dict(zip((20, 21, 22), CENTRES, strict=True)))
+    assert turn == pytest.approx(22.0, abs=2.0)
+    assert turn_deg(INFERIOR, POSTERIOR, posterior) == pytest.approx(turn, abs=1e-6)
+    body_only = _spine((20.0, 24.0, 22.0), posterior=False)
+    assert patient_posterior(body_only, curve, dict(zip((20, 21, 22), CENTRES, strict=True)))[1] == 0.0
+
+
+def test_a_turned_patient_with_a_narrow_field_of_view_keeps_its_bodies_whole(monkeypatch):
+    """Turned 30 deg, an 80 mm lateral field of view cuts a transverse process, not a body: no
+    vertebra is flagged. In the scanner's frame the process stays with the body and is flagged."""
+    import straighten.curve as curve_module
+    from straighten.centroids import body_cut_by_fov
+
+    mask = _spine((30.0, 30.0, 30.0))
+    x = mask.affine[0, 3] + STEP_MM * np.arange(mask.array.shape[0])
+    keep = np.flatnonzero(np.abs(x) <= 40.0)
+    affine = mask.affine.copy()
+    affine[0, 3] = x[keep[0]]
+    cut = np.ascontiguousarray(mask.array[keep[0] : keep[-1] + 1])
+    assert (mask.array == 21).sum() > (cut == 21).sum()  # the long process is cut
+    assert body_cut_by_fov(cut, affine, [20, 21, 22]) == {}
+    monkeypatch.setattr(curve_module, "patient_posterior", lambda *a, **k: (curve_module.POSTERIOR, 0.0))
+    assert set(body_cut_by_fov(cut, affine, [20, 21, 22])) == {20, 21, 22}
