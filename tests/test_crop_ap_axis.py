@@ -169,19 +169,29 @@ def test_patient_posterior_turns_with_the_patient():
     assert patient_posterior(body_only, curve, dict(zip((20, 21, 22), CENTRES, strict=True)))[1] == 0.0
 
 
-def test_a_turned_patient_with_a_narrow_field_of_view_keeps_its_bodies_whole(monkeypatch):
-    """Turned 30 deg, an 80 mm lateral field of view cuts a transverse process, not a body: no
-    vertebra is flagged. In the scanner's frame the process stays with the body and is flagged."""
+@pytest.mark.parametrize(
+    "turns, flagged_by_scanner_frame", [((30.0, 30.0, 30.0), {20, 21, 22}), ((0.0, 30.0, 0.0), None)]
+)
+def test_a_turned_vertebra_in_a_narrow_field_of_view_keeps_its_body_whole(
+    monkeypatch, turns, flagged_by_scanner_frame
+):
+    """A patient turned 30 deg, or one vertebra turned 30 deg against its neighbours (a rotated
+    scoliotic one): an 80 mm lateral field of view cuts a transverse process, not a body, and no
+    vertebra is flagged. In the scanner's frame alone, the turned patient's processes stay with
+    the bodies: flagged."""
+    import straighten.centroids as centroids_module
     import straighten.curve as curve_module
-    from straighten.centroids import body_cut_by_fov
 
-    mask = _spine((30.0, 30.0, 30.0))
+    mask = _spine(turns)
     x = mask.affine[0, 3] + STEP_MM * np.arange(mask.array.shape[0])
     keep = np.flatnonzero(np.abs(x) <= 40.0)
     affine = mask.affine.copy()
     affine[0, 3] = x[keep[0]]
     cut = np.ascontiguousarray(mask.array[keep[0] : keep[-1] + 1])
     assert (mask.array == 21).sum() > (cut == 21).sum()  # the long process is cut
-    assert body_cut_by_fov(cut, affine, [20, 21, 22]) == {}
+    assert centroids_module.body_cut_by_fov(cut, affine, [20, 21, 22]) == {}
+    if flagged_by_scanner_frame is None:
+        return
     monkeypatch.setattr(curve_module, "patient_posterior", lambda *a, **k: (curve_module.POSTERIOR, 0.0))
-    assert set(body_cut_by_fov(cut, affine, [20, 21, 22])) == {20, 21, 22}
+    monkeypatch.setattr(centroids_module, "body_cut_in_own_frame", lambda *a, **k: True)
+    assert set(centroids_module.body_cut_by_fov(cut, affine, [20, 21, 22])) == flagged_by_scanner_frame
