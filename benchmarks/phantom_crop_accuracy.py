@@ -2,7 +2,7 @@
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
         [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--levels T10-L5]
-        [--root DIR] [--details]
+        [--axial_rotation_deg 30] [--crop_ap anatomy|scanner] [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
 error statistics per region (by the definition, and by the crop's axes without the rim rule, the
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="T10-L5", help="full levels, e.g. T10,T11,L1-L5 (T12 missing)")
     parser.add_argument("--oblique_deg", type=float, default=0.0, help="oblique affine quirk (degrees)")
     parser.add_argument("--lumbosacral_deg", type=float, default=0.0, help="steep L5/S1 quirk (degrees)")
+    parser.add_argument(
+        "--axial_rotation_deg", type=float, default=0.0, help="quirk: patient turned about the spine (deg)"
+    )
+    parser.add_argument("--crop_ap", default="anatomy", help="straighten_mask_3d: anatomy or scanner")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
     parser.add_argument(
         "--label_resampling",
@@ -72,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         if opt.quirks
         else (Quirks(slice_mm=opt.slice_mm) if opt.slice_mm else None)
     )
-    if opt.oblique_deg or opt.lumbosacral_deg:
+    if opt.oblique_deg or opt.lumbosacral_deg or opt.axial_rotation_deg:
         quirks = dataclasses.replace(
-            quirks or Quirks(), oblique_deg=opt.oblique_deg, lumbosacral_deg=opt.lumbosacral_deg
+            quirks or Quirks(),
+            oblique_deg=opt.oblique_deg,
+            lumbosacral_deg=opt.lumbosacral_deg,
+            axial_rotation_deg=opt.axial_rotation_deg,
         )
     with contextlib.ExitStack() as stack:
         root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             code = straighten_mask_3d.main(
                 ["--dataroot", str(root), "--spacing_mm", str(opt.spacing_mm), "--workers", str(opt.workers)]
-                + ["--overwrite", "--label_resampling", opt.label_resampling]
+                + ["--overwrite", "--label_resampling", opt.label_resampling, "--crop_ap", opt.crop_ap]
             )
         seconds = time.perf_counter() - start
         if code:
@@ -140,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{f' with {opt.slice_mm} mm slices' if opt.slice_mm else ''}"
         f"{' with every quirk' if opt.quirks else ''}"
         f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
-        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}, "
+        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}"
+        f"{f' and turned by up to {opt.axial_rotation_deg} deg' if opt.axial_rotation_deg else ''}, "
+        f"crop AP from the {opt.crop_ap}, "
         f"{len(rows)} full levels ({opt.levels}) "
         f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "
         f"straightened in {seconds / opt.patients:.1f} s/patient ({opt.workers} workers)"

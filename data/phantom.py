@@ -4,7 +4,7 @@
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
                            [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
                            [--tilt_deg 6] [--oblique_deg 5] [--lumbosacral_deg 20]
-                           [--quirks]
+                           [--axial_rotation_deg 30] [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -32,7 +32,9 @@ scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral
 says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
 slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
 (``tilt_to_curve_deg`` in the geometry json), an oblique affine (the grid turned against the
-world axes) and a steep L5/S1 junction. Not drawn yet: transitional anatomy (L6, T13, a missing
+world axes), a steep L5/S1 junction and a patient turned about the spine's long axis, each
+vertebra turned a little more (``--axial_rotation_deg``; ``patient_turn_deg`` and each vertebra's
+``axial_rotation_deg`` in the geometry json). Not drawn yet: transitional anatomy (L6, T13, a missing
 level), osteophytes.
 """
 
@@ -65,6 +67,7 @@ from data.phantom_anatomy import (
 )
 from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
 from straighten.centroids import label_centroids, vertebra_completeness, write_centroids
+from straighten.curve import axis_rotation
 from util.atomic import write_json, write_text
 from util.errors import InputError
 
@@ -113,6 +116,12 @@ class Quirks:
             The rendered volumes are resampled onto it (CT linear, labels nearest neighbour).
         lumbosacral_deg: a steep lumbosacral junction: the sacrum turned by 70-100 % of this much
             more lordosis against L5 (a wedge-shaped L5/S1 disc; L5's own shape is unchanged).
+        axial_rotation_deg: the whole patient turned about the scanner's z axis (the spine's long
+            axis) through the spine's centre by 50-100 % of this much, either way, on the same
+            axis-aligned grid (CT linear, labels nearest neighbour; z planes map onto themselves),
+            and each vertebra turned about its own height axis by up to a quarter of it more (a
+            rotated scoliotic vertebra). Heights do not change; the world axes in the geometry
+            json turn with the anatomy.
     """
 
     truncate: tuple[str, ...] = ()
@@ -121,6 +130,7 @@ class Quirks:
     tilt_deg: float = 0.0
     oblique_deg: float = 0.0
     lumbosacral_deg: float = 0.0
+    axial_rotation_deg: float = 0.0
 
     @classmethod
     def all_on(cls, slice_mm: float = 0.0) -> Quirks:
@@ -150,6 +160,7 @@ class Patient:
     organs: dict
     intensities: dict
     gas: list[tuple[np.ndarray, np.ndarray]]
+    turn_deg: float = 0.0  # the whole patient turned about the world z axis (axial rotation quirk)
 
     @property
     def affine(self) -> np.ndarray:
@@ -689,9 +700,11 @@ def geometry_record(patient: Patient) -> dict:
                 "fracture_type": s.fracture.kind if s.fracture else "none",
                 "tilt_to_curve_deg": round(float(s.tilt_to_curve), 3),
                 "bevel_mm": round(float(s.bevel), 3),
+                "axial_rotation_deg": round(float(s.axial_rotation), 3),
             }
             for s in patient.shapes
         ],
+        "patient_turn_deg": round(float(patient.turn_deg), 3),
     }
 
 
@@ -708,8 +721,6 @@ def oblique_grid(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The volumes resampled on a grid turned by ``angles_deg`` (about x, then y) that holds the
     whole original volume (CT linear with air outside, labels nearest neighbour)."""
-    from data.nifti_io import resample_to_grid
-
     lin = _rotation(*angles_deg) @ affine[:3, :3]
     shape = np.array(vols["mask"].shape)
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1).T
@@ -720,12 +731,53 @@ def oblique_grid(
     out_aff[:3, :3] = lin
     out_aff[:3, 3] = lin @ lo
     out_shape = tuple(int(n) for n in hi - lo + 1)
+    return _resample_volumes(vols, affine, out_aff, out_shape), out_aff
+
+
+def _resample_volumes(
+    vols: dict[str, np.ndarray], affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """Every volume resampled onto another grid: CT linear with air outside, labels nearest neighbour."""
+    from data.nifti_io import resample_to_grid
+
     out = {}
     for name, vol in vols.items():
-        is_ct = name.endswith("ct")
-        order, cval = (1, -1024.0) if is_ct else (0, 0.0)
-        out[name] = resample_to_grid(vol, affine, out_aff, out_shape, order, cval)
-    return out, out_aff
+        order, cval = (1, -1024.0) if name.endswith("ct") else (0, 0.0)
+        out[name] = resample_to_grid(vol, affine, out_affine, out_shape, order, cval)
+    return out
+
+
+# The scanner's long axis, towards inferior: the axial rotation quirk turns about it, so a positive
+# angle turns the posterior towards the patient's left (as a crop's ``ap_turn_deg``).
+INFERIOR = np.array([0.0, 0.0, -1.0])
+
+
+def turn_vertebrae(patient: Patient, max_deg: float, rng: np.random.Generator) -> None:
+    """Each vertebra (not the sacrum) turned about its own height axis by up to ``max_deg``
+    (a rotated scoliotic vertebra), before rendering: the AP and LR axes turn, heights stay."""
+    for s in patient.shapes:
+        if s.sacrum:
+            continue
+        s.axial_rotation = float(rng.uniform(-max_deg, max_deg))
+        s.axes = s.axes @ axis_rotation(s.axes[0], s.axial_rotation).T
+
+
+def turn_patient(
+    vols: dict[str, np.ndarray], patient: Patient, affine: np.ndarray, deg: float
+) -> dict[str, np.ndarray]:
+    """The rendered patient turned by ``deg`` about the scanner's long axis through the centre of
+    its full levels, on the same grid (``affine``); the shapes' centres and axes turn with it."""
+    centre = np.mean([s.centre for s in patient.shapes if s.vid in patient.full_levels], axis=0)
+    rot = axis_rotation(INFERIOR, deg)
+    move = np.eye(4)  # the anatomy's new place: x -> centre + rot (x - centre)
+    move[:3, :3] = rot
+    move[:3, 3] = centre - rot @ centre
+    out = _resample_volumes(vols, move @ affine, affine, vols["mask"].shape)
+    for s in patient.shapes:
+        s.centre = centre + rot @ (s.centre - centre)
+        s.axes = s.axes @ rot.T
+    patient.turn_deg = float(deg)
+    return out
 
 
 def apply_fov_quirks(
@@ -796,8 +848,14 @@ def generate_patient(
     rng = np.random.default_rng([int(seed), int(index)])
     quirk_rng = np.random.default_rng([int(seed), int(index), 7])
     patient = build_patient(pid, rng, levels, spacing, fracture_fraction, straight, quirks, quirk_rng)
+    turn_rng = np.random.default_rng([int(seed), int(index), 11])  # apart: other quirks draw the same
+    if quirks is not None and quirks.axial_rotation_deg > 0:
+        turn_vertebrae(patient, quirks.axial_rotation_deg / 4, turn_rng)
     vols = render(patient, rng)
     aff, cut = patient.affine, {}
+    if quirks is not None and quirks.axial_rotation_deg > 0:
+        deg = quirks.axial_rotation_deg * turn_rng.uniform(0.5, 1.0) * turn_rng.choice([-1.0, 1.0])
+        vols = turn_patient(vols, patient, aff, float(deg))
     if quirks is not None and quirks.oblique_deg > 0:
         angles = quirk_rng.uniform(0.5, 1.0, 2) * quirks.oblique_deg * quirk_rng.choice([-1.0, 1.0], 2)
         vols, aff = oblique_grid(vols, aff, (float(angles[0]), float(angles[1])))
@@ -881,6 +939,8 @@ def generate(
             raise InputError("--bevel_mm must be >= 0, --tilt_deg and --oblique_deg in [0, 20]")
         if not 0 <= quirks.lumbosacral_deg <= 30:
             raise InputError(f"--lumbosacral_deg must be in [0, 30], got {quirks.lumbosacral_deg}")
+        if not 0 <= quirks.axial_rotation_deg <= 45:
+            raise InputError(f"--axial_rotation_deg must be in [0, 45], got {quirks.axial_rotation_deg}")
     args = [
         (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
     ]
@@ -939,6 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lumbosacral_deg", type=float, default=0.0, help="extra lordosis at L5/S1 (steep junction), degrees"
     )
     quirks.add_argument(
+        "--axial_rotation_deg",
+        type=float,
+        default=0.0,
+        help="the patient turned about the spine's long axis by up to this (each vertebra a quarter more)",
+    )
+    quirks.add_argument(
         "--quirks", action="store_true", help="all of them: truncate all three sides, bevel 5 mm, tilt 6 deg"
     )
     return parser
@@ -979,7 +1045,11 @@ def option_problem(opt: argparse.Namespace) -> str | None:
 
 def quirks_of(opt: argparse.Namespace) -> Quirks | None:
     """The quirks the options ask for (None: none); ``--quirks`` with the flags outside it added."""
-    extra = {"oblique_deg": opt.oblique_deg, "lumbosacral_deg": opt.lumbosacral_deg}
+    extra = {
+        "oblique_deg": opt.oblique_deg,
+        "lumbosacral_deg": opt.lumbosacral_deg,
+        "axial_rotation_deg": opt.axial_rotation_deg,
+    }
     if opt.quirks:
         return dataclasses.replace(Quirks.all_on(opt.slice_mm), **extra)
     truncate = tuple(t.strip() for t in opt.truncate.split(",") if t.strip())

@@ -122,6 +122,7 @@ class VertebraShape:
     bevel: float = 0.0  # bevelled anterior rim: each endplate drops this much (mm) at the anterior wall
     bevel_depth: float = 6.0  # over this AP distance (mm) from the anterior wall
     tilt_to_curve: float = 0.0  # sagittal tilt (degrees) of the body relative to the spine curve
+    axial_rotation: float = 0.0  # turn (degrees) about its own height axis, AP towards the left
     exponent: float = 2.4
     canal_a: float = 8.0
     canal_r: float = 10.0

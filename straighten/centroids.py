@@ -9,7 +9,10 @@ Every vertebra present is listed; each record also carries ``"complete": true|fa
 false, ``"reason"`` (extra keys keep the reference's readers working). A vertebra is incomplete
 when its *body* is cut by the edge of the scan, found from the geometry (:func:`body_cut_by_fov`:
 the body, found by de-pedicling along a coarse spine curve, reaches the array's border in any
-direction), when its body is cut by another vertebra's label (:func:`body_cut_by_label`: it
+direction; the planes turned about the spine by the vertebrae's median anatomical turn,
+:func:`straighten.curve.patient_posterior`, so that in a patient turned in the scanner a
+transverse process cut by a narrow field of view is not taken for the body), when its body is cut
+by another vertebra's label (:func:`body_cut_by_label`: it
 touches that label over half its cross-section with no disc between), or when it is an end
 vertebra below the volume thresholds in mm³ (the reference's
 6000 voxels cranially and 8000 caudally at its assumed 1 mm³ voxels; options, kept as a second
@@ -200,7 +203,8 @@ def straightened_bodies(
     """Straighten ``mask`` coarsely along the polyline through the centroids of ``labels`` (two
     or more) and find each vertebra's body there."""
     # imported here: the curve and de-pedicling modules sit above this one
-    from straighten.curve import fit_spine_curve, straighten
+    from data.nifti_io import Volume
+    from straighten.curve import fit_spine_curve, patient_posterior, straighten
     from straighten.depedicle import depedicle
 
     spacing = voxel_sizes(affine)
@@ -208,6 +212,16 @@ def straightened_bodies(
     centres = label_centroids(mask, labels)
     world = voxel_to_world(affine, np.array([centres[v] for v in labels]))
     curve = fit_spine_curve(world, step, 40.0, degree=1)
+    # a patient turned in the scanner: the planes turn with the anatomy, or de-pedicling would keep
+    # a transverse process, cut by a narrow field of view, with the body
+    posterior, turn = patient_posterior(
+        Volume(mask, affine), curve, dict(zip(labels, world, strict=True)), step
+    )
+    if abs(turn) >= 1.0:
+        log.info(
+            "the patient is turned %.1f deg about the spine; completeness is found in its own frame", turn
+        )
+        curve = fit_spine_curve(world, step, 40.0, degree=1, posterior=posterior)
     n = int(round(COMPLETENESS_PLANE_MM / step))
     along = straighten(mask, affine, curve, (n, n), order=0)
     edge = edge_distance_mm(mask.shape, spacing)
@@ -259,9 +273,41 @@ def body_cut_by_fov(
     for v in labels:
         contact = (sb.bodies == v) & sb.on_face
         if int(contact.sum()) >= min_voxels:
+            if not body_cut_in_own_frame(mask, affine, v, sb, min_voxels):
+                log.info("label %d: its body reaches the scan's edge only in the curve's frame", v)
+                continue
             ijk = sb.to_voxels(np.argwhere(contact), affine)
             out[v] = f"body cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
     return out
+
+
+def body_cut_in_own_frame(
+    mask: np.ndarray, affine: np.ndarray, vid: int, sb: StraightenedBodies, min_voxels: int
+) -> bool:
+    """Whether ``vid``'s body still reaches a face of the array (``min_voxels`` or more) when it
+    is de-pedicled in its own frame (:func:`straighten.curve.anatomical_ap`), not the curve's.
+
+    A vertebra turned against the rest of the spine (a rotated scoliotic one) has its transverse
+    process in front of the curve's posterior wall; cut by a narrow field of view, the process
+    would pass for a cut body. Without an anatomical frame, or within 2 degrees of the curve's,
+    the curve's verdict stands (True).
+    """
+    from data.nifti_io import Volume, resample_to_grid
+    from straighten.curve import AP_BOX_MM, anatomical_ap, crop_affine, frame_at, turn_deg
+    from straighten.depedicle import body_mask
+
+    centre = voxel_to_world(affine, label_centroids(mask, [vid])[vid])
+    row = sb.curve.project(centre)
+    found = anatomical_ap(Volume(mask, affine), vid, sb.curve, row, sb.step_mm)
+    _, tangent, ap, _ = frame_at(sb.curve, row)
+    if found.ap is None or abs(turn_deg(tangent, ap, found.ap)) < 2.0:
+        return True
+    shape = tuple(max(1, int(round(b / sb.step_mm))) for b in AP_BOX_MM)
+    box = crop_affine(sb.curve, row, shape, found.ap, sb.step_mm)
+    body = body_mask(resample_to_grid(mask, affine, box, shape, 0) == vid, sb.step_mm)
+    edge = edge_distance_mm(mask.shape, voxel_sizes(affine))
+    on_face = resample_to_grid(edge, affine, box, shape, 0, cval=-1.0) == 0
+    return int((body & on_face).sum()) >= min_voxels
 
 
 def body_cut_by_label(

@@ -10,6 +10,15 @@ there): the target keeps its true shape and the crop's affine is its true scanne
 Label crops go through each label's signed distance (``straighten/label_resample.py``), so thick
 slices leave ramps, not staircases, where an endplate crosses them.
 
+Each crop's anterior-posterior axis follows the vertebra's own anatomy (``crop_ap="anatomy"``):
+the direction from its body's centroid to the centroid of its posterior elements, with the
+tangential part removed (:func:`anatomical_ap`), so a patient turned in the scanner or a rotated
+scoliotic vertebra gets crops whose axis 1 runs from its body to its canal and whose axis 2 is its
+own left-right. A label with no usable posterior elements (labels of the bodies only, posterior
+elements cut away) keeps the scanner's posterior (the curve's frame), and the curve json says why;
+``crop_ap="scanner"`` is the previous frame everywhere. The curve json records, per crop, the turn
+from the scanner's posterior to the crop's AP axis about the tangent (``ap_turn_deg``).
+
 Only complete vertebrae get a crop (``"complete"`` in the centroid json): a vertebra whose body is
 cut by the scan's edge keeps its centroid, which steers the curve, and stays a neighbour in the
 crops of others, but the curve json lists it under ``not_measurable`` with its reason.
@@ -44,7 +53,15 @@ from straighten.centroids import (
     vertebra_completeness,
     vertebra_labels,
 )
-from straighten.curve import SpineCurve, crop_affine, fit_spine_curve, index_to_world, straighten
+from straighten.curve import (
+    CropAP,
+    SpineCurve,
+    anatomical_ap,
+    crop_affine,
+    fit_spine_curve,
+    index_to_world,
+    straighten,
+)
 from straighten.depedicle import body_mask, depedicle
 from straighten.label_resample import LabelFields
 from util.atomic import write_json
@@ -58,6 +75,7 @@ AIR_HU = -1024.0
 CURVE_EXTENSION_MM = 40.0
 # A centroid must lie within this distance (mm) of its own label.
 CENTROID_TOLERANCE_MM = 10.0
+CROP_AP_MODES = ("anatomy", "scanner")
 
 
 @dataclass
@@ -71,6 +89,8 @@ class StraightenOptions:
     overwrite: bool = False
     # how label crops are resampled (straighten/label_resample.py)
     label_resampling: str = "distance"
+    # the crops' AP axis: the vertebra's own (body to posterior elements) or the scanner's posterior
+    crop_ap: str = "anatomy"
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
@@ -249,6 +269,7 @@ def curve_record(
         "crop_shape": list(opt.crop_shape),
         "window_hu": list(opt.window),
         "frame": "world RAS mm; tangent to inferior, ap to posterior, lr to left",
+        "crop_ap": opt.crop_ap,
         "origin_row": curve.origin_row,
         "points_mm": np.round(curve.points, 3).tolist(),
         "tangent": np.round(curve.tangent, 5).tolist(),
@@ -319,15 +340,30 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
             curve = fit_spine_curve(through, opt.spacing_mm, CURVE_EXTENSION_MM, degree=1)
     except ValueError as exc:
         raise input_error(case.centroids, str(exc)) from exc
-    affines, raw_labels, own_body, crops = {}, {}, {}, {}
+    affines, raw_labels, own_body, crops, fallback = {}, {}, {}, {}, {}
     fields = LabelFields(mask.array, mask.affine, opt.label_resampling)
     for v in measured:
         row = curve.project(bodies[v])
+        frame = anatomical_ap(mask, v, curve, row) if opt.crop_ap == "anatomy" else CropAP(None)
         affines[v], raw_labels[v], own_body[v] = centred_crop(
-            mask, v, crop_affine(curve, row, opt.crop_shape), opt.crop_shape, opt.spacing_mm, fields
+            mask, v, crop_affine(curve, row, opt.crop_shape, frame.ap), opt.crop_shape, opt.spacing_mm, fields
         )
         centre = affines[v] @ np.r_[np.asarray(opt.crop_shape) // 2, 1.0]
-        crops[v] = {"curve_row": round(row, 2), "centre_mm": np.round(centre[:3], 3).tolist()}
+        crops[v] = {
+            "curve_row": round(row, 2),
+            "centre_mm": np.round(centre[:3], 3).tolist(),
+            "ap_from": frame.landmark,
+            "ap_turn_deg": round(frame.turn_deg, 2),
+        }
+        if frame.reason:
+            crops[v]["ap_reason"] = frame.reason
+            fallback[v] = frame.reason
+    if fallback:
+        log.warning(
+            "%s: crop AP axis from the scanner's posterior for %s",
+            pid,
+            "; ".join(f"{label_schemes.vertebra_name(v)}: {why}" for v, why in fallback.items()),
+        )
 
     outputs = []
     for v in measured:

@@ -2,7 +2,7 @@
 
     python straighten/straighten_mask_3d.py --dataroot D [--spacing_mm 1.0] [--crop_mm 256 256 64]
         [--window -300 800] [--label_scheme verse|totalseg] [--labels_only] [--workers N]
-        [--shard i/n] [--overwrite]
+        [--shard i/n] [--overwrite] [--crop_ap anatomy|scanner]
 
 Reads ``D/raw/<pid>/<pid>.nii.gz`` (CT, absent with ``--labels_only``), ``<pid>_msk.nii.gz`` and
 the centroid json from ``location_json_local.py``. Writes ``D/straightened/CT/<pid>_<vid>.nii.gz``
@@ -10,7 +10,9 @@ the centroid json from ``location_json_local.py``. Writes ``D/straightened/CT/<p
 neighbours kept, posterior elements removed) and ``D/straightened/curve/<pid>.json``.
 
 Crops: axis 0 along the spine (superior to inferior) with the target's body centred, axis 1
-anterior to posterior, axis 2 right to left, ``--spacing_mm`` voxels in every direction; the
+anterior to posterior (by default from the vertebra's body to its posterior elements; the
+scanner's posterior with ``--crop_ap scanner`` or where the label has no posterior elements),
+axis 2 right to left, ``--spacing_mm`` voxels in every direction; the
 affine states that voxel size with positions local to the curve.
 
 Faults: options are checked before any work (finite numbers, crops that fit in memory; exit 2).
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from data import label_schemes
 from data.layout import list_patients, shard
-from straighten.patient import StraightenOptions, run_patient
+from straighten.patient import CROP_AP_MODES, StraightenOptions, run_patient
 from util.errors import InputError
 from util.memory import too_big
 
@@ -76,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="distance",
         choices=("distance", "linear", "nearest"),
         help="label crops: each label's signed distance (default) or mask, trilinear, or nearest neighbour",
+    )
+    parser.add_argument(
+        "--crop_ap",
+        default="anatomy",
+        choices=CROP_AP_MODES,
+        help="crops' AP axis: each body towards its posterior elements (default) or the scanner's posterior",
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--shard", default=None, help="process only shard i/n of the patients")
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.smoothing_mm,
         opt.overwrite,
         opt.label_resampling,
+        opt.crop_ap,
     )
     try:
         pids = shard(list_patients(opt.dataroot), opt.shard)
