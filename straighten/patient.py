@@ -11,8 +11,9 @@ Label crops go through each label's signed distance (``straighten/label_resample
 slices leave ramps, not staircases, where an endplate crosses them.
 
 Each crop's anterior-posterior axis follows the vertebra's own anatomy (``crop_ap="anatomy"``):
-the direction from its body's centroid to the centroid of its posterior elements, with the
-tangential part removed (:func:`anatomical_ap`), so a patient turned in the scanner or a rotated
+the direction from its body's centroid to its spinal canal (the largest hole in the label's
+projection along the spine; the centroid of the posterior elements where the arch is open), with
+the tangential part removed (:func:`anatomical_ap`), so a patient turned in the scanner or a rotated
 scoliotic vertebra gets crops whose axis 1 runs from its body to its canal and whose axis 2 is its
 own left-right. A label with no usable posterior elements (labels of the bodies only, posterior
 elements cut away) keeps the scanner's posterior (the curve's frame), and the curve json says why;
