@@ -5,10 +5,10 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
 * G (:class:`models.networks.inpaint.InpaintGenerator`): the coarse stage sees the squeezed CT,
   the slice-ratio map and the hole, with ``1 - CAM`` guidance in its decoder (HGAM); the fine
   stage adds hallucination and per-sample contextual attention. Each stage predicts the height
-  as a fraction of the sample's hole (SHRM); ``fraction * hole_rows`` rounded to the nearest row
-  (``--height_rounding``; the reference rounds up, half a row too tall on average) generated rows
-  are inserted between the real neighbours (:func:`models.composite.compose`), without the
-  reference's floor at the observed height (defect 6).
+  as a fraction of the sample's hole (SHRM); ``fraction * hole_rows`` rounded up as in the
+  reference (``--height_rounding round``: to the nearest row) generated rows are inserted
+  between the real neighbours (:func:`models.composite.compose`), without the reference's floor
+  at the observed height (defect 6).
 * Three PatchGANs in ``netD`` (an ``nn.ModuleDict``, saved as ``<epoch>_net_D.pth``): ``global``
   (fine composite vs ground truth), ``local`` (hole band x central ``--local_width`` of the
   columns) and ``seg`` (fine segmentation, binarised by a straight-through estimator so its
@@ -165,9 +165,9 @@ class HealthiVertModel(BaseModel):
         g.add_argument(
             "--height_rounding",
             choices=ROUNDINGS,
-            default="round",
-            help="predicted height fraction x hole rows -> inserted rows: nearest row, or 'ceil' as in "
-            "the reference (half a row taller on average)",
+            default="ceil",
+            help="predicted height fraction x hole rows -> inserted rows: up as in the reference "
+            "(per slice about half a row taller on average), or the nearest row",
         )
         g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
@@ -265,7 +265,7 @@ class HealthiVertModel(BaseModel):
         with self.autocast():
             out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"], rows=rows)
         self.out = out
-        rounding = getattr(self.opt, "height_rounding", "round")
+        rounding = getattr(self.opt, "height_rounding", "ceil")
         self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"], rounding)
         self.rows_fine = predicted_rows(out.fine_height, s["hole_rows"], rounding)
         self.fake_coarse = compose(

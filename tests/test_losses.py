@@ -78,10 +78,10 @@ def test_height_loss_known_values_and_rows_have_no_floor():
     # 0.3 * 20 = 6 rows even though the observed height is 8: no floor at the observed height
     assert predicted_rows(torch.tensor([0.3]), torch.tensor([20])).tolist() == [6]
     assert predicted_rows(torch.tensor([0.0]), torch.tensor([20])).tolist() == [1]
-    # nearest row by default (halves up), the reference's ceil on request
+    # the reference's ceil by default, the nearest row (halves up) on request
     fractions, holes = torch.tensor([0.31, 0.33, 0.375, 0.99]), torch.tensor([20, 20, 20, 40])
-    assert predicted_rows(fractions, holes).tolist() == [6, 7, 8, 40]
-    assert predicted_rows(fractions, holes, "ceil").tolist() == [7, 7, 8, 40]
+    assert predicted_rows(fractions, holes).tolist() == [7, 7, 8, 40]
+    assert predicted_rows(fractions, holes, "round").tolist() == [6, 7, 8, 40]
     with pytest.raises(ValueError, match="rounding"):
         predicted_rows(fractions, holes, "floor")
 

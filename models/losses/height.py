@@ -29,14 +29,16 @@ def height_loss(fraction: torch.Tensor, hole_rows: torch.Tensor, height: torch.T
 ROUNDINGS = ("round", "ceil")
 
 
-def predicted_rows(fraction: torch.Tensor, hole_rows: torch.Tensor, rounding: str = "round") -> torch.Tensor:
-    """Rows to insert: ``fraction * hole_rows`` rounded to the nearest row (``round``, halves up) or
-    up (``ceil``, the reference), at least 1, int64 (no gradient). No floor at the observed height
+def predicted_rows(fraction: torch.Tensor, hole_rows: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
+    """Rows to insert: ``fraction * hole_rows`` rounded up (``ceil``, the reference) or to the nearest
+    row (``round``, halves up), at least 1, int64 (no gradient). No floor at the observed height
     (the reference's floor biased heights upwards, defect 6).
 
     The true height on a slice is a whole number of rows and the loss trains ``fraction *
     hole_rows`` towards it, so an unbiased head scatters on both sides of it; ``ceil`` then adds
-    about half a row on average (1 mm at 2 mm rows), ``round`` nothing.
+    about half a row on average to the inserted height (1 mm at 2 mm rows), ``round`` nothing. The
+    3D heights of the iterative synthesis did not follow consistently (README), so ``ceil`` stays
+    the default.
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
