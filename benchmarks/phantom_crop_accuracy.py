@@ -1,7 +1,8 @@
 """Accuracy on the phantom: heights and de-pedicled volumes on straightened crops against truth.
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
-        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--levels T10-L5]
+        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--osteophyte_mm 4]
+        [--levels T10-L5]
         [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="T10-L5", help="full levels, e.g. T10,T11,L1-L5 (T12 missing)")
     parser.add_argument("--oblique_deg", type=float, default=0.0, help="oblique affine quirk (degrees)")
     parser.add_argument("--lumbosacral_deg", type=float, default=0.0, help="steep L5/S1 quirk (degrees)")
+    parser.add_argument("--osteophyte_mm", type=float, default=0.0, help="anterior osteophyte quirk (mm)")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
     parser.add_argument(
         "--label_resampling",
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         quirks = dataclasses.replace(
             quirks or Quirks(), oblique_deg=opt.oblique_deg, lumbosacral_deg=opt.lumbosacral_deg
         )
+    if opt.osteophyte_mm:
+        quirks = dataclasses.replace(quirks or Quirks(), osteophyte_mm=opt.osteophyte_mm)
     with contextlib.ExitStack() as stack:
         root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if not (root / "truth" / "vertebrae.csv").is_file():
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{f' with {opt.slice_mm} mm slices' if opt.slice_mm else ''}"
         f"{' with every quirk' if opt.quirks else ''}"
         f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
-        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}, "
+        f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}"
+        f"{f' and osteophytes up to {opt.osteophyte_mm} mm' if opt.osteophyte_mm else ''}, "
         f"{len(rows)} full levels ({opt.levels}) "
         f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "
         f"straightened in {seconds / opt.patients:.1f} s/patient ({opt.workers} workers)"
