@@ -4,7 +4,7 @@
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
                            [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
                            [--tilt_deg 6] [--oblique_deg 5] [--lumbosacral_deg 20]
-                           [--quirks]
+                           [--osteophyte_mm 5] [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -32,8 +32,15 @@ scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral
 says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
 slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
 (``tilt_to_curve_deg`` in the geometry json), an oblique affine (the grid turned against the
-world axes) and a steep L5/S1 junction. Not drawn yet: transitional anatomy (L6, T13, a missing
-level), osteophytes.
+world axes), a steep L5/S1 junction and anterior osteophytes (bony lips of the vertebra's label
+at the endplate rims; ``osteophyte_mm`` in the geometry json; no body height, so the truth is
+unchanged). Transitional anatomy comes from ``--levels``: a missing level
+(``T10,T11,L1,L2,L3,L4,L5``), six lumbar vertebrae (``T10-L5,L6``: L6, VerSe 25, above the
+sacrum) or thirteen thoracic ones (``T11,T12,T13,L1-L5``: T13, VerSe 28, between T12 and L1).
+
+The truth heights are the one definition (:mod:`evaluation.heights`) on the analytic geometry:
+the endplate frame from planes fitted to the analytic endplates (a wedge fracture turns it), then
+the columns along it.
 """
 
 from __future__ import annotations
@@ -1023,7 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--spacing_mm", type=float, default=1.0, help="isotropic voxel size in mm")
     parser.add_argument(
-        "--levels", default="T10-L5", help="complete levels to draw, e.g. T10-L5 or T12,L1,L2"
+        "--levels",
+        default="T10-L5",
+        help="complete levels to draw, e.g. T10-L5, T10,T11,L1-L5 (no T12), T10-L5,L6 or T11,T12,T13,L1-L5",
     )
     parser.add_argument("--fracture_fraction", type=float, default=0.3, help="mean share of fractured levels")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
