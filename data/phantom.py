@@ -106,6 +106,8 @@ TRUTH_STEP_MM = 0.25
 # A body's endplate frame turned less than this from its own h axis keeps the h axis (exactly
 # the columns of a healthy, symmetric body).
 TRUTH_MIN_TILT_DEG = 0.01
+# Bisection steps that set a fracture's amplitude (to 0.8 / 2**24, far below a voxel).
+FRACTURE_BISECTIONS = 24
 FOV_LR_MM = 220.0
 # The narrow lateral field of view of the ``lateral`` truncation quirk (cuts transverse processes).
 LATERAL_FOV_MM = 80.0
@@ -275,7 +277,7 @@ def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
     lo, hi = 0.0, 0.8
     fracture = Fracture(kind, 0.0)
     shape.fracture = fracture
-    for _ in range(40):
+    for _ in range(FRACTURE_BISECTIONS):
         fracture.amplitude = 0.5 * (lo + hi)
         got = float(np.max(height_reduction(healthy, truth_heights(shape, fractured=True))))
         if got < target:

@@ -166,6 +166,7 @@ def test_osteophyte_truth_is_the_body_without_lips():
     np.testing.assert_allclose(body_heights(whole, 0.5).as_array(), body_heights(body, 0.5).as_array())
 
 
+@pytest.mark.slow
 def test_osteophyte_quirk_adds_lips_to_the_labels_and_keeps_the_truth(tmp_path):
     from data.phantom import Quirks
 
