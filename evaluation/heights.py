@@ -14,7 +14,9 @@ Definition (DESIGN.md), applied by :func:`measure_body` to a binary body mask:
    threshold) on that frame at its finest voxel size; two rounds. ``tilt_deg`` is the angle
    between the height axis and the crop's axis 0 (the curve's tangent).
 2. **Columns.** On the central 40 % of the body's left-right extent, each sagittal plane is cut
-   into columns; a column's height is the body's extent along the height axis.
+   into columns; a column's height is the body's extent along the height axis. A column the body
+   fills over less than ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the
+   lips of osteophytes at both endplates with nothing between, in front of the wall).
 3. **Rim rule.** On each plane, a straight line fitted to the column heights of the inner half
    of its AP extent (``RIM_INNER``) predicts every column's height; walking inward from the
    anterior end, and from the posterior end, a column is dropped while it is shorter than
@@ -62,6 +64,8 @@ GENANT_SEVERE = 0.40
 # The rim rule (module docstring, step 3).
 RIM_FRACTION = 0.85
 RIM_MAX_FRACTION = 0.25
+# A column must be filled over this fraction of its extent to be a column of the body (step 2).
+MIN_COLUMN_FILL = 0.34
 # The inner part of a plane (fractions of its AP extent) whose straight-line fit predicts the wall columns.
 RIM_INNER = (0.25, 0.75)
 # Endplate planes are fitted over this central fraction of the body's AP and LR extents.
@@ -197,15 +201,18 @@ def heights_from_columns(
 
 
 def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarray:
-    """Each (AP, LR) column's extent along axis 0 in mm (first to last foreground voxel), NaN if empty."""
+    """Each (AP, LR) column's extent along axis 0 in mm (first to last foreground voxel); NaN if
+    empty or hollow (filled over less than ``MIN_COLUMN_FILL`` of that extent)."""
     mask = np.asarray(body_mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"body mask must be 3D, got shape {mask.shape}")
     n = mask.shape[0]
-    has = mask.any(axis=0)
     first = np.argmax(mask, axis=0)
     last = n - 1 - np.argmax(mask[::-1], axis=0)
-    return np.where(has, (last - first + 1) * float(height_spacing_mm), np.nan)
+    extent = last - first + 1
+    # a column the body hardly fills (two osteophyte lips, nothing between) is no body column
+    body = mask.any(axis=0) & (mask.sum(axis=0) >= MIN_COLUMN_FILL * extent)
+    return np.where(body, extent * float(height_spacing_mm), np.nan)
 
 
 def _plane_normal(points: np.ndarray) -> np.ndarray | None:

@@ -10,7 +10,7 @@ from scipy import ndimage
 from data.label_schemes import SACRUM, neighbours, parse_levels
 from data.nifti_io import load_mask
 from data.phantom import end_elements, generate
-from evaluation.heights import body_heights, heights_from_columns, measure_body, rim_columns
+from evaluation.heights import body_heights, column_heights, heights_from_columns, measure_body, rim_columns
 from straighten import straighten_mask_3d
 
 
@@ -139,12 +139,18 @@ def box_with_lips(height, depth, width, lip_mm, superior=True, inferior=False, n
     return box
 
 
-@pytest.mark.parametrize("lip_mm, superior, inferior", [(8, True, False), (8, False, True), (5, True, True)])
+@pytest.mark.parametrize(
+    "lip_mm, superior, inferior", [(8, True, False), (8, False, True), (5, True, True), (8, True, True)]
+)
 def test_rim_rule_leaves_out_an_osteophyte_lip(lip_mm, superior, inferior):
     m = box_with_lips(26, 34, 44, lip_mm, superior, inferior)
     assert body_heights(m).as_array() == pytest.approx([26, 26, 26])
-    if lip_mm == 8:  # without the rule the lip's short columns pull the anterior median down
+    if lip_mm == 8 and not (superior and inferior):  # the lip's short columns without the rule
         assert body_heights(m, exclude_rim=False).anterior < 20
+    if superior and inferior:  # in front of the wall the columns are hollow: two lips, nothing between
+        cols = column_heights(m, 1.0)
+        assert np.isnan(cols[16:22, 40]).all()  # 2-8 mm in front of the wall (index 23)
+        assert np.isfinite(cols[23:57, 40]).all()  # the box
 
 
 def test_osteophyte_truth_is_the_body_without_lips():
