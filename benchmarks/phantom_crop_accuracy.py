@@ -1,8 +1,8 @@
 """Accuracy on the phantom: heights and de-pedicled volumes on straightened crops against truth.
 
     python -m benchmarks.phantom_crop_accuracy [--patients 6] [--spacing_mm 1.0] [--seed 0] [--workers 2]
-        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--levels T10-L5]
-        [--axial_rotation_deg 30] [--crop_ap anatomy|scanner] [--root DIR] [--details]
+        [--quirks] [--slice_mm 3] [--oblique_deg 5] [--lumbosacral_deg 20] [--osteophyte_mm 4]
+        [--levels T10-L5] [--axial_rotation_deg 30] [--crop_ap anatomy|scanner] [--root DIR] [--details]
 
 Prints the share of complete vertebrae whose three heights are all within 1.5 mm of the truth,
 error statistics per region (by the definition, and by the crop's axes without the rim rule, the
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "--axial_rotation_deg", type=float, default=0.0, help="quirk: patient turned about the spine (deg)"
     )
     parser.add_argument("--crop_ap", default="anatomy", help="straighten_mask_3d: anatomy or scanner")
+    parser.add_argument("--osteophyte_mm", type=float, default=0.0, help="anterior osteophyte quirk (mm)")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
     parser.add_argument(
         "--label_resampling",
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             lumbosacral_deg=opt.lumbosacral_deg,
             axial_rotation_deg=opt.axial_rotation_deg,
         )
+    if opt.osteophyte_mm:
+        quirks = dataclasses.replace(quirks or Quirks(), osteophyte_mm=opt.osteophyte_mm)
     with contextlib.ExitStack() as stack:
         root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if not (root / "truth" / "vertebrae.csv").is_file():
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' with every quirk' if opt.quirks else ''}"
         f"{f' and a grid turned up to {opt.oblique_deg} deg' if opt.oblique_deg else ''}"
         f"{f' and L5/S1 steeper by up to {opt.lumbosacral_deg} deg' if opt.lumbosacral_deg else ''}"
-        f"{f' and turned by up to {opt.axial_rotation_deg} deg' if opt.axial_rotation_deg else ''}, "
+        f"{f' and turned by up to {opt.axial_rotation_deg} deg' if opt.axial_rotation_deg else ''}"
+        f"{f' and osteophytes up to {opt.osteophyte_mm} mm' if opt.osteophyte_mm else ''}, "
         f"crop AP from the {opt.crop_ap}, "
         f"{len(rows)} full levels ({opt.levels}) "
         f"(grades 0/1/2/3: {'/'.join(map(str, grades))}), {n_cut} cut by the field of view; "

@@ -4,7 +4,7 @@
                            [--fracture_fraction 0.3] [--workers 1] [--straight] [--overwrite]
                            [--truncate cranial,caudal,lateral] [--slice_mm 3] [--bevel_mm 5]
                            [--tilt_deg 6] [--oblique_deg 5] [--lumbosacral_deg 20]
-                           [--axial_rotation_deg 30] [--quirks]
+                           [--axial_rotation_deg 30] [--osteophyte_mm 5] [--quirks]
 
 Each patient is a curved spine (kyphosis, lordosis, sometimes a mild scoliosis) of vertebrae
 with a cortical shell, a textured cancellous interior, concave endplates and posterior elements,
@@ -32,10 +32,17 @@ scans fail, with their truth: field-of-view truncation (cranial, caudal, lateral
 says which full levels are then cut: ``complete``/``reason``, and they get no grade), thick
 slices (1 x 1 x 3 mm), bevelled anterior rims, and bodies tilted against the spine curve
 (``tilt_to_curve_deg`` in the geometry json), an oblique affine (the grid turned against the
-world axes), a steep L5/S1 junction and a patient turned about the spine's long axis, each
+world axes), a steep L5/S1 junction, a patient turned about the spine's long axis, each
 vertebra turned a little more (``--axial_rotation_deg``; ``patient_turn_deg`` and each vertebra's
-``axial_rotation_deg`` in the geometry json). Not drawn yet: transitional anatomy (L6, T13, a missing
-level), osteophytes.
+``axial_rotation_deg`` in the geometry json), and anterior osteophytes (bony lips of the
+vertebra's label at the endplate rims; ``osteophyte_mm`` in the geometry json; no body height, so
+the truth is unchanged). Transitional anatomy comes from ``--levels``: a missing level
+(``T10,T11,L1,L2,L3,L4,L5``), six lumbar vertebrae (``T10-L5,L6``: L6, VerSe 25, above the
+sacrum) or thirteen thoracic ones (``T11,T12,T13,L1-L5``: T13, VerSe 28, between T12 and L1).
+
+The truth heights are the one definition (:mod:`evaluation.heights`) on the analytic geometry:
+the endplate frame from planes fitted to the analytic endplates (a wedge fracture turns it), then
+the columns along it.
 """
 
 from __future__ import annotations
@@ -65,7 +72,14 @@ from data.phantom_anatomy import (
     level_position,
     local_axes,
 )
-from evaluation.heights import BodyHeights, genant_from_heights, height_reduction, heights_from_columns
+from evaluation.heights import (
+    BodyHeights,
+    central_planes,
+    endplate_normal,
+    genant_from_heights,
+    height_reduction,
+    heights_from_columns,
+)
 from straighten.centroids import label_centroids, vertebra_completeness, write_centroids
 from straighten.curve import axis_rotation
 from util.atomic import write_json, write_text
@@ -92,6 +106,11 @@ GRADE_TARGETS = {1: (0.21, 0.24), 2: (0.27, 0.38), 3: (0.43, 0.55)}
 GRADE_PROBS = (0.35, 0.40, 0.25)
 TYPE_PROBS = (0.5, 0.3, 0.2)
 TRUTH_STEP_MM = 0.25
+# A body's endplate frame turned less than this from its own h axis keeps the h axis (exactly
+# the columns of a healthy, symmetric body).
+TRUTH_MIN_TILT_DEG = 0.01
+# Bisection steps that set a fracture's amplitude (to 0.8 / 2**24, far below a voxel).
+FRACTURE_BISECTIONS = 24
 FOV_LR_MM = 220.0
 # The narrow lateral field of view of the ``lateral`` truncation quirk (cuts transverse processes).
 LATERAL_FOV_MM = 80.0
@@ -122,6 +141,9 @@ class Quirks:
             and each vertebra turned about its own height axis by up to a quarter of it more (a
             rotated scoliotic vertebra). Heights do not change; the world axes in the geometry
             json turn with the anatomy.
+        osteophyte_mm: anterior osteophytes: on about half the endplates, a bony lip of the
+            vertebra's label growing 50-100 % of this much (mm) out of the anterior rim (on a
+            third of the levels round the lateral rims too). No body height: the truth is unchanged.
     """
 
     truncate: tuple[str, ...] = ()
@@ -131,6 +153,7 @@ class Quirks:
     oblique_deg: float = 0.0
     lumbosacral_deg: float = 0.0
     axial_rotation_deg: float = 0.0
+    osteophyte_mm: float = 0.0
 
     @classmethod
     def all_on(cls, slice_mm: float = 0.0) -> Quirks:
@@ -196,8 +219,67 @@ def _curvature_angles(rng: np.random.Generator, straight: bool) -> tuple[np.ndar
 
 
 def truth_heights(shape: VertebraShape, fractured: bool) -> BodyHeights:
-    """The body's heights by the one definition, on its analytic columns (already in its own frame)."""
-    return heights_from_columns(shape.column_heights(TRUTH_STEP_MM, fractured), ap_spacing_mm=TRUTH_STEP_MM)
+    """The body's heights by the one definition (:mod:`evaluation.heights`) on its analytic columns.
+
+    Step 1, the frame: the height axis is the bisector of the normals of the endplate planes
+    (:func:`evaluation.heights.endplate_normal` on the analytic surfaces). A healthy body is
+    symmetric, so that is its own h axis; a fractured one, a wedge above all, tilts it (about
+    the LR axis: the fractures are symmetric left to right), and the columns are then taken along
+    the tilted axis (:func:`tilted_columns`). Steps 2-4 on those columns.
+    """
+    a, r, top, bot = shape.column_grid(TRUTH_STEP_MM, fractured)
+    cols = bot - top
+    inside = np.isfinite(cols) & (cols > 0)
+    aa, rr = np.meshgrid(a, r, indexing="ij")
+    normal = endplate_normal(top[inside], bot[inside], aa[inside], rr[inside])
+    tilt = float(np.arctan2(normal[1], normal[0]))  # towards +a; its LR part is nil by symmetry
+    if abs(tilt) <= np.radians(TRUTH_MIN_TILT_DEG):
+        return heights_from_columns(cols, ap_spacing_mm=TRUTH_STEP_MM)
+    # turned about LR, the planes stay where they were: turn only the central ones (step 2)
+    band = central_planes(inside.any(axis=0))
+    cols = tilted_columns(a, top[:, band], bot[:, band], tilt, TRUTH_STEP_MM)
+    return heights_from_columns(cols, lr_fraction=1.0, ap_spacing_mm=TRUTH_STEP_MM)
+
+
+def tilted_columns(
+    a: np.ndarray, top: np.ndarray, bot: np.ndarray, tilt_rad: float, step_mm: float
+) -> np.ndarray:
+    """Column extents along an axis turned by ``tilt_rad`` from h towards +a, on a grid of the
+    turned AP axis (``step_mm``), of a body given by its columns (``top``/``bot``: (AP, LR), NaN
+    outside, at AP positions ``a``). Each sagittal plane of the body is a polygon (its top
+    surface, then its bottom surface back); a turned column's extent runs from its first to its
+    last crossing of the polygon's edges. Returns (turned AP, LR) heights, NaN where empty."""
+    c, s = np.cos(tilt_rad), np.sin(tilt_rad)
+    u_all = []
+    polygons = []
+    for k in range(top.shape[1]):
+        inside = np.isfinite(top[:, k]) & (bot[:, k] > top[:, k])
+        edges = []
+        for run in np.split(np.flatnonzero(inside), np.flatnonzero(np.diff(np.flatnonzero(inside)) > 1) + 1):
+            if run.size == 0:
+                continue
+            h = np.r_[top[run, k], bot[run[::-1], k], top[run[0], k]]
+            ap = np.r_[a[run], a[run[::-1]], a[run[0]]]
+            t, u = h * c + ap * s, -h * s + ap * c  # along the turned height and AP axes
+            edges.append(np.c_[u[:-1], t[:-1], u[1:], t[1:]])
+            u_all.append(u)
+        polygons.append(np.concatenate(edges) if edges else np.zeros((0, 4)))
+    if not u_all:
+        return np.full((1, top.shape[1]), np.nan)
+    u_all = np.concatenate(u_all)
+    grid = np.arange(np.floor(u_all.min() / step_mm), np.ceil(u_all.max() / step_mm) + 1) * step_mm
+    out = np.full((grid.size, top.shape[1]), np.nan)
+    for k, e in enumerate(polygons):
+        if not len(e):
+            continue
+        u0, t0, u1, t1 = (e[:, i][None, :] for i in range(4))
+        g = grid[:, None]
+        crosses = ((u0 - g) * (u1 - g) <= 0) & (u0 != u1)
+        t = t0 + (g - u0) * (t1 - t0) / np.where(u0 != u1, u1 - u0, 1.0)
+        hi = np.where(crosses, t, -np.inf).max(axis=1)
+        lo = np.where(crosses, t, np.inf).min(axis=1)
+        out[:, k] = np.where(hi > lo, hi - lo, np.nan)
+    return out
 
 
 def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
@@ -206,7 +288,7 @@ def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
     lo, hi = 0.0, 0.8
     fracture = Fracture(kind, 0.0)
     shape.fracture = fracture
-    for _ in range(40):
+    for _ in range(FRACTURE_BISECTIONS):
         fracture.amplitude = 0.5 * (lo + hi)
         got = float(np.max(height_reduction(healthy, truth_heights(shape, fractured=True))))
         if got < target:
@@ -214,6 +296,16 @@ def _fracture_for(shape: VertebraShape, target: float, kind: str) -> Fracture:
         else:
             hi = fracture.amplitude
     return fracture
+
+
+def end_elements(levels: list[int]) -> tuple[int | None, int | None]:
+    """The partial vertebrae drawn above and below the full ``levels`` (None: none): the nearest
+    standard element (C3 and below, the sacrum), so T12 above T13, L1 below T13, S below L5 or L6."""
+    standard = [*label_schemes.STANDARD_SEQUENCE[2:], label_schemes.SACRUM]
+    rank = label_schemes.spine_rank
+    above = [v for v in standard if rank(v) < rank(levels[0])]
+    below = [v for v in standard if rank(v) > rank(levels[-1])]
+    return (above[-1] if above else None), (below[0] if below else None)
 
 
 def build_patient(
@@ -228,10 +320,7 @@ def build_patient(
 ) -> Patient:
     """Draw one patient's anatomy (all random choices, in a fixed order; the quirks draw from
     ``quirk_rng`` so that the anatomy without them stays the same)."""
-    seq = list(label_schemes.STANDARD_SEQUENCE)
-    first, last = levels[0], levels[-1]
-    cranial = seq[seq.index(first) - 1] if first in seq and seq.index(first) > 2 else None  # no C1/C2 shapes
-    caudal = label_schemes.SACRUM if last == 24 else (seq[seq.index(last) + 1] if last in seq else None)
+    cranial, caudal = end_elements(levels)
     elements = ([cranial] if cranial else []) + list(levels) + ([caudal] if caudal else [])
 
     size = rng.uniform(0.92, 1.08)
@@ -252,7 +341,7 @@ def build_patient(
         s = anchor_sizes(min(p, 24.0))
         jit = rng.uniform(0.97, 1.03, size=3)
         is_sacrum = vid == label_schemes.SACRUM
-        lumbar = p >= 19.5
+        lumbar = p >= 20  # T13 (19.5) wedges like a thoracic level
         wedge = (
             rng.uniform(-0.10, 0.0)
             if p >= 24
@@ -297,6 +386,19 @@ def build_patient(
             shape.bevel_depth = qrng.uniform(4.0, 7.0)
             shape.tilt_to_curve = qrng.uniform(-quirks.tilt_deg, quirks.tilt_deg)
             shape.axes = local_axes(al - alpha_off + shape.tilt_to_curve, be - beta_off)
+
+    if quirks is not None and quirks.osteophyte_mm > 0:
+        # a stream of its own: the other quirks draw the same with or without osteophytes
+        seeds = (quirk_rng if quirk_rng is not None else np.random.default_rng(0)).bit_generator.seed_seq
+        orng = np.random.default_rng(seeds.spawn(1)[0])
+        for shape in shapes:
+            draw = orng.random(5)
+            if shape.sacrum:
+                continue
+            reach = quirks.osteophyte_mm * (0.5 + 0.5 * draw[2:4])
+            shape.osteophyte_superior = float(reach[0]) if draw[0] < 0.5 else 0.0
+            shape.osteophyte_inferior = float(reach[1]) if draw[1] < 0.5 else 0.0
+            shape.osteophyte_arc_deg = 110.0 if draw[4] < 1 / 3 else 50.0
 
     # Stack the bodies along their tangents, then centre the full levels on the origin.
     for i in range(1, len(shapes)):
@@ -602,6 +704,12 @@ def _paint_vertebra(canvas: _Canvas, s: VertebraShape, fractured: bool, posterio
         hu[lost] = (70.0 + 30.0 * rho)[lost]
         lab[lost] = 0
         body[lost] = False
+    if s.has_osteophytes:
+        lips = s.osteophytes(h, a, r, fractured) & ~inside
+        if fractured and s.fracture is not None:  # the lips follow their collapsed endplates
+            gone = s.osteophytes(h, a, r, False) & ~lips & ~inside
+            hu[gone], lab[gone], body[gone] = 40.0, 0, False
+        hu[lips], lab[lips], body[lips] = ints["cortical"] * 0.9, label, True
     if not inside.any():
         return
     hb, ab, rb, h0 = h[inside], a[inside], r[inside], h_healthy[inside]
@@ -701,6 +809,11 @@ def geometry_record(patient: Patient) -> dict:
                 "tilt_to_curve_deg": round(float(s.tilt_to_curve), 3),
                 "bevel_mm": round(float(s.bevel), 3),
                 "axial_rotation_deg": round(float(s.axial_rotation), 3),
+                "osteophyte_mm": {
+                    "superior": round(float(s.osteophyte_superior), 3),
+                    "inferior": round(float(s.osteophyte_inferior), 3),
+                    "arc_deg": round(float(s.osteophyte_arc_deg), 1) if s.has_osteophytes else 0.0,
+                },
             }
             for s in patient.shapes
         ],
@@ -920,9 +1033,9 @@ def generate(
         level_ids = label_schemes.parse_levels(levels)
     except (KeyError, ValueError) as exc:
         raise InputError(f"--levels {levels!r}: {exc}") from exc
-    bad = [v for v in level_ids if not 3 <= level_position(v) <= 24]
+    bad = [v for v in level_ids if not label_schemes.is_vertebra(v) or not 3 <= level_position(v) <= 24.5]
     if bad:
-        raise InputError(f"--levels {levels!r}: the phantom draws C3-L5; cannot draw {bad}")
+        raise InputError(f"--levels {levels!r}: the phantom draws C3-L6 (and T13); cannot draw {bad}")
     if (out / "vertebra_data.json").exists() and not overwrite:
         raise InputError(
             f"{out}: already holds a dataset (vertebra_data.json); pass --overwrite to replace it"
@@ -941,6 +1054,8 @@ def generate(
             raise InputError(f"--lumbosacral_deg must be in [0, 30], got {quirks.lumbosacral_deg}")
         if not 0 <= quirks.axial_rotation_deg <= 45:
             raise InputError(f"--axial_rotation_deg must be in [0, 45], got {quirks.axial_rotation_deg}")
+        if not 0 <= quirks.osteophyte_mm <= 10:
+            raise InputError(f"--osteophyte_mm must be in [0, 10], got {quirks.osteophyte_mm}")
     args = [
         (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
     ]
@@ -977,7 +1092,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--spacing_mm", type=float, default=1.0, help="isotropic voxel size in mm")
     parser.add_argument(
-        "--levels", default="T10-L5", help="complete levels to draw, e.g. T10-L5 or T12,L1,L2"
+        "--levels",
+        default="T10-L5",
+        help="complete levels to draw, e.g. T10-L5, T10,T11,L1-L5 (no T12), T10-L5,L6 or T11,T12,T13,L1-L5",
     )
     parser.add_argument("--fracture_fraction", type=float, default=0.3, help="mean share of fractured levels")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
@@ -1003,6 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="the patient turned about the spine's long axis by up to this (each vertebra a quarter more)",
+    )
+    quirks.add_argument(
+        "--osteophyte_mm", type=float, default=0.0, help="anterior osteophytes reaching up to this, mm"
     )
     quirks.add_argument(
         "--quirks", action="store_true", help="all of them: truncate all three sides, bevel 5 mm, tilt 6 deg"
@@ -1049,6 +1169,7 @@ def quirks_of(opt: argparse.Namespace) -> Quirks | None:
         "oblique_deg": opt.oblique_deg,
         "lumbosacral_deg": opt.lumbosacral_deg,
         "axial_rotation_deg": opt.axial_rotation_deg,
+        "osteophyte_mm": opt.osteophyte_mm,
     }
     if opt.quirks:
         return dataclasses.replace(Quirks.all_on(opt.slice_mm), **extra)

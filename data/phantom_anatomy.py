@@ -123,6 +123,11 @@ class VertebraShape:
     bevel_depth: float = 6.0  # over this AP distance (mm) from the anterior wall
     tilt_to_curve: float = 0.0  # sagittal tilt (degrees) of the body relative to the spine curve
     axial_rotation: float = 0.0  # turn (degrees) about its own height axis, AP towards the left
+    # anterior osteophytes: the reach (mm) of the bony lip at the superior / inferior endplate rim
+    # (0: none), and how far round the rim it grows from the anterior midline (degrees)
+    osteophyte_superior: float = 0.0
+    osteophyte_inferior: float = 0.0
+    osteophyte_arc_deg: float = 50.0
     exponent: float = 2.4
     canal_a: float = 8.0
     canal_r: float = 10.0
@@ -185,13 +190,61 @@ class VertebraShape:
         share = self.fracture.superior_share
         return rho, top0, bot0, top0 + share * loss, bot0 - (1 - share) * loss
 
-    def column_heights(self, step_mm: float = 0.25, fractured: bool = True) -> np.ndarray:
-        """Exact body extent along h of columns on an (AP, LR) grid; NaN outside the body."""
+    def column_grid(self, step_mm: float = 0.25, fractured: bool = True) -> tuple[np.ndarray, ...]:
+        """(a, r, top, bottom) of columns on an (AP, LR) grid (a: AP positions, r: LR positions,
+        1D); top and bottom (2D) are NaN outside the body."""
         a = np.arange(-self.A, self.A + step_mm / 2, step_mm)
         r = np.arange(-self.W, self.W + step_mm / 2, step_mm)
         aa, rr = np.meshgrid(a, r, indexing="ij")
         rho, _, _, top, bot = self.extent(aa, rr, fractured)
-        return np.where(rho <= 1.0, bot - top, np.nan)
+        inside = rho <= 1.0
+        return a, r, np.where(inside, top, np.nan), np.where(inside, bot, np.nan)
+
+    def column_heights(self, step_mm: float = 0.25, fractured: bool = True) -> np.ndarray:
+        """Exact body extent along h of columns on an (AP, LR) grid; NaN outside the body."""
+        _, _, top, bot = self.column_grid(step_mm, fractured)
+        return bot - top
+
+    # --- osteophytes -------------------------------------------------------------------------
+    @property
+    def has_osteophytes(self) -> bool:
+        return self.osteophyte_superior > 0 or self.osteophyte_inferior > 0
+
+    def osteophytes(self, h: np.ndarray, a: np.ndarray, r: np.ndarray, fractured: bool) -> np.ndarray:
+        """Bony lips growing out of the anterior (and, with a wide arc, lateral) endplate rims.
+
+        Each lip starts on the wall at its endplate's rim, 3 mm thick there, and reaches
+        ``osteophyte_superior`` / ``_inferior`` mm outwards (beyond the body's cross-section),
+        thinning and curling towards its disc by up to 40 % of its reach (at most 30 % of the
+        disc, so it never meets the lip of the next vertebra). The reach falls off round the rim,
+        to nothing ``osteophyte_arc_deg`` from the anterior midline. The lips are no body height:
+        :meth:`column_heights` leaves them out.
+        """
+        out = np.zeros(np.shape(h), dtype=bool)
+        if not self.has_osteophytes or self.sacrum:
+            return out
+        rho = self.cross_section(a, r)
+        theta = np.degrees(np.arctan2(np.abs(r) / self.W, np.maximum(-a, 0.0) / self.A + 1e-9))
+        theta = np.where(a < 0, theta, 90.0 + np.degrees(np.arctan2(a, self.A)))  # behind the midline
+        spread = np.clip(1.0 - (theta / self.osteophyte_arc_deg) ** 2, 0.0, 1.0)
+        t = np.radians(np.minimum(theta, 90.0))
+        s = (rho - 1.0) * np.hypot(self.A * np.cos(t), self.W * np.sin(t))  # outward from the wall (mm)
+        rb = np.maximum(rho, 1e-6)
+        _, _, _, top, bot = self.extent(a / rb, r / rb, fractured)  # the endplates at the rim
+        for reach_mm, disc, sign, edge in (
+            (self.osteophyte_superior, self.disc_above, -1.0, top),
+            (self.osteophyte_inferior, self.disc_below, 1.0, bot),
+        ):
+            if reach_mm <= 0:
+                continue
+            reach = reach_mm * spread
+            u = np.clip(s / np.maximum(reach, 1e-6), 0.0, 1.0)
+            curl = min(0.4 * reach_mm, 0.3 * disc) * u**2
+            outer = edge + sign * (curl + 0.5)  # towards the disc
+            inner = edge - sign * (3.0 * (1.0 - u) + 0.75)  # into the body along the wall
+            lo, hi = np.minimum(outer, inner), np.maximum(outer, inner)
+            out |= (reach > 0.5) & (s >= -1.0) & (s <= reach) & (h >= lo) & (h <= hi)
+        return out
 
     # --- posterior elements ---------------------------------------------------------------
     @property
@@ -284,10 +337,11 @@ class VertebraShape:
         reach_a = self.canal_centre + self.canal_a + self.lamina + self.sp_len + self.sp_height
         reach_r = self.canal_r + self.pedicle + self.tp_len + 6.0
         droop = self.sp_len * np.sin(np.deg2rad(self.sp_angle)) + self.sp_height
+        lip = max(self.osteophyte_superior, self.osteophyte_inferior)
         return np.array(
             [
                 [-(self.H / 2 + self.disc_above + 3), self.H / 2 + max(self.disc_below + 3, droop)],
-                [-self.A - 4, reach_a],
+                [-self.A - 4 - lip, reach_a],
                 [-reach_r, reach_r],
             ]
         )

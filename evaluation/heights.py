@@ -14,12 +14,19 @@ Definition (DESIGN.md), applied by :func:`measure_body` to a binary body mask:
    threshold) on that frame at its finest voxel size; two rounds. ``tilt_deg`` is the angle
    between the height axis and the crop's axis 0 (the curve's tangent).
 2. **Columns.** On the central 40 % of the body's left-right extent, each sagittal plane is cut
-   into columns; a column's height is the body's extent along the height axis.
-3. **Rim rule.** Walking inward from the anterior end, and from the posterior end, of each plane,
-   a column is dropped while it is shorter than ``RIM_FRACTION`` (85 %) of the column
-   ``RIM_WINDOW_MM`` (4 mm) further in, over at most ``RIM_MAX_FRACTION`` (25 %) of the plane's
-   AP extent: a bevelled rim or an osteophyte falls steeply at the wall, a wedge fracture does
-   not (a 12-to-24 mm wedge over 35 mm changes by 1.4 mm in 4 mm, 10 %).
+   into columns; a column's height is the body's extent along the height axis. A column the body
+   fills over less than ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the
+   lips of osteophytes at both endplates with nothing between, in front of the wall).
+3. **Rim rule.** On each plane, a straight line fitted to the column heights of the inner half
+   of its AP extent (``RIM_INNER``) predicts every column's height; walking inward from the
+   anterior end, and from the posterior end, a column is dropped while it is shorter than
+   ``RIM_FRACTION`` (85 %) of that prediction, over at most ``RIM_MAX_FRACTION`` (25 %) of the
+   plane's AP extent. A bevelled or rounded rim, or the lip of an osteophyte standing out of the
+   wall, falls below the line at the wall; a wedge fracture is the line itself, however steep.
+   (The rule before compared each column with the one 4 mm further in: on a severe wedge, whose
+   anterior wall is a few mm tall, it ate into the fracture as far as the mask's steps allowed,
+   so a smooth truth and a 1 mm mask disagreed by up to 2.4 mm.) Columns longer than the line
+   are kept: a biconcave body is taller at its walls than inside.
 4. **Regions.** The remaining AP extent of each plane is cut into thirds; a region's height
    (anterior, middle, posterior) is the median over its columns and planes, in mm.
 
@@ -56,8 +63,11 @@ GENANT_MODERATE = 0.25
 GENANT_SEVERE = 0.40
 # The rim rule (module docstring, step 3).
 RIM_FRACTION = 0.85
-RIM_WINDOW_MM = 4.0
 RIM_MAX_FRACTION = 0.25
+# A column must be filled over this fraction of its extent to be a column of the body (step 2).
+MIN_COLUMN_FILL = 0.34
+# The inner part of a plane (fractions of its AP extent) whose straight-line fit predicts the wall columns.
+RIM_INNER = (0.25, 0.75)
 # Endplate planes are fitted over this central fraction of the body's AP and LR extents.
 ENDPLATE_CORE = 0.6
 # A cross-section whose principal variances differ less than this keeps the crop's AP axis.
@@ -96,7 +106,8 @@ def rim_columns(heights: np.ndarray, ap_spacing_mm: float) -> np.ndarray:
 
     Args:
         heights: column heights along AP, NaN where the column misses the body.
-        ap_spacing_mm: distance between columns.
+        ap_spacing_mm: distance between columns (the rule itself works in fractions of the
+            plane's extent, so the same body gives the same rim at any spacing).
 
     Returns:
         Boolean array, True for the rim columns at the anterior and posterior ends.
@@ -106,17 +117,32 @@ def rim_columns(heights: np.ndarray, ap_spacing_mm: float) -> np.ndarray:
     if present.size < 3:
         return rim
     j0, j1 = present[0], present[-1]
-    window = max(1, int(round(RIM_WINDOW_MM / ap_spacing_mm)))
-    limit = int(np.floor(RIM_MAX_FRACTION * (j1 - j0 + 1)))
+    n = j1 - j0 + 1
+    t = (present - j0 + 0.5) / n
+    inner = present[(t >= RIM_INNER[0]) & (t <= RIM_INNER[1])]
+    if inner.size < 2:
+        return rim
+    # the height the inner half of the plane predicts at each column (a wedge is a straight line)
+    slope, intercept = np.polyfit(inner.astype(np.float64), heights[inner], 1)
+    limit = int(np.floor(RIM_MAX_FRACTION * n))
     h = np.nan_to_num(heights, nan=0.0)
     for start, step in ((j0, 1), (j1, -1)):
         for k in range(limit):
             j = start + step * k
-            inner = j + step * window
-            if not j0 <= inner <= j1 or h[j] >= RIM_FRACTION * h[inner]:
+            if h[j] >= RIM_FRACTION * (intercept + slope * j):
                 break
             rim[j] = True
     return rim
+
+
+def central_planes(has_body: np.ndarray, lr_fraction: float = 0.4) -> np.ndarray:
+    """Indices of the sagittal planes in the central ``lr_fraction`` of the body's left-right
+    extent (step 2), from which planes hold the body (1D bool); at least the middle one."""
+    planes = np.flatnonzero(has_body)
+    k0, k1 = planes[0], planes[-1]
+    pos = (np.arange(k0, k1 + 1) - k0 + 0.5) / (k1 - k0 + 1)
+    keep = np.arange(k0, k1 + 1)[np.abs(pos - 0.5) <= lr_fraction / 2 + 1e-9]
+    return keep if keep.size else np.array([(k0 + k1) // 2])
 
 
 def heights_from_columns(
@@ -146,13 +172,7 @@ def heights_from_columns(
     if not 0 < lr_fraction <= 1:
         raise ValueError(f"lr_fraction must be in (0, 1], got {lr_fraction}")
 
-    planes = np.flatnonzero(present.any(axis=0))
-    k0, k1 = planes[0], planes[-1]
-    n_lr = k1 - k0 + 1
-    pos = (np.arange(k0, k1 + 1) - k0 + 0.5) / n_lr
-    keep = np.arange(k0, k1 + 1)[np.abs(pos - 0.5) <= lr_fraction / 2 + 1e-9]
-    if keep.size == 0:
-        keep = np.array([(k0 + k1) // 2])
+    keep = central_planes(present.any(axis=0), lr_fraction)
     sub = present[:, keep]
     heights = cols[:, keep]
     if exclude_rim:
@@ -181,15 +201,18 @@ def heights_from_columns(
 
 
 def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarray:
-    """Each (AP, LR) column's extent along axis 0 in mm (first to last foreground voxel), NaN if empty."""
+    """Each (AP, LR) column's extent along axis 0 in mm (first to last foreground voxel); NaN if
+    empty or hollow (filled over less than ``MIN_COLUMN_FILL`` of that extent)."""
     mask = np.asarray(body_mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"body mask must be 3D, got shape {mask.shape}")
     n = mask.shape[0]
-    has = mask.any(axis=0)
     first = np.argmax(mask, axis=0)
     last = n - 1 - np.argmax(mask[::-1], axis=0)
-    return np.where(has, (last - first + 1) * float(height_spacing_mm), np.nan)
+    extent = last - first + 1
+    # a column the body hardly fills (two osteophyte lips, nothing between) is no body column
+    body = mask.any(axis=0) & (mask.sum(axis=0) >= MIN_COLUMN_FILL * extent)
+    return np.where(body, extent * float(height_spacing_mm), np.nan)
 
 
 def _plane_normal(points: np.ndarray) -> np.ndarray | None:
@@ -209,13 +232,38 @@ def _plane_normal(points: np.ndarray) -> np.ndarray | None:
     return normal / np.linalg.norm(normal)
 
 
-def endplate_axis(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
-    """Height axis (unit, crop mm coordinates (h, ap, lr), towards +axis 0) normal to the endplates.
+def endplate_normal(
+    top_mm: np.ndarray, bottom_mm: np.ndarray, ap_mm: np.ndarray, lr_mm: np.ndarray
+) -> np.ndarray:
+    """Height axis (unit (h, ap, lr), towards +h) normal to a body's endplates, from its columns.
 
-    The superior and inferior surfaces (first and last voxel of each axis-0 column) over the
-    central ``ENDPLATE_CORE`` of the body's AP and LR extents are each fitted with a plane; the
-    result is the bisector of their normals, or axis 0 when the fit has too few columns.
+    Args:
+        top_mm, bottom_mm: where each column enters and leaves the body along h (1D, mm).
+        ap_mm, lr_mm: the column's AP and LR positions (1D, mm).
+
+    Returns:
+        The bisector of the normals of planes fitted to the two surfaces over the central
+        ``ENDPLATE_CORE`` of the columns' AP and LR extents; +h when the fit has too few columns.
     """
+    core = np.ones(np.shape(ap_mm), dtype=bool)
+    for pos in (ap_mm, lr_mm):
+        lo, hi = pos.min(), pos.max()
+        margin = (1.0 - ENDPLATE_CORE) / 2 * (hi - lo)
+        core &= (pos >= lo + margin) & (pos <= hi - margin)
+    normals = []
+    for surface in (top_mm, bottom_mm):
+        normal = _plane_normal(np.c_[surface[core], ap_mm[core], lr_mm[core]])
+        if normal is None:
+            return np.array([1.0, 0.0, 0.0])
+        normals.append(normal)
+    axis = normals[0] + normals[1]
+    return axis / np.linalg.norm(axis)
+
+
+def endplate_axis(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
+    """Height axis (unit, crop mm coordinates (h, ap, lr), towards +axis 0) normal to the endplates
+    of a mask (:func:`endplate_normal` on its surfaces: the first and last voxel of each axis-0
+    column), or axis 0 when the mask has too few columns."""
     has = mask.any(axis=0)
     if has.sum() < 6:
         return np.array([1.0, 0.0, 0.0])
@@ -223,21 +271,12 @@ def endplate_axis(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
     first = np.argmax(mask, axis=0).astype(np.float64)
     last = (n - 1 - np.argmax(mask[::-1], axis=0)).astype(np.float64)
     jj, kk = np.nonzero(has)
-    core = np.ones(jj.size, dtype=bool)
-    for idx in (jj, kk):
-        lo, hi = idx.min(), idx.max()
-        margin = (1.0 - ENDPLATE_CORE) / 2 * (hi - lo)
-        core &= (idx >= lo + margin) & (idx <= hi - margin)
-    jj, kk = jj[core], kk[core]
-    normals = []
-    for surface, offset in ((first, -0.5), (last, 0.5)):
-        pts = np.c_[(surface[jj, kk] + offset) * spacing_mm[0], jj * spacing_mm[1], kk * spacing_mm[2]]
-        normal = _plane_normal(pts)
-        if normal is None:
-            return np.array([1.0, 0.0, 0.0])
-        normals.append(normal)
-    axis = normals[0] + normals[1]
-    return axis / np.linalg.norm(axis)
+    return endplate_normal(
+        (first[jj, kk] - 0.5) * spacing_mm[0],
+        (last[jj, kk] + 0.5) * spacing_mm[0],
+        jj * spacing_mm[1],
+        kk * spacing_mm[2],
+    )
 
 
 def _in_plane_ap(points_mm: np.ndarray, height_axis: np.ndarray) -> np.ndarray:
