@@ -71,6 +71,7 @@ from data.phantom_anatomy import (
     anchor_sizes,
     level_position,
     local_axes,
+    rotation,
 )
 from evaluation.heights import (
     BodyHeights,
@@ -821,20 +822,12 @@ def geometry_record(patient: Patient) -> dict:
     }
 
 
-def _rotation(ax_deg: float, ay_deg: float) -> np.ndarray:
-    """Rotation about the world x (left-right) axis, then about y (anterior-posterior)."""
-    a, b = np.radians([ax_deg, ay_deg])
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    return ry @ rx
-
-
 def oblique_grid(
     vols: dict[str, np.ndarray], affine: np.ndarray, angles_deg: tuple[float, float]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The volumes resampled on a grid turned by ``angles_deg`` (about x, then y) that holds the
     whole original volume (CT linear with air outside, labels nearest neighbour)."""
-    lin = _rotation(*angles_deg) @ affine[:3, :3]
+    lin = rotation(*angles_deg) @ affine[:3, :3]
     shape = np.array(vols["mask"].shape)
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1).T
     world = corners @ affine[:3, :3].T + affine[:3, 3]

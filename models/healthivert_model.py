@@ -124,12 +124,12 @@ def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS)
 
 
 def composite_rows(sample: dict) -> tuple[int, int]:
-    """The rows any composite of the batch can take from the generated image, whatever height
-    is predicted: ``rows`` in [0, hole_rows] gives ``top = c - rows // 2`` and ``top + rows =
-    c + ceil(rows / 2)`` with ``c = (x1 + x2) // 2``."""
-    c = torch.div(sample["x1"] + sample["x2"], 2, rounding_mode="floor").reshape(-1)
+    """The rows any composite of the batch can take from the generated image, whatever height is
+    predicted: the band of ``rows`` in [0, hole_rows] ends at ``c + ceil(rows / 2)`` (``c`` the
+    target's middle row), so the full hole's band holds every smaller one."""
     hole = sample["hole_rows"].reshape(-1).long()
-    return int((c - hole // 2).min()), int((c + (hole + 1) // 2).max())
+    top = compose_top(sample["x1"].reshape(-1), sample["x2"].reshape(-1), hole)
+    return int(top.min()), int((top + hole).max())
 
 
 class HealthiVertModel(BaseModel):

@@ -7,8 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from models.composite import compose
-from models.healthivert_model import AUTO_CHECKPOINT_PIXELS, HealthiVertModel, band_window, crop_rows
+from models.composite import compose, compose_top
+from models.healthivert_model import (
+    AUTO_CHECKPOINT_PIXELS,
+    HealthiVertModel,
+    band_window,
+    composite_rows,
+    crop_rows,
+)
 from models.networks.contextual_attention import _diagonal_sum, contextual_attention
 from models.networks.inpaint import InpaintGenerator
 from models.networks.patchgan import define_D
@@ -85,15 +91,32 @@ def test_generator_rows_window_equals_the_full_decoder(size, rows):
 
 
 def test_synthesis_is_the_full_forward_on_the_composite_rows(tmp_path):
-    model = model_for(tmp_path)
-    data = batch([0, 1, 2])
+    model = model_for(tmp_path, size=96)
+    with torch.no_grad():  # a full-hole height: the composite takes every row the window must hold
+        model.netG.fine.height.fc.bias.fill_(20.0)
+    data = batch([0, 1, 2], size=96)
     out = model.synthesise(data)
+    assert torch.equal(out["rows"], data["hole_rows"].reshape(-1))
+    assert (model.out.fine_image == -1).all(dim=(0, 1, 3)).any()  # the decoder ran on a window only
     model.netG.eval()
     model.set_input(data)
     with torch.no_grad():
         model.forward()
     assert torch.allclose(out["ct"], model.fake_B, atol=1e-5)
     assert torch.equal(out["rows"], model.rows_fine)
+
+
+def test_composite_rows_hold_every_band_and_no_more():
+    data = batch([0, 1, 2], size=96)
+    r0, r1 = composite_rows(data)
+    x1, x2, hole = data["x1"].reshape(-1), data["x2"].reshape(-1), data["hole_rows"].reshape(-1)
+    starts, ends = [], []
+    for rows in range(int(hole.max()) + 1):
+        n = torch.minimum(torch.full_like(hole, rows), hole)
+        top = compose_top(x1, x2, n)
+        starts.append(int(top.min()))
+        ends.append(int((top + n).max()))
+    assert (r0, r1) == (min(starts), max(ends))
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (8, 12)])

@@ -245,7 +245,8 @@ def test_bevelled_rim_leaves_the_truth_heights_alone():
 def test_oblique_grid_turns_the_affine_and_keeps_every_label_in_place():
     """The oblique-affine quirk: the grid turns, the anatomy stays where it was in the world."""
     from data.nifti_io import voxel_to_world
-    from data.phantom import _rotation, oblique_grid
+    from data.phantom import oblique_grid
+    from data.phantom_anatomy import rotation
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [-30.0, -20.0, -40.0]
@@ -254,7 +255,7 @@ def test_oblique_grid_turns_the_affine_and_keeps_every_label_in_place():
     mask[8:20, 6:16, 26:36] = 21
     vols = {"ct": np.where(mask > 0, 500, 40).astype(np.int16), "mask": mask, "body": mask.copy()}
     out, aff = oblique_grid(vols, affine, (5.0, -4.0))
-    np.testing.assert_allclose(aff[:3, :3], _rotation(5.0, -4.0) @ affine[:3, :3], atol=1e-9)
+    np.testing.assert_allclose(aff[:3, :3], rotation(5.0, -4.0) @ affine[:3, :3], atol=1e-9)
     assert not np.allclose(aff[:3, :3], np.diag(np.diag(aff[:3, :3])))  # oblique
     assert out["ct"].dtype == np.int16 and out["ct"].min() == -1024  # air where the scan was not
     for vid in (20, 21):

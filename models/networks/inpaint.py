@@ -195,37 +195,37 @@ class FineGenerator(nn.Module):
         z = _segment(self, self.hallucinate, x)
         if rows is None:
             return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image))
-        return self._decode_rows(z, a, coarse_image, rows)
-
-    def _decode_rows(
-        self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor, rows: tuple[int, int]
-    ) -> CoarseOutput:
-        """:meth:`_decode` computed for output rows ``[r0, r1)`` only (the rest -1 and 0)."""
-        z = self.merge(torch.cat([z, a], 1))
-        p = self.height(z)
-        h, scale = coarse.shape[-2], coarse.shape[-2] // z.shape[-2]
-        r0, r1 = max(0, int(rows[0])), min(h, int(rows[1]))
-        q0 = max(0, r0 // scale - DECODER_MARGIN_QUARTER_ROWS)
-        q1 = min(z.shape[-2], -(-r1 // scale) + DECODER_MARGIN_QUARTER_ROWS)
-        w0, w1 = q0 * scale, q1 * scale
-        y = self.dec_full(_up(self.dec_half(_up(self.middle(z[..., q0:q1, :])))))
-        y = torch.cat([y, coarse[..., w0:w1, :].to(y.dtype)], 1)
-        image = coarse.new_full(coarse.shape, -1.0)
-        seg = coarse.new_zeros(coarse.shape)
-        image[..., r0:r1, :] = self.image_head(y).clamp(-1, 1)[..., r0 - w0 : r1 - w0, :].to(image.dtype)
-        seg[..., r0:r1, :] = torch.sigmoid(self.seg_head(y))[..., r0 - w0 : r1 - w0, :].to(seg.dtype)
-        return CoarseOutput(image, seg, p)
+        return CoarseOutput(*self._decode(z, a, coarse_image, rows))
 
     def _attend(self, x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         return self.attend_out(self.attention(self.attend_in(x), hole))
 
-    def _decode(self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _decode(
+        self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor, rows: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Merge, height head, decoder and heads; with ``rows=(r0, r1)`` the decoder runs on the
+        quarter-resolution window those rows depend on and the rest is left at -1 and 0."""
         z = self.merge(torch.cat([z, a], 1))
         p = self.height(z)
+        if rows is None:
+            return (*self._upsample(z, coarse), p)
+        h, scale = coarse.shape[-2], coarse.shape[-2] // z.shape[-2]
+        r0, r1 = max(0, int(rows[0])), min(h, int(rows[1]))
+        q0 = max(0, r0 // scale - DECODER_MARGIN_QUARTER_ROWS)
+        q1 = min(z.shape[-2], -(-r1 // scale) + DECODER_MARGIN_QUARTER_ROWS)
+        w0 = q0 * scale
+        part = self._upsample(z[..., q0:q1, :], coarse[..., w0 : q1 * scale, :])
+        image, seg = coarse.new_full(coarse.shape, -1.0), coarse.new_zeros(coarse.shape)
+        image[..., r0:r1, :] = part[0][..., r0 - w0 : r1 - w0, :].to(image.dtype)
+        seg[..., r0:r1, :] = part[1][..., r0 - w0 : r1 - w0, :].to(seg.dtype)
+        return image, seg, p
+
+    def _upsample(self, z: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder from the merged quarter-resolution map to the image and segmentation heads."""
         z = self.dec_half(_up(self.middle(z)))
         z = self.dec_full(_up(z))
         z = torch.cat([z, coarse.to(z.dtype)], 1)
-        return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z)), p
+        return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z))
 
 
 class GeneratorOutput(NamedTuple):
