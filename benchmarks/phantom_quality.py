@@ -2,7 +2,7 @@
 
     python -m benchmarks.phantom_quality --dataroot D/straightened --vertebra_json D/vertebra_data.json
         [--minutes 20] [--clock cpu|wall] [--batch_size 4] [--torch_threads 0] [--val_draws 1]
-        [--models healthivert pix2pix]
+        [--models healthivert pix2pix] [--healthivert_args '--lr 1e-3'] [--pix2pix_args '...']
 
 Each model trains for ``--minutes`` of this process's CPU time (``--clock cpu``, the default: fair
 to both models on a shared machine; ``--clock wall`` for wall time) on the ``train`` split
@@ -17,13 +17,18 @@ figures). Figures (printed):
   (x1 - 1) and the row below (x2) of the ground truth (it is told the true height);
 * HealthiVert's height error in mm: |inserted rows - (x2 - x1)| x row spacing (slice height);
 * two diagnostics of where HealthiVert's error comes from: its fine image composed with the
-  **true** height (x2 - x1 rows, so only the generated content differs), and its coarse image
-  composed with its own predicted coarse height.
+  **true** height (x2 - x1 rows), and its coarse image composed with its own predicted coarse
+  height. (Where the inserted band covers rows [x1, x2), as it mostly does with the reference's
+  rounding up, those rows hold the same generated pixels whatever the height: the first
+  diagnostic then differs only where the prediction is short.)
+* every method's L1 split into the **endplate rows** (within ``ENDPLATE_MM`` of the target's
+  first or last row) and the **interior** rows between them: where along the height the error is.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -40,13 +45,22 @@ from models import create_model  # noqa: E402
 from models.composite import compose  # noqa: E402
 from options.train_options import TrainOptions  # noqa: E402
 
+# rows within this distance of the target's first or last row count as its endplates
+ENDPLATE_MM = 4.0
 
-def target_rows_mask(batch: dict) -> torch.Tensor:
-    """(B, 1, H, W) mask of rows [x1, x2) of each sample."""
+
+def target_rows_mask(batch: dict, part: str = "all") -> torch.Tensor:
+    """(B, 1, H, W) mask of rows [x1, x2) of each sample; ``part`` 'endplates' keeps the rows within
+    :data:`ENDPLATE_MM` of x1 or x2 - 1, 'interior' the rest."""
     ct = batch["ct"]
     r = torch.arange(ct.shape[-2]).reshape(1, 1, -1, 1)
     x1, x2 = batch["x1"].reshape(-1, 1, 1, 1), batch["x2"].reshape(-1, 1, 1, 1)
-    return ((r >= x1) & (r < x2)).float().expand_as(ct)
+    inside = (r >= x1) & (r < x2)
+    if part != "all":
+        margin = ENDPLATE_MM / batch["row_spacing_mm"].reshape(-1, 1, 1, 1).float()
+        near = ((r - x1).float() < margin) | ((x2 - 1 - r).float() < margin)
+        inside &= near if part == "endplates" else ~near
+    return inside.float().expand_as(ct)
 
 
 def linear_fill(batch: dict) -> torch.Tensor:
@@ -62,10 +76,17 @@ def linear_fill(batch: dict) -> torch.Tensor:
     return ct
 
 
-def region_l1(prediction: torch.Tensor, batch: dict) -> list[float]:
-    m = target_rows_mask(batch)
+def region_l1(prediction: torch.Tensor, batch: dict, part: str = "all") -> list[float]:
+    """Per-sample mean |prediction - ground truth| over :func:`target_rows_mask` (NaN where empty)."""
+    m = target_rows_mask(batch, part)
     err = ((prediction.float().cpu() - batch["ct"]).abs() * m).flatten(1).sum(1) / m.flatten(1).sum(1)
     return err.tolist()
+
+
+def add_scores(scores: dict[str, list[float]], name: str, prediction: torch.Tensor, batch: dict) -> None:
+    scores[name] += region_l1(prediction, batch)
+    for part in ("endplates", "interior"):
+        scores.setdefault(f"{name} [{part}]", []).extend(region_l1(prediction, batch, part))
 
 
 def train_for(model_name: str, args: argparse.Namespace) -> object:
@@ -73,6 +94,7 @@ def train_for(model_name: str, args: argparse.Namespace) -> object:
         ["--model", model_name, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
         + ["--vertebra_json", args.vertebra_json, "--batch_size", str(args.batch_size), "--num_threads", "0"]
         + ["--checkpoints_dir", "/tmp/phantom_quality", "--name", model_name, "--gpu_ids", "-1"]
+        + shlex.split(getattr(args, f"{model_name}_args", "") or "")
     )
     dataset = create_dataset(opt)
     torch.manual_seed(0)
@@ -102,7 +124,7 @@ def score_batch(models: dict, batch: dict, scores: dict[str, list[float]], heigh
     if "healthivert" in models:
         hv = models["healthivert"]
         out = hv.synthesise(batch)
-        scores["healthivert"] += region_l1(out["ct"], batch)
+        add_scores(scores, "healthivert", out["ct"], batch)
         ct, x1, x2 = hv.sample["ct"], hv.sample["x1"], hv.sample["x2"]
         true_rows = batch["height"].reshape(-1).to(ct.device)
         oracle = compose(hv.out.fine_image.float(), ct, x1, x2, true_rows, -1.0)
@@ -114,8 +136,8 @@ def score_batch(models: dict, batch: dict, scores: dict[str, list[float]], heigh
         p2p = models["pix2pix"]
         p2p.set_input(batch)
         p2p.forward()
-        scores["pix2pix"] += region_l1(p2p.fake_B, batch)
-    scores["linear interpolation"] += region_l1(linear_fill(batch), batch)
+        add_scores(scores, "pix2pix", p2p.fake_B, batch)
+    add_scores(scores, "linear interpolation", linear_fill(batch), batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", nargs="+", choices=("healthivert", "pix2pix"), default=["healthivert", "pix2pix"]
     )
+    for name in ("healthivert", "pix2pix"):
+        parser.add_argument(
+            f"--{name}_args", default="", help=f"more train.py options for {name}, e.g. '--lr 1e-3'"
+        )
     args = parser.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -158,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     n = len(scores["linear interpolation"])
     print(f"val grade-0 slices: {n}; masked-region L1 on [-1, 1] (mean, median):")
     for name, values in scores.items():
-        print(f"  {name:>26}: {statistics.mean(values):.4f}  {statistics.median(values):.4f}")
+        values = [v for v in values if v == v]  # a target shorter than two margins has no interior
+        print(
+            f"  {name:>38}: {statistics.mean(values):.4f}  {statistics.median(values):.4f}  (n={len(values)})"
+        )
     if height_mm:
         print(
             f"  HealthiVert height error: {statistics.mean(height_mm):.2f} mm mean, "

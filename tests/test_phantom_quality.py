@@ -1,0 +1,40 @@
+"""The quality benchmark's region masks and linear baseline, on known inputs."""
+
+import pytest
+import torch
+
+from benchmarks.phantom_quality import linear_fill, region_l1, target_rows_mask
+
+
+def _batch(rows: int = 20) -> dict:
+    ct = torch.zeros(1, 1, rows, 3)
+    return {
+        "ct": ct,
+        "x1": torch.tensor([5]),
+        "x2": torch.tensor([15]),
+        "row_spacing_mm": torch.tensor([2.0]),
+    }
+
+
+def test_target_rows_split_into_endplates_and_interior():
+    batch = _batch()
+    rows = lambda m: torch.nonzero(m[0, 0, :, 0]).reshape(-1).tolist()  # noqa: E731
+    assert rows(target_rows_mask(batch)) == list(range(5, 15))
+    # 4 mm at 2 mm rows: two rows from each end
+    assert rows(target_rows_mask(batch, "endplates")) == [5, 6, 13, 14]
+    assert rows(target_rows_mask(batch, "interior")) == list(range(7, 13))
+
+
+def test_region_l1_of_each_part():
+    batch = _batch()
+    prediction = batch["ct"].clone()
+    prediction[:, :, 5] = 1.0  # one endplate row wrong by 1
+    assert region_l1(prediction, batch) == pytest.approx([0.1])
+    assert region_l1(prediction, batch, "endplates") == pytest.approx([0.25])
+    assert region_l1(prediction, batch, "interior") == [0.0]
+
+
+def test_linear_fill_is_exact_on_a_ramp():
+    batch = _batch()
+    batch["ct"] = torch.arange(20.0).reshape(1, 1, 20, 1).expand(1, 1, 20, 3).clone()
+    assert torch.allclose(linear_fill(batch), batch["ct"])
