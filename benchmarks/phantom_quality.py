@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"val grade-0 slices: {n}; masked-region L1 on [-1, 1] (mean, median):")
     for name, values in scores.items():
         values = [v for v in values if v == v]  # a target shorter than two margins has no interior
+        if not values:
+            continue
         print(
             f"  {name:>38}: {statistics.mean(values):.4f}  {statistics.median(values):.4f}  (n={len(values)})"
         )

@@ -34,7 +34,11 @@ def test_region_l1_of_each_part():
     assert region_l1(prediction, batch, "interior") == [0.0]
 
 
-def test_linear_fill_is_exact_on_a_ramp():
+def test_linear_fill_ramps_between_the_rows_around_the_target():
     batch = _batch()
-    batch["ct"] = torch.arange(20.0).reshape(1, 1, 20, 1).expand(1, 1, 20, 3).clone()
-    assert torch.allclose(linear_fill(batch), batch["ct"])
+    ramp = torch.arange(20.0).reshape(1, 1, 20, 1).expand(1, 1, 20, 3).clone()
+    batch["ct"] = ramp.clone()
+    batch["ct"][:, :, 5:15] = 100.0  # the target's rows: not on the ramp, must be replaced
+    filled = linear_fill(batch)
+    assert torch.allclose(filled, ramp)
+    assert torch.equal(batch["ct"][:, :, 5:15], torch.full((1, 1, 10, 3), 100.0))  # input untouched
