@@ -84,9 +84,9 @@ def region_l1(prediction: torch.Tensor, batch: dict, part: str = "all") -> list[
 
 
 def add_scores(scores: dict[str, list[float]], name: str, prediction: torch.Tensor, batch: dict) -> None:
-    scores[name] += region_l1(prediction, batch)
-    for part in ("endplates", "interior"):
-        scores.setdefault(f"{name} [{part}]", []).extend(region_l1(prediction, batch, part))
+    for part in ("all", "endplates", "interior"):
+        key = name if part == "all" else f"{name} [{part}]"
+        scores.setdefault(key, []).extend(region_l1(prediction, batch, part))
 
 
 def train_for(model_name: str, args: argparse.Namespace) -> object:
