@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.phantom_quality import linear_fill, region_l1, target_rows_mask
+from benchmarks.phantom_quality import add_scores, linear_fill, region_l1, target_rows_mask
 
 
 def _batch(rows: int = 20) -> dict:
@@ -42,3 +42,15 @@ def test_linear_fill_ramps_between_the_rows_around_the_target():
     filled = linear_fill(batch)
     assert torch.allclose(filled, ramp)
     assert torch.equal(batch["ct"][:, :, 5:15], torch.full((1, 1, 10, 3), 100.0))  # input untouched
+
+
+def test_add_scores_fills_every_part_of_a_new_method():
+    batch = _batch()
+    prediction = batch["ct"].clone()
+    prediction[:, :, 5] = 1.0
+    scores: dict[str, list[float]] = {}
+    add_scores(scores, "m", prediction, batch)
+    add_scores(scores, "m", prediction, batch)
+    assert scores == pytest.approx(
+        {"m": [0.1, 0.1], "m [endplates]": [0.25, 0.25], "m [interior]": [0.0, 0.0]}
+    )
