@@ -3,6 +3,7 @@
     python -m benchmarks.phantom_quality --dataroot D/straightened --vertebra_json D/vertebra_data.json
         [--minutes 20] [--clock cpu|wall] [--batch_size 4] [--torch_threads 0] [--val_draws 1]
         [--models healthivert pix2pix] [--healthivert_args '--lr 1e-3'] [--pix2pix_args '...']
+        [--profile_rows 4]
 
 Each model trains for ``--minutes`` of this process's CPU time (``--clock cpu``, the default: fair
 to both models on a shared machine; ``--clock wall`` for wall time) on the ``train`` split
@@ -22,7 +23,11 @@ figures). Figures (printed):
   rounding up, those rows hold the same generated pixels whatever the height: the first
   diagnostic then differs only where the prediction is short.)
 * every method's L1 split into the **endplate rows** (within ``ENDPLATE_MM`` of the target's
-  first or last row) and the **interior** rows between them: where along the height the error is.
+  first or last row) and the **interior** rows between them: where along the height the error is;
+* with ``--profile_rows K``, every method's error row by row over the first K rows from the
+  target's top (x1 + k) and from its bottom (x2 - 1 - k): the mean |error| and the mean signed
+  error (bias). An endplate drawn in the wrong place shows as a bias of one sign on those rows;
+  an endplate in the right place but noisy shows as a large |error| with a bias near 0.
 """
 
 from __future__ import annotations
@@ -89,6 +94,29 @@ def add_scores(scores: dict[str, list[float]], name: str, prediction: torch.Tens
         scores.setdefault(key, []).extend(region_l1(prediction, batch, part))
 
 
+def row_profile(prediction: torch.Tensor, batch: dict, rows: int) -> dict[tuple[str, int], list]:
+    """Per sample, the mean |error| and mean signed error over each of the first ``rows`` rows of
+    the target from its top (``("top", k)``: row x1 + k) and its bottom (``("bottom", k)``: row
+    x2 - 1 - k), on all columns; rows outside [x1, x2) are skipped. Values: lists of (|e|, e)."""
+    err = prediction.float().cpu()[:, 0] - batch["ct"][:, 0]  # (B, H, W)
+    out: dict[tuple[str, int], list] = {}
+    for i in range(err.shape[0]):
+        x1, x2 = int(batch["x1"][i]), int(batch["x2"][i])
+        for k in range(rows):
+            for end, r in (("top", x1 + k), ("bottom", x2 - 1 - k)):
+                if x1 <= r < x2:
+                    e = err[i, r]
+                    out.setdefault((end, k), []).append((e.abs().mean().item(), e.mean().item()))
+    return out
+
+
+def add_profile(profiles: dict, name: str, prediction: torch.Tensor, batch: dict, rows: int) -> None:
+    if rows <= 0:
+        return
+    for key, values in row_profile(prediction, batch, rows).items():
+        profiles.setdefault(name, {}).setdefault(key, []).extend(values)
+
+
 def train_for(model_name: str, args: argparse.Namespace) -> object:
     opt = TrainOptions().parse(
         ["--model", model_name, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
@@ -119,12 +147,22 @@ def train_for(model_name: str, args: argparse.Namespace) -> object:
     return model
 
 
-def score_batch(models: dict, batch: dict, scores: dict[str, list[float]], height_mm: list[float]) -> None:
-    """Add one val batch's masked-region L1 of every method (and HealthiVert's diagnostics)."""
+def score_batch(
+    models: dict,
+    batch: dict,
+    scores: dict[str, list[float]],
+    height_mm: list[float],
+    profiles: dict | None = None,
+    profile_rows: int = 0,
+) -> None:
+    """Add one val batch's masked-region L1 of every method (and HealthiVert's diagnostics), and
+    with ``profile_rows`` > 0 its per-row profile (:func:`row_profile`) to ``profiles``."""
+    profiles = {} if profiles is None else profiles
     if "healthivert" in models:
         hv = models["healthivert"]
         out = hv.synthesise(batch)
         add_scores(scores, "healthivert", out["ct"], batch)
+        add_profile(profiles, "healthivert", out["ct"], batch, profile_rows)
         ct, x1, x2 = hv.sample["ct"], hv.sample["x1"], hv.sample["x2"]
         true_rows = batch["height"].reshape(-1).to(ct.device)
         oracle = compose(hv.out.fine_image.float(), ct, x1, x2, true_rows, -1.0)
@@ -137,7 +175,10 @@ def score_batch(models: dict, batch: dict, scores: dict[str, list[float]], heigh
         p2p.set_input(batch)
         p2p.forward()
         add_scores(scores, "pix2pix", p2p.fake_B, batch)
-    add_scores(scores, "linear interpolation", linear_fill(batch), batch)
+        add_profile(profiles, "pix2pix", p2p.fake_B, batch, profile_rows)
+    linear = linear_fill(batch)
+    add_scores(scores, "linear interpolation", linear, batch)
+    add_profile(profiles, "linear interpolation", linear, batch, profile_rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             f"--{name}_args", default="", help=f"more train.py options for {name}, e.g. '--lr 1e-3'"
         )
+    parser.add_argument(
+        "--profile_rows",
+        type=int,
+        default=0,
+        help="print each method's error on the first K rows from each end",
+    )
     args = parser.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -170,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         names += ["healthivert, true height", "healthivert coarse"]
     scores: dict[str, list[float]] = {name: [] for name in names}
     height_mm: list[float] = []
+    profiles: dict = {}
     if args.val_draws > 1:
         val.dataset.random_slices = True
     with torch.no_grad():
@@ -180,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not grade0.any():
                     continue
                 batch = {k: (v[grade0] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                score_batch(models, batch, scores, height_mm)
+                score_batch(models, batch, scores, height_mm, profiles, args.profile_rows)
     n = len(scores["linear interpolation"])
     print(f"val grade-0 slices: {n}; masked-region L1 on [-1, 1] (mean, median):")
     for name, values in scores.items():
@@ -195,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  HealthiVert height error: {statistics.mean(height_mm):.2f} mm mean, "
             f"{statistics.median(height_mm):.2f} mm median"
         )
+    if profiles:
+        print("per row from each end of the target: mean |error|, mean signed error (bias)")
+    for name, profile in profiles.items():
+        for (end, k), values in sorted(profile.items()):
+            l1 = statistics.mean(a for a, _ in values)
+            bias = statistics.mean(b for _, b in values)
+            print(f"  {name:>20} {end:>6} row +{k}: |error| {l1:.3f}  bias {bias:+.3f}  (n={len(values)})")
     return 0
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.phantom_quality import add_scores, linear_fill, region_l1, target_rows_mask
+from benchmarks.phantom_quality import add_scores, linear_fill, region_l1, row_profile, target_rows_mask
 
 
 def _batch(rows: int = 20) -> dict:
@@ -55,3 +55,31 @@ def test_add_scores_fills_every_part_of_a_new_method():
     assert scores["m"] == pytest.approx([0.1, 0.1])
     assert scores["m [endplates]"] == pytest.approx([0.25, 0.25])
     assert scores["m [interior]"] == [0.0, 0.0]
+
+
+def test_row_profile_from_each_end():
+    batch = _batch()  # target rows 5..14
+    prediction = batch["ct"].clone()
+    prediction[0, 0, 5] = torch.tensor([0.3, -0.3, 0.3])  # top row: noisy, unbiased
+    prediction[0, 0, 13] = 0.2  # second row from the bottom: shifted up by 0.2
+    profile = row_profile(prediction, batch, rows=3)
+    assert sorted(profile) == [
+        ("bottom", 0),
+        ("bottom", 1),
+        ("bottom", 2),
+        ("top", 0),
+        ("top", 1),
+        ("top", 2),
+    ]
+    ((l1, bias),) = profile[("top", 0)]
+    assert l1 == pytest.approx(0.3) and bias == pytest.approx(0.1)
+    assert profile[("bottom", 1)] == [pytest.approx((0.2, 0.2))]
+    assert profile[("top", 1)] == [(0.0, 0.0)] and profile[("bottom", 0)] == [(0.0, 0.0)]
+
+
+def test_row_profile_skips_rows_outside_a_short_target():
+    batch = _batch()
+    batch["x1"], batch["x2"] = torch.tensor([5]), torch.tensor([7])  # two rows
+    profile = row_profile(batch["ct"].clone(), batch, rows=4)
+    # rows 5 and 6 from both ends; row +2 and +3 fall outside [x1, x2)
+    assert sorted(profile) == [("bottom", 0), ("bottom", 1), ("top", 0), ("top", 1)]
