@@ -69,6 +69,24 @@ def test_quick_demo_report_references_its_outputs(quick_run):
     for stage in ("phantom", "straightening", "HealthiVert training", "3D synthesis", "grading (SVM)"):
         assert stage in html
     assert "height MAE (mm)" in html and "RHLV MAE" in html and "macro-F1" in html
+    assert "split / vertebrae" in html and "all/all" in html  # the every-split table
+
+
+def test_split_rows_put_both_methods_side_by_side(tmp_path):
+    figures = {
+        "gan": {"val/all": {"n": 5, "height_mae_mm": 2.0, "rhlv_mae": 0.05}},
+        "neighbors": {
+            "val/all": {"n": 5, "height_mae_mm": 1.5, "rhlv_mae": 0.125},
+            "test/fractured": {"n": 2, "height_mae_mm": 3.0, "rhlv_mae": None},
+        },
+    }
+    for method, errors in figures.items():
+        (tmp_path / "rhlv" / method).mkdir(parents=True)
+        (tmp_path / "rhlv" / method / "truth_errors.json").write_text(json.dumps(errors))
+    assert demo.split_rows(tmp_path) == [
+        ["val/all", 5, "2.00", "1.50", "0.050", "0.125"],
+        ["test/fractured", 2, "n/a", "3.00", "n/a", "n/a"],
+    ]
 
 
 @pytest.mark.slow
