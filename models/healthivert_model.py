@@ -44,7 +44,7 @@ from models.losses.height import ROUNDINGS, height_loss, predicted_rows
 from models.losses.reconstruction import hole_l1
 from models.metrics import masked_psnr, masked_ssim
 from models.networks import init_net
-from models.networks.inpaint import InpaintGenerator
+from models.networks.inpaint import FINE_INPUTS, InpaintGenerator
 from models.networks.patchgan import define_D, receptive_field
 
 SAMPLE_TENSORS = (
@@ -170,6 +170,13 @@ class HealthiVertModel(BaseModel):
             "(per slice about half a row taller on average), or the nearest row",
         )
         g.add_argument(
+            "--fine_input",
+            choices=FINE_INPUTS,
+            default="masked",
+            help="the fine stage's image input: the masked CT as in the reference's code, or "
+            "'composite': the hole filled by the coarse image (DeepFill's coarse-to-fine)",
+        )
+        g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
         )
         g.add_argument(
@@ -217,7 +224,7 @@ class HealthiVertModel(BaseModel):
         ]
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
-        self.netG = InpaintGenerator(opt.ngf).to(self.device)
+        self.netG = InpaintGenerator(opt.ngf, fine_input=getattr(opt, "fine_input", "masked")).to(self.device)
         self.checkpoint_mode = getattr(opt, "grad_checkpoint", "off") if self.isTrain else "off"
         self.netG.checkpointing = self.checkpoint_mode == "on"
         if self.isTrain:

@@ -69,6 +69,45 @@ def test_generator_and_discriminator_shapes(size):
     assert d.shape[:2] == (2, 1) and d.dim() == 4
 
 
+def _fine_inputs(g: InpaintGenerator, *args) -> tuple[torch.Tensor, object]:
+    """The fine stage's input tensor and the generator's output, for ``args``."""
+    seen = {}
+
+    def keep(_module, inputs):
+        seen["x"] = inputs[0].detach()  # returns None: the inputs go on unchanged
+
+    hook = g.fine.register_forward_pre_hook(keep)
+    try:
+        out = g(*args)
+    finally:
+        hook.remove()
+    return seen["x"], out
+
+
+def test_fine_input_composite_fills_the_hole_with_the_coarse_image():
+    torch.manual_seed(0)
+    h, w = 32, 24
+    x = torch.rand(2, 1, h, w) * 2 - 1
+    hole = torch.zeros(2, 1, h, w)
+    hole[0, :, 8:20], hole[1, :, 4:10] = 1, 1
+    args = (x, hole, torch.rand(2), torch.zeros(2, 1, h, w))
+    masked = InpaintGenerator(8)
+    composite = copy.deepcopy(masked)
+    composite.fine_input = "composite"
+    with torch.no_grad():
+        a, out_a = _fine_inputs(masked, *args)
+        b, out_b = _fine_inputs(composite, *args)
+    assert torch.equal(a[:, :1], x)  # the reference: the masked CT
+    inside = hole.bool()
+    assert torch.equal(b[:, :1][~inside], x[~inside])  # outside the hole: the masked CT
+    assert torch.equal(b[:, :1][inside], out_b.coarse_image[inside])  # inside: the coarse image
+    assert torch.equal(a[:, 1:], b[:, 1:])  # coarse seg, hole, slice ratio unchanged
+    assert torch.equal(out_a.coarse_image, out_b.coarse_image)
+    assert not torch.allclose(out_a.fine_image, out_b.fine_image)
+    with pytest.raises(ValueError, match="fine_input"):
+        InpaintGenerator(8, fine_input="coarse")
+
+
 @pytest.mark.parametrize(("size", "rows"), [((64, 48), (20, 37)), ((40, 28), (0, 9)), ((64, 32), (50, 64))])
 def test_generator_rows_window_equals_the_full_decoder(size, rows):
     h, w = size

@@ -11,6 +11,11 @@ generator has 986,888 parameters (coarse 409,771, fine 577,117), as in REFERENCE
   hallucination branch of dilated convolutions and an attention branch with per-sample
   contextual attention, merged; the coarse image joins at full resolution before the heads.
   Returns the fine image, the fine segmentation (target vertebra) and the height fraction ``p2``.
+  ``fine_input='composite'`` gives it the masked CT with the hole filled by the coarse image
+  instead (DeepFill's coarse-to-fine refinement, the design the paper's "two-stage coarse-to-fine"
+  generator follows; the reference's code feeds the masked CT and the coarse image only at its last
+  layer, REFERENCE.md sections 4.1 and 11): the same four
+  channels and parameters, and the fine stage's encoders then refine the coarse result.
 
 Any size works: :class:`InpaintGenerator` pads to multiples of 8 (two stride-2 stages, then
 matching at half that resolution) and crops back.
@@ -228,6 +233,11 @@ class FineGenerator(nn.Module):
         return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z))
 
 
+# what the fine stage's first channel holds: the masked CT (the reference's code) or the masked CT
+# with the hole filled by the coarse image (DeepFill's coarse-to-fine refinement)
+FINE_INPUTS = ("masked", "composite")
+
+
 class GeneratorOutput(NamedTuple):
     coarse_image: torch.Tensor
     coarse_seg: torch.Tensor
@@ -244,11 +254,14 @@ class InpaintGenerator(nn.Module):
     instead of keeping them (used only when gradients are being recorded).
     """
 
-    def __init__(self, ngf: int = 16, checkpointing: bool = False):
+    def __init__(self, ngf: int = 16, checkpointing: bool = False, fine_input: str = "masked"):
         super().__init__()
+        if fine_input not in FINE_INPUTS:
+            raise ValueError(f"fine_input must be one of {FINE_INPUTS}, got {fine_input!r}")
         self.coarse = CoarseGenerator(ngf)
         self.fine = FineGenerator(ngf)
         self.checkpointing = checkpointing
+        self.fine_input = fine_input
 
     @property
     def checkpointing(self) -> bool:
@@ -279,7 +292,10 @@ class InpaintGenerator(nn.Module):
         ratio = slice_ratio.reshape(b, 1, 1, 1).to(ct_masked.dtype).expand(b, 1, hp, wp)
         hole = hole.to(ct_masked.dtype)
         coarse = self.coarse(torch.cat([ct_masked, ratio, hole], 1), 1.0 - cam.to(ct_masked.dtype))
-        fine_in = torch.cat([ct_masked, coarse.seg.to(ct_masked.dtype), hole, ratio], 1)
+        first = ct_masked
+        if self.fine_input == "composite":
+            first = ct_masked * (1.0 - hole) + coarse.image.to(ct_masked.dtype) * hole
+        fine_in = torch.cat([first, coarse.seg.to(ct_masked.dtype), hole, ratio], 1)
         fine = self.fine(fine_in, coarse.image, hole, rows)
         out = GeneratorOutput(coarse.image, coarse.seg, coarse.height, fine.image, fine.seg, fine.height)
         if any(pad):
