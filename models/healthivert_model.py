@@ -4,8 +4,9 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
 
 * G (:class:`models.networks.inpaint.InpaintGenerator`): the coarse stage sees the squeezed CT,
   the slice-ratio map and the hole, with ``1 - CAM`` guidance in its decoder (HGAM); the fine
-  stage adds hallucination and per-sample contextual attention. Each stage predicts the height
-  as a fraction of the sample's hole (SHRM); ``fraction * hole_rows`` rounded up as in the
+  stage refines the hole filled by the coarse image (``--fine_input composite``; ``masked`` is the
+  reference code's input) with hallucination and per-sample contextual attention. Each stage
+  predicts the height as a fraction of the sample's hole (SHRM); ``fraction * hole_rows`` rounded up as in the
   reference (``--height_rounding round``: to the nearest row) generated rows are inserted
   between the real neighbours (:func:`models.composite.compose`), without the reference's floor
   at the observed height (defect 6).
@@ -172,9 +173,9 @@ class HealthiVertModel(BaseModel):
         g.add_argument(
             "--fine_input",
             choices=FINE_INPUTS,
-            default="masked",
-            help="the fine stage's image input: the masked CT as in the reference's code, or "
-            "'composite': the hole filled by the coarse image (DeepFill's coarse-to-fine)",
+            default="composite",
+            help="the fine stage's image input: the masked CT with the hole filled by the coarse image "
+            "(DeepFill's coarse-to-fine), or 'masked': the masked CT as in the reference's code",
         )
         g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
@@ -224,7 +225,9 @@ class HealthiVertModel(BaseModel):
         ]
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
-        self.netG = InpaintGenerator(opt.ngf, fine_input=getattr(opt, "fine_input", "masked")).to(self.device)
+        # a run saved before --fine_input existed was trained with the masked CT
+        fine_input = getattr(opt, "fine_input", "masked")
+        self.netG = InpaintGenerator(opt.ngf, fine_input=fine_input).to(self.device)
         self.checkpoint_mode = getattr(opt, "grad_checkpoint", "off") if self.isTrain else "off"
         self.netG.checkpointing = self.checkpoint_mode == "on"
         if self.isTrain:

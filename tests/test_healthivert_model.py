@@ -91,9 +91,9 @@ def test_fine_input_composite_fills_the_hole_with_the_coarse_image():
     hole = torch.zeros(2, 1, h, w)
     hole[0, :, 8:20], hole[1, :, 4:10] = 1, 1
     args = (x, hole, torch.rand(2), torch.zeros(2, 1, h, w))
-    masked = InpaintGenerator(8)
-    composite = copy.deepcopy(masked)
-    composite.fine_input = "composite"
+    composite = InpaintGenerator(8)  # the default
+    masked = copy.deepcopy(composite)
+    masked.fine_input = "masked"  # the reference's code
     with torch.no_grad():
         a, out_a = _fine_inputs(masked, *args)
         b, out_b = _fine_inputs(composite, *args)
@@ -106,6 +106,15 @@ def test_fine_input_composite_fills_the_hole_with_the_coarse_image():
     assert not torch.allclose(out_a.fine_image, out_b.fine_image)
     with pytest.raises(ValueError, match="fine_input"):
         InpaintGenerator(8, fine_input="coarse")
+
+
+def test_a_run_saved_before_fine_input_existed_keeps_the_masked_input(tmp_path):
+    opt = TrainOptions().parse(
+        [*DATA, "--model", "healthivert", "--ngf", "8", "--checkpoints_dir", str(tmp_path)]
+    )
+    assert HealthiVertModel(opt).netG.fine_input == "composite"
+    del opt.fine_input  # an opt.json written before the option
+    assert HealthiVertModel(opt).netG.fine_input == "masked"
 
 
 @pytest.mark.parametrize(("size", "rows"), [((64, 48), (20, 37)), ((40, 28), (0, 9)), ((64, 32), (50, 64))])

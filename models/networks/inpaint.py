@@ -11,11 +11,11 @@ generator has 986,888 parameters (coarse 409,771, fine 577,117), as in REFERENCE
   hallucination branch of dilated convolutions and an attention branch with per-sample
   contextual attention, merged; the coarse image joins at full resolution before the heads.
   Returns the fine image, the fine segmentation (target vertebra) and the height fraction ``p2``.
-  ``fine_input='composite'`` gives it the masked CT with the hole filled by the coarse image
-  instead (DeepFill's coarse-to-fine refinement, the design the paper's "two-stage coarse-to-fine"
-  generator follows; the reference's code feeds the masked CT and the coarse image only at its last
-  layer, REFERENCE.md sections 4.1 and 11): the same four
-  channels and parameters, and the fine stage's encoders then refine the coarse result.
+  Its image channel is, by default (``fine_input='composite'``), the masked CT with the hole
+  filled by the coarse image: DeepFill's coarse-to-fine refinement, the design the paper's
+  "two-stage coarse-to-fine" generator follows, so the fine encoders refine the coarse result.
+  The reference's code feeds the masked CT there and the coarse image only at the last layer
+  (REFERENCE.md sections 4.1 and 11): ``fine_input='masked'``. Same channels and parameters.
 
 Any size works: :class:`InpaintGenerator` pads to multiples of 8 (two stride-2 stages, then
 matching at half that resolution) and crops back.
@@ -254,7 +254,7 @@ class InpaintGenerator(nn.Module):
     instead of keeping them (used only when gradients are being recorded).
     """
 
-    def __init__(self, ngf: int = 16, checkpointing: bool = False, fine_input: str = "masked"):
+    def __init__(self, ngf: int = 16, checkpointing: bool = False, fine_input: str = "composite"):
         super().__init__()
         if fine_input not in FINE_INPUTS:
             raise ValueError(f"fine_input must be one of {FINE_INPUTS}, got {fine_input!r}")
