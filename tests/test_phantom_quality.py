@@ -60,7 +60,7 @@ def test_add_scores_fills_every_part_of_a_new_method():
 def test_row_profile_from_each_end():
     batch = _batch()  # target rows 5..14
     prediction = batch["ct"].clone()
-    prediction[0, 0, 5] = torch.tensor([0.3, -0.3, 0.3])  # top row: noisy, unbiased
+    prediction[0, 0, 5] = torch.tensor([0.3, -0.3, 0.3])  # top row: noisy (|error| 0.3), small bias (0.1)
     prediction[0, 0, 13] = 0.2  # second row from the bottom: shifted up by 0.2
     profile = row_profile(prediction, batch, rows=3)
     assert sorted(profile) == [
