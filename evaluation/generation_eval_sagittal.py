@@ -16,6 +16,12 @@ SSIM/PSNR, Dice/IoU against the true healthy body, and the height error in mm ag
 ``truth/vertebrae.csv`` (``err_*``) and against the healthy body measured on the crop grid by the
 same function (``err_measured_*``, free of the measurement's own error).
 
+Both tables give the body's shape as ``full_share``: the share of the synthesised target's columns
+as tall as their slice's tallest (:func:`evaluation.generation_metrics.full_height_share`), beside
+``full_share_reference`` of the input's (or the true healthy) body on the same slices. A synthesis
+that fills its inserted rows flat has a higher share than the body, and its middle height comes
+out too tall.
+
 ``R/summary.json`` holds the means over vertebrae. Reruns skip a finished folder unless --overwrite.
 """
 
@@ -55,7 +61,8 @@ from util.errors import input_error
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("vertebra", "pid", "vid", "grade", "split", "n_slices", "n_image_slices")
-EVAL_COLUMNS = (*BASE_COLUMNS, *gm.IMAGE_METRICS, "dice", "iou", "rvd")
+SHAPE_COLUMNS = ("full_share", "full_share_reference")
+EVAL_COLUMNS = (*BASE_COLUMNS, *gm.IMAGE_METRICS, "dice", "iou", "rvd", *SHAPE_COLUMNS)
 TRUTH_COLUMNS = (
     *BASE_COLUMNS,
     "fracture_type",
@@ -63,6 +70,7 @@ TRUTH_COLUMNS = (
     "dice",
     "iou",
     "rvd",
+    *SHAPE_COLUMNS,
     *(f"h_syn_{r}" for r in REGIONS),
     *(f"h_true_{r}" for r in REGIONS),
     *(f"err_{r}" for r in REGIONS),
@@ -127,12 +135,22 @@ class TruthCache:
         return self._volumes
 
 
+def shape_metrics(reference: np.ndarray, synthesis: np.ndarray, plane: str, slices: np.ndarray) -> dict:
+    """:func:`gm.full_height_share` of the synthesis and of the reference body on the same slices."""
+    return {
+        "full_share": gm.full_height_share(synthesis, plane, slices),
+        "full_share_reference": gm.full_height_share(reference, plane, slices),
+    }
+
+
 def evaluate_input(crop, fake_ct, fake_target, opt, min_area_px) -> dict:
     """Metrics of a synthesis against its own input crop."""
     target = crop.label == crop.vid
     slices = gm.synthesised_slices(target, fake_ct, opt.plane, opt.central_fraction)
     img = gm.image_metrics(crop.ct, fake_ct, target, opt.plane, slices, min_area_px)
-    return {"n_slices": int(slices.size), **img, **gm.overlap_metrics(target, fake_target, opt.plane, slices)}
+    overlap = gm.overlap_metrics(target, fake_target, opt.plane, slices)
+    shape = shape_metrics(target, fake_target, opt.plane, slices)
+    return {"n_slices": int(slices.size), **img, **overlap, **shape}
 
 
 def evaluate_truth(crop, fake_ct, fake_target, truth: TruthCache, opt, min_area_px) -> dict:
@@ -148,7 +166,8 @@ def evaluate_truth(crop, fake_ct, fake_target, truth: TruthCache, opt, min_area_
     h_syn = design_heights(fake_target, crop.spacing_mm)[1:]
     h_measured = design_heights(true_body, crop.spacing_mm)[1:]
     h_true = truth.table[(crop.pid, crop.vid)].healthy_mm
-    row = {"n_slices": int(slices.size), **img, **overlap}
+    shape = shape_metrics(true_body, fake_target, opt.plane, slices)
+    row = {"n_slices": int(slices.size), **img, **overlap, **shape}
     for i, r in enumerate(REGIONS):
         row[f"h_syn_{r}"] = h_syn[i]
         row[f"h_true_{r}"] = h_true[i]

@@ -124,6 +124,22 @@ def overlap_metrics(reference: np.ndarray, synthesis: np.ndarray, plane: str, sl
     }
 
 
+def full_height_share(mask: np.ndarray, plane: str, slices: np.ndarray) -> float:
+    """Share of a mask's columns that are as tall as the tallest column of their slice.
+
+    A column is one position across the slice (rows are crop axis 0); its height is its number of
+    mask voxels. Pooled over every column with a voxel, in ``slices`` of the plane. A box gives 1;
+    a real vertebral body, concave and with rounded rims, much less. A synthesis that fills its
+    inserted rows flat scores higher than the body it stands for (NaN when the mask is empty there).
+    """
+    heights = plane_slices(np.asarray(mask, dtype=bool), plane)[slices].sum(axis=1)  # (slices, columns)
+    present = heights > 0
+    if not present.any():
+        return float("nan")
+    tallest = heights.max(axis=1, keepdims=True)
+    return float((heights == tallest)[present].mean())
+
+
 def truth_on_crop(
     healthy_hu: np.ndarray,
     healthy_labels: np.ndarray,
@@ -157,6 +173,7 @@ def _nanmean(values: list[float]) -> float:
 __all__ = [
     "DATA_RANGE",
     "IMAGE_METRICS",
+    "full_height_share",
     "PLANES",
     "PSNR_CAP_DB",
     "image_metrics",

@@ -14,6 +14,7 @@ from data.nifti_io import load_ct, load_mask, save_nifti
 from evaluation import generation_eval_sagittal as gen_eval
 from evaluation.generation_metrics import (
     PSNR_CAP_DB,
+    full_height_share,
     image_metrics,
     overlap_metrics,
     plane_slices,
@@ -74,6 +75,20 @@ def test_overlap_counts_synthesised_slices_only():
     assert synthesised_slices(target, ct, "sagittal", central_fraction=0.5).tolist() == list(range(8, 16))
 
 
+def test_full_height_share_of_known_shapes():
+    every = np.arange(SHAPE[2])
+    assert full_height_share(box(), "sagittal", every) == 1.0  # a box: every column is the tallest
+    m = box()
+    m[12, 8:16, :] = False  # sagittal slices: 8 of the 16 AP columns lose their top row
+    assert full_height_share(m, "sagittal", every) == 0.5
+    assert full_height_share(m, "sagittal", np.arange(4, 6)) == 0.5  # the chosen slices only
+    m[12:14, 20:24, 4:8] = False  # four LR slices lose two more rows on 4 columns: 4/16 at the max
+    assert full_height_share(m, "sagittal", every) == pytest.approx((12 * 8 + 4 * 4) / (16 * 16))
+    # coronal slices (fixed AP) of the box: every LR column is the tallest too
+    assert full_height_share(box(), "coronal", np.arange(SHAPE[1])) == 1.0
+    assert math.isnan(full_height_share(np.zeros(SHAPE, bool), "sagittal", every))
+
+
 def test_band_is_the_targets_rows_and_planes_pick_the_axis():
     ct, target = textured_ct(), box()
     fake = ct.copy()
@@ -111,6 +126,7 @@ def test_cli_on_a_perfect_synthesis(tiny):
     assert gen_eval.main(args) == 0
     s = json.loads((r / "summary.json").read_text())["input"]
     assert s["n"] == 2 and s["dice"] == 1.0 and s["ssim_band"] == 1.0 and s["rvd"] == 0.0
+    assert s["full_share"] == s["full_share_reference"]  # the same body, the same shape
     with open(r / "generation_eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["vertebra"] for row in rows] == ["p_19", "p_20"] and rows[0]["n_slices"] == "16"
@@ -177,6 +193,7 @@ def test_truth_itself_has_no_height_error(fractured_phantom, tmp_path):
     assert t["height_mae_measured_mm"] == 0.0
     assert t["height_mae_mm"] <= 1.5  # the measurement's own error at 2 mm voxels
     assert t["dice"] == 1.0 and t["ssim_band"] == pytest.approx(1.0)
+    assert t["full_share"] == t["full_share_reference"] < 1.0  # the true body is no box
 
     # the input itself (no restoration) is far from the truth
     ident = tmp_path / "I"
