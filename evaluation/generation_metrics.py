@@ -173,9 +173,9 @@ def _nanmean(values: list[float]) -> float:
 __all__ = [
     "DATA_RANGE",
     "IMAGE_METRICS",
-    "full_height_share",
     "PLANES",
     "PSNR_CAP_DB",
+    "full_height_share",
     "image_metrics",
     "overlap_metrics",
     "plane_slices",

@@ -89,6 +89,17 @@ def test_full_height_share_of_known_shapes():
     assert math.isnan(full_height_share(np.zeros(SHAPE, bool), "sagittal", every))
 
 
+def test_shape_metrics_keep_synthesis_and_reference_apart():
+    body = box()
+    body[12, 8:16, :] = False  # the reference: half its columns a row short
+    flat = box()  # the synthesis fills the rows flat
+    every = np.arange(SHAPE[2])
+    assert gen_eval.shape_metrics(body, flat, "sagittal", every) == {
+        "full_share": 1.0,
+        "full_share_reference": 0.5,
+    }
+
+
 def test_band_is_the_targets_rows_and_planes_pick_the_axis():
     ct, target = textured_ct(), box()
     fake = ct.copy()
