@@ -79,18 +79,20 @@ def contextual_attention(
     down = F.interpolate(features, size=(hb, wb), mode="nearest")
     # matching patches (B, C * k * k, L); background ones L2-normalised with a 1e-4 floor
     fg = F.unfold(down, ksize, padding=ksize // 2)
-    norm = fg.float().pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-4)
-    bg = (fg.float() / norm).to(dtype)
+    fg = fg.float()
+    bg = fg / fg.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-4)
     # valid background patches: no hole pixel under the ksize patch at matching resolution
     m = F.adaptive_max_pool2d(hole.float(), (hb, wb))
     m = F.unfold(m, ksize, padding=ksize // 2).amax(1)  # (B, L) 1 where the patch touches the hole
-    valid = (m == 0).to(dtype).reshape(b, hb * wb, 1, 1)
+    valid = (m == 0).float().reshape(b, hb * wb, 1, 1)
     L = hb * wb
-    score = torch.bmm(bg.transpose(1, 2), fg).reshape(b, L, hb, wb)  # (B, background, foreground)
-    if fuse:
-        score = _fuse(score, hb, wb, hb, wb, fuse_k)
-    score = score * valid
-    attention = F.softmax(score.float() * softmax_scale, dim=1).to(dtype) * valid
+    # scores in fp32 under any autocast: x softmax_scale would amplify bf16's rounding tenfold
+    with torch.autocast(features.device.type, enabled=False):
+        score = torch.bmm(bg.transpose(1, 2), fg).reshape(b, L, hb, wb)  # (B, background, foreground)
+        if fuse:
+            score = _fuse(score, hb, wb, hb, wb, fuse_k)
+        score = score * valid
+        attention = (F.softmax(score * softmax_scale, dim=1) * valid).to(dtype)
     out = F.fold(torch.bmm(raw, attention.reshape(b, L, L)), (h, w), kr, padding=pad, stride=rate)
     return (out / 4.0).reshape(b, c, h, w)
 

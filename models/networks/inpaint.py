@@ -77,7 +77,10 @@ class HeightHead(nn.Module):
         self.fc = nn.Linear(ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc(x.float().mean(dim=(2, 3)))).reshape(-1)
+        # fp32 under any autocast: the band is ceil(fraction x hole rows), and bf16's steps of 1/256
+        # near 1 would move it by a row
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.fc(x.float().mean(dim=(2, 3)))).reshape(-1)
 
 
 # Quarter-resolution rows each side of a window that the fine decoder's output rows depend on:
