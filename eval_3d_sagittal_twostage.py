@@ -34,9 +34,8 @@ import torch
 from tqdm import tqdm
 
 from data.base_dataset import SPLITS, read_split, split_key
-from data.crops import Crop, CropStore, save_like
+from data.crops import Crop, CropStore, read_cam, save_like
 from data.layout import shard
-from data.nifti_io import load_ct
 from data.vertebra_sample import rows_for_mm
 from models import create_model
 from models.synthesis import (
@@ -190,15 +189,11 @@ def check_cams(folder: str | None, keys: list[str]) -> None:
         )
 
 
-def read_cam(folder: str | None, crop: Crop) -> np.ndarray | None:
-    """The crop's attention map in [0, 1], or None without a folder."""
+def crop_cam(folder: str | None, crop: Crop) -> np.ndarray | None:
+    """The crop's attention map in [0, 1] (:func:`data.crops.read_cam`), or None without a folder."""
     if not folder:
         return None
-    path = Path(folder) / f"{crop.key}.nii.gz"
-    cam = load_ct(path).array
-    if cam.shape != crop.label.shape:
-        raise input_error(path, f"attention map shape {cam.shape} differs from the crop's {crop.label.shape}")
-    return np.clip(cam, 0.0, 1.0)
+    return read_cam(Path(folder) / f"{crop.key}.nii.gz", crop.label.shape, crop.affine)
 
 
 def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> SynthesisSettings:
@@ -276,17 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.env_world_size()
     start = time.perf_counter()
     done, skipped, passes = 0, 0, 0
-    for key in tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra"):
+    bar = tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra")
+    for key in bar:
         ct_path, label_path = ct_dir / f"{key}.nii.gz", label_dir / f"{key}.nii.gz"
         if ct_path.exists() and label_path.exists() and not opt.overwrite:
             skipped += 1
             continue
         try:
             crop = store.load(key)
-            result = synthesise_one(crop, runs, read_cam(cam_folder, crop), opt)
+            result = synthesise_one(crop, runs, crop_cam(cam_folder, crop), opt)
         except (InputError, ValueError) as exc:
-            print(f"error: {key}: {exc}", file=sys.stderr)
+            bar.close()  # the error on a line of its own, after the bar
+            if not isinstance(exc, InputError):  # the crop's content (no voxel of its vertebra)
+                exc = input_error(store.paths(key)[1], str(exc))
+            print(f"error: {exc}", file=sys.stderr)
             return 2
+        if not result.steps.get(crop.vid):
+            bar.write(f"warning: {key}: no slice of vertebra {crop.vid} was synthesised; written unchanged")
         save_like(ct_path, to_uint8(result.ct), crop.affine)
         save_like(label_path, result.label.astype(np.uint8), crop.affine)
         store.release(key)

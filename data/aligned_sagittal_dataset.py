@@ -41,9 +41,8 @@ import torch
 
 from data import vertebra_sample as vs
 from data.base_dataset import BaseDataset, read_split, split_key
-from data.crops import Crop, CropStore
+from data.crops import Crop, CropStore, read_cam
 from data.label_schemes import is_vertebra, neighbours
-from data.nifti_io import _read
 from util.errors import InputError, input_error
 
 log = logging.getLogger(__name__)
@@ -278,31 +277,23 @@ class AlignedSagittalDataset(BaseDataset):
         ok = area >= max(min_px, 1)
         return slices[ok], slices[ok & (area != raw)]
 
-    def cam_volume(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    def cam_volume(self, key: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray | None:
         """The CAM map of ``key`` as float16 (cached), or ``None`` without ``--cam_folder``."""
         if self.cam_folder is None:
             return None
         cam = self._cams.get(key)
         if cam is None:
-            cam = self._load_cam(key, shape)
+            cam = self._load_cam(key, shape, affine)
             self._cams[key] = cam
         return cam
 
-    def _load_cam(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _load_cam(self, key: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
         cache = self.store.cache_dir
         npy = cache / f"{key}_cam.npy" if cache is not None else None
         path = self._cam_path(key)
         if npy is not None and npy.exists() and npy.stat().st_mtime >= path.stat().st_mtime:
             return np.load(npy, mmap_mode="r")
-        data, _ = _read(path, "CAM map")
-        cam = np.asarray(data, dtype=np.float32)
-        if cam.shape != tuple(shape):
-            raise input_error(path, f"shape {cam.shape} differs from its crop {tuple(shape)}")
-        if not np.all(np.isfinite(cam)):
-            raise input_error(path, "CAM map contains NaN or infinite values")
-        if cam.min() < -1e-3 or cam.max() > 1 + 1e-3:
-            raise input_error(path, f"values outside [0, 1] ({cam.min():.3g}..{cam.max():.3g})")
-        cam = np.clip(cam, 0.0, 1.0).astype(np.float16)
+        cam = read_cam(path, shape, affine).astype(np.float16)
         if npy is not None:
             from util.atomic import atomic_path
 
@@ -328,7 +319,7 @@ class AlignedSagittalDataset(BaseDataset):
         s = self.choose_slice(index, meta)
         ct = vs.take_slices(crop.ct, s, self.plane)
         label = vs.take_slices(crop.label, s, self.plane)
-        cam_volume = self.cam_volume(key, crop.label.shape)
+        cam_volume = self.cam_volume(key, crop.label.shape, crop.affine)
         cam = None if cam_volume is None else vs.take_slices(cam_volume, s, self.plane)
         width = crop.label.shape[1]
         col_start, col_stop = 0, width

@@ -181,6 +181,24 @@ def _as_uint8(data: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def read_cam(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """An attention (CAM) map of a crop, float32 in [0, 1]; training and synthesis read it alike.
+
+    InputError naming ``path`` when it is not on the crop's grid (shape or affine), holds NaN or
+    infinite values, or lies outside [0, 1] (a map scaled to 0-255 is rejected, never clipped)."""
+    data, cam_affine = _read(path, "CAM map")
+    cam = np.asarray(data, dtype=np.float32)
+    if cam.shape != tuple(shape):
+        raise input_error(path, f"shape {cam.shape} differs from its crop {tuple(shape)}")
+    if not np.allclose(cam_affine, affine, atol=1e-3):
+        raise input_error(path, "affine differs from its crop's (not on the crop's grid)")
+    if not np.all(np.isfinite(cam)):
+        raise input_error(path, "CAM map contains NaN or infinite values")
+    if cam.min() < -1e-3 or cam.max() > 1 + 1e-3:
+        raise input_error(path, f"values outside [0, 1] ({cam.min():.3g}..{cam.max():.3g})")
+    return np.clip(cam, 0.0, 1.0)
+
+
 def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
     """Write an array on a crop's grid (atomic, uint8 kept, float as float32)."""
     from data.nifti_io import save_nifti
@@ -189,4 +207,4 @@ def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) ->
     save_nifti(path, array, affine, dtype=dtype)
 
 
-__all__ = ["Crop", "CropStore", "crop_key", "save_like", "straightened_dir"]
+__all__ = ["Crop", "CropStore", "crop_key", "read_cam", "save_like", "straightened_dir"]

@@ -29,7 +29,8 @@ from torch import nn
 from models.schedulers import get_scheduler
 from options.base_options import device_of
 from util import distributed
-from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, state_mismatch
+from util.errors import input_error
 
 
 class DistributedNet(nn.parallel.DistributedDataParallel):
@@ -200,7 +201,11 @@ class BaseModel(ABC):
 
     def load_networks(self, epoch: int | str) -> None:
         for name, net in self.networks().items():
-            state = load_checkpoint(self.save_dir / f"{epoch}_net_{name}.pth", map_location=self.device)
+            path = self.save_dir / f"{epoch}_net_{name}.pth"
+            state = load_checkpoint(path, map_location=self.device)
+            problem = state_mismatch(unwrap(net).state_dict(), state)
+            if problem:
+                raise input_error(path, f"does not fit the network its run's options build: {problem}")
             unwrap(net).load_state_dict(state)
 
     def save_train_state(self, epoch: int | str, epoch_done: int, total_iters: int) -> None:

@@ -98,7 +98,7 @@ class CropSynthesis:
     ct: np.ndarray
     label: np.ndarray
     target_prob: np.ndarray
-    slices: np.ndarray
+    slices: dict[str, np.ndarray]  # plane -> the slices through the target along its slice axis
     steps: dict[int, int] = field(default_factory=dict)  # vertebra id -> slices synthesised
     forward_passes: int = 0
 
@@ -267,7 +267,7 @@ def synthesise_crop(
         ct=np.asarray(ct, dtype=np.float32).copy(),
         label=np.asarray(label, dtype=np.uint8).copy(),
         target_prob=np.zeros(np.shape(label), np.float32),  # set below
-        slices=stack.index,
+        slices={plane: stack.index},
     )
     present = np.flatnonzero(np.bincount(np.asarray(label).ravel()))
     prob = None
@@ -301,7 +301,7 @@ def fuse_planes(sagittal: CropSynthesis, coronal: CropSynthesis, vid: int) -> Cr
         ct=0.5 * (sagittal.ct + coronal.ct),
         label=label,
         target_prob=prob,
-        slices=np.union1d(sagittal.slices, coronal.slices),
+        slices={**sagittal.slices, **coronal.slices},
         steps=steps,
         forward_passes=sagittal.forward_passes + coronal.forward_passes,
     )

@@ -157,9 +157,9 @@ def test_cam_maps_are_read_cached_and_shifted(root, tmp_path):
     np.testing.assert_allclose(got[:16], cam[2:18, 0, 0], atol=1e-3)  # float16 cache
     np.testing.assert_allclose(got[32:], cam[30:46, 0, 0], atol=1e-3)
     assert (got[16:32] == 0).all()
-    assert ds.cam_volume("p1_20", SHAPE) is ds.cam_volume("p1_20", SHAPE)
+    assert ds.cam_volume("p1_20", SHAPE, AFFINE) is ds.cam_volume("p1_20", SHAPE, AFFINE)
     again = AlignedSagittalDataset(_opt(root, cam_folder=str(cams), crop_cache_dir=str(tmp_path / "cache")))
-    assert isinstance(again.cam_volume("p1_20", SHAPE), np.memmap)
+    assert isinstance(again.cam_volume("p1_20", SHAPE, AFFINE), np.memmap)
     (cams / "p1_19.nii.gz").unlink()
     with pytest.raises(InputError, match=r"p1_19.nii.gz: CAM map not found \(1 of 2 missing\)"):
         AlignedSagittalDataset(_opt(root, cam_folder=str(cams)))

@@ -11,7 +11,7 @@ import train
 from options.base_options import load_options, setup
 from options.test_options import TestOptions
 from options.train_options import TrainOptions
-from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, state_mismatch
 from util.registry import RegistryError, find_class
 from util.visualizer import Visualizer, tensor2im
 
@@ -176,3 +176,14 @@ def test_shipped_verse_split_reads():
 
     split = read_split(Path(__file__).resolve().parents[1] / "vertebra_data.json")
     assert {k: len(v) for k, v in split.items()} == {"train": 729, "val": 365, "test": 366}
+
+
+def test_state_mismatch_names_missing_unexpected_and_reshaped_tensors():
+    own = {"a.weight": torch.zeros(4, 3), "a.bias": torch.zeros(4), "b": torch.zeros(2)}
+    assert state_mismatch(own, dict(own)) == ""
+    saved = {"a.weight": torch.zeros(8, 3), "a.bias": torch.zeros(4), "c": torch.zeros(1)}
+    assert state_mismatch(own, saved) == (
+        "1 tensors missing (first b); 1 unexpected (first c); "
+        "1 of another shape (first a.weight: saved (8, 3), network (4, 3))"
+    )
+    assert state_mismatch(own, [1, 2]) == "not a state dict (a list)"

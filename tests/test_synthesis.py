@@ -226,7 +226,7 @@ def test_batched_equals_one_slice_at_a_time(plane):
 def test_every_slice_of_the_target_is_synthesised_and_others_are_copied():
     ct, label = phantom_crop()
     result = synthesise_crop(ct, label, None, 20, "sagittal", fake_model().synthesise, settings())
-    np.testing.assert_array_equal(result.slices, np.arange(*LR))  # the whole extent, not 80 %
+    np.testing.assert_array_equal(result.slices["sagittal"], np.arange(*LR))  # the whole extent, not 80 %
     outside = [z for z in range(SHAPE[2]) if not LR[0] <= z < LR[1]]
     np.testing.assert_array_equal(result.ct[..., outside], ct[..., outside])
     np.testing.assert_array_equal(result.label[..., outside], label[..., outside])
@@ -246,6 +246,8 @@ def test_fusion_averages_ct_and_thresholds_the_mean_probability():
     np.testing.assert_allclose(fused.ct, 0.5 * (sag.ct + cor.ct))
     np.testing.assert_array_equal(fused.label == 20, 0.5 * (sag.target_prob + cor.target_prob) > 0.5)
     assert set(np.unique(fused.label)) <= {0, 18, 19, 20, 21}
+    np.testing.assert_array_equal(fused.slices["sagittal"], np.arange(*LR))  # each plane its own axis
+    np.testing.assert_array_equal(fused.slices["coronal"], np.arange(*AP))
 
 
 # --- the script ---------------------------------------------------------------------------------
@@ -367,6 +369,47 @@ def test_bad_inputs_give_one_line_and_status_2(dataset, tmp_path, capsys):
         assert synth_cli.main(argv) == 2, message
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (out / "CT_fake").exists() or not any((out / "CT_fake").iterdir())
+
+
+def test_bad_maps_checkpoints_and_crops_name_their_file(dataset, tmp_path, capsys):
+    """An attention map out of [0, 1] or off the crop's grid, weights that do not fit opt.json, and
+    a crop without its own vertebra: one line naming the file, status 2, nothing written."""
+    root, checkpoints, info = dataset
+    scaled, flipped = tmp_path / "cam255", tmp_path / "camflip"
+    for key in ("p1_19", "p1_20", "p1_21"):
+        cam = np.asarray(nib.load(root / "heatmap" / f"{key}.nii.gz").dataobj, np.float32)
+        write_nifti(scaled / f"{key}.nii.gz", cam * 255.0, info["affine"])
+        write_nifti(flipped / f"{key}.nii.gz", cam, np.diag([-SPACING_MM, SPACING_MM, SPACING_MM, 1.0]))
+    runs = tmp_path / "runs"
+    write_healthivert_run(runs, "wide", "sagittal", root / "straightened")
+    opt = json.loads((runs / "wide" / "opt.json").read_text())
+    opt["ngf"] = 2 * opt["ngf"]
+    (runs / "wide" / "opt.json").write_text(json.dumps(opt))
+    crops = tmp_path / "crops"
+    for kind in ("CT", "label"):
+        os.makedirs(crops / kind)
+        volume = info["ct"] if kind == "CT" else np.where(info["label"] == 19, 0, info["label"])
+        write_nifti(crops / kind / "p1_19.nii.gz", volume.astype(np.uint8), info["affine"])
+    out = tmp_path / "out"
+    wide = cli_args(root, runs, out, "--name", "wide")
+    cases = [
+        (
+            cli_args(root, checkpoints, out, "--cam_folder", str(scaled)),
+            "p1_19.nii.gz: values outside [0, 1]",
+        ),
+        (cli_args(root, checkpoints, out, "--cam_folder", str(flipped)), "p1_19.nii.gz: affine differs"),
+        (wide, "latest_net_G.pth: does not fit the network"),
+        (
+            cli_args(root, checkpoints, out, "--dataroot", str(crops)),
+            "label/p1_19.nii.gz: no voxel of vertebra 19",
+        ),
+    ]
+    for argv, message in cases:
+        assert synth_cli.main(argv) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()  # a crop's error comes after the bar
+        assert err[-1].startswith("error: ") and message in err[-1], err
+        assert sum("error" in line for line in err) == 1, err
     assert not (out / "CT_fake").exists() or not any((out / "CT_fake").iterdir())
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise input_error(path, f"unreadable checkpoint ({exc})") from exc
+
+
+def state_mismatch(own: Mapping[str, Any], saved: Any) -> str:
+    """How a saved state dict differs from a network's own (``""`` when it fits): the counts of
+    missing, unexpected and mis-shaped tensors, with the first of each named."""
+    if not isinstance(saved, Mapping):
+        return f"not a state dict (a {type(saved).__name__})"
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shaped = [
+        k
+        for k in own
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if shaped:
+        k = shaped[0]
+        parts.append(
+            f"{len(shaped)} of another shape (first {k}: saved {tuple(saved[k].shape)}, "
+            f"network {tuple(own[k].shape)})"
+        )
+    return "; ".join(parts)
 
 
 def rng_state() -> dict:
