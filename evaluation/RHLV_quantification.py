@@ -14,7 +14,9 @@ per region (evaluation/rhlv.py).
 Writes ``Q/rhlv.csv`` (one row per vertebra of the split file, or of every crop without
 ``--json-path``), ``Q/maps/<pid>_<vid>.png`` (the loss per column over the AP x LR grid) and
 ``Q/summary.json``; with ``--truth`` (a phantom), ``Q/truth_errors.json``: height and RHLV errors
-against the true pre-fracture anatomy. Reruns skip a finished folder unless ``--overwrite``.
+against the true pre-fracture anatomy. Every vertebra is measured before anything is written (bad
+input leaves no files), and every map is drawn again whenever ``rhlv.csv`` is written (last), so
+the maps agree with it. Reruns skip a finished folder unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -178,11 +180,17 @@ class LossMapWriter:
         self.fig.colorbar(self.im, ax=self.ax, fraction=0.046, pad=0.04, label="(H_syn - H_ori) / H_syn")
         self.fig.subplots_adjust(left=0.08, right=0.80, top=0.86, bottom=0.08)
 
-    def save(self, path: Path, loss: np.ndarray, spacing_mm: np.ndarray, title: str) -> None:
-        shown = np.asarray(loss, dtype=np.float64)
+    @staticmethod
+    def body_window(loss: np.ndarray) -> np.ndarray:
+        """The map cropped to the body with two columns of margin (float32: what is drawn)."""
+        shown = np.asarray(loss, dtype=np.float32)
         rows, cols = np.nonzero(np.isfinite(shown))
-        if rows.size:  # crop to the body, two columns of margin
+        if rows.size:
             shown = shown[max(rows.min() - 2, 0) : rows.max() + 3, max(cols.min() - 2, 0) : cols.max() + 3]
+        return shown
+
+    def save(self, path: Path, loss: np.ndarray, spacing_mm: np.ndarray, title: str) -> None:
+        shown = self.body_window(loss)
         h, w = shown.shape
         self.im.set_data(np.ma.masked_invalid(shown))
         self.im.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
@@ -198,7 +206,11 @@ class LossMapWriter:
 
 
 def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
-    """Measure every vertebra and write the results; returns (rows written, vertebrae skipped, csv)."""
+    """Measure every vertebra and write the results; returns (rows written, vertebrae skipped, csv).
+
+    Every vertebra is measured before anything is written, so bad input leaves no maps behind;
+    the maps are then all drawn again, so they always agree with the ``rhlv.csv`` written last.
+    """
     if opt.method == "gan":
         if not opt.output_folder:
             raise input_error(None, "--method gan needs --output-folder (the synthesis output)")
@@ -209,7 +221,7 @@ def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
     measurer = Measurer(store, opt.height_definition)
     result = Path(opt.result_folder)
     rows, skipped = [], {"no crop": 0, "no synthesis": 0, "no target in crop": 0}
-    maps = None if opt.no_maps else LossMapWriter()
+    loss_maps = []  # (loss map, spacing) of each row, drawn once everything is measured
     for entry in tqdm(entries, desc=f"RHLV ({opt.method})", unit="vertebra"):
         key, pid, vid, grade, split = entry.key, entry.pid, entry.vid, entry.grade, entry.split
         if key not in store:
@@ -226,21 +238,27 @@ def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
             h_syn, h_ori, loss = measure_gan(measurer, crop, opt.output_folder)
         else:
             h_syn, h_ori, loss = measure_neighbors(measurer, crop)
-        row = rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori)
-        rows.append(row)
-        png = result / "maps" / f"{key}.png"
-        if maps is not None and (opt.overwrite or not png.exists()):
-            title = (
-                f"{key} ({label_schemes.vertebra_name(vid)}) grade {'' if grade is None else grade}, "
-                f"{opt.method}\nRHLV a/m/p {row['rhlv_anterior']} / {row['rhlv_middle']} / "
-                f"{row['rhlv_posterior']}"
-            )
-            maps.save(png, loss, crop.spacing_mm, title)
-    if maps is not None:
-        maps.close()
+        rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori))
+        if not opt.no_maps:
+            loss_maps.append((LossMapWriter.body_window(loss), crop.spacing_mm))
     if not rows:
         why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
         raise input_error(opt.json_path or opt.label_folder, f"no vertebra could be measured ({why})")
+    if loss_maps:
+        maps = LossMapWriter()
+        try:
+            for row, (loss, spacing_mm) in tqdm(
+                zip(rows, loss_maps, strict=True), total=len(rows), desc="maps", unit="map"
+            ):
+                grade = row["grade"]
+                title = (
+                    f"{row['vertebra']} ({label_schemes.vertebra_name(row['vid'])}) grade {grade}, "
+                    f"{opt.method}\nRHLV a/m/p {row['rhlv_anterior']} / {row['rhlv_middle']} / "
+                    f"{row['rhlv_posterior']}"
+                )
+                maps.save(result / "maps" / f"{row['vertebra']}.png", loss, spacing_mm, title)
+        finally:
+            maps.close()
     write_json(
         result / "summary.json",
         {

@@ -7,6 +7,8 @@
 Features: the anterior, middle and posterior RHLV of ``Q/rhlv.csv`` (``sagittal``, or ``coronal``
 from ``--rhlv-folder-coronal`` when given); ``2.5d`` joins a sagittal and a coronal ``rhlv.csv``
 on ``vertebra`` (six features). Classes: Genant grades 0-3, or ``fracture`` (grade >= 1 vs 0).
+Rows with an empty grade or RHLV are left out; a grade outside 0-3 or an RHLV that is not a finite
+number (``n/a``, ``nan``, ``inf``) is an input error (one line naming the file, row and column).
 
 Evaluation (evaluation/grading.py): stratified k-fold cross-validation over the development splits
 (``--fit-splits``) that scores each held-out fold, and the fixed evaluation that fits on the
@@ -30,7 +32,7 @@ import numpy as np
 
 from data.base_dataset import SPLITS
 from evaluation import grading
-from evaluation.eval_io import csv_text, read_csv_rows, run_script
+from evaluation.eval_io import check_row_length, csv_number, csv_text, read_csv_rows, run_script
 from util.atomic import atomic_path, write_json, write_text
 from util.errors import input_error
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 FEATURE_SETS = ("sagittal", "coronal", "2.5d")
 CLASS_SETS = ("genant", "fracture")
 RHLV_FEATURES = tuple(f"rhlv_{r}" for r in grading.FEATURE_REGIONS)
+GENANT_GRADES = (0, 1, 2, 3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,23 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_features(folder: str, prefix: str = "") -> dict[str, dict]:
-    """{vertebra: {grade, split, features...}} of one rhlv.csv; rows without grade or RHLV are left out."""
+    """{vertebra: {grade, split, features...}} of one rhlv.csv; rows without grade or RHLV are left out.
+
+    An empty cell is a missing value; anything else must be a Genant grade 0-3 or a finite RHLV,
+    or the file is refused with the row, column and value.
+    """
     path = Path(folder) / "rhlv.csv"
     if not Path(folder).is_dir():
         raise input_error(folder, "RHLV folder not found")
     rows = read_csv_rows(path, ("vertebra", "grade", "split", *RHLV_FEATURES), "rhlv.csv")
     out, no_grade, no_value = {}, 0, 0
-    for r in rows:
+    for n, r in enumerate(rows, start=1):
+        check_row_length(path, n, r)
         if r["grade"] == "":
             no_grade += 1
             continue
+        grade = csv_number(path, n, r, "grade", int)
+        if grade not in GENANT_GRADES:
+            raise input_error(path, f"row {n}, column grade: {r['grade']!r} is not a Genant grade 0-3")
         if any(r[f] == "" for f in RHLV_FEATURES):
             no_value += 1
             continue
         out[r["vertebra"]] = {
-            "grade": int(r["grade"]),
+            "grade": grade,
             "split": r["split"],
-            **{prefix + f: float(r[f]) for f in RHLV_FEATURES},
+            **{prefix + f: csv_number(path, n, r, f) for f in RHLV_FEATURES},
         }
     if no_value:
         log.warning("%s: %d vertebrae without an RHLV value left out", path, no_value)

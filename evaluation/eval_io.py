@@ -129,28 +129,35 @@ class TruthRow:
         return (self.healthy_mm - self.fractured_mm) / self.healthy_mm
 
 
+TRUTH_COLUMNS = (
+    "pid",
+    "vid",
+    "grade",
+    "fracture_type",
+    *(f"healthy_{g}_mm" for g in REGIONS),
+    *(f"fractured_{g}_mm" for g in REGIONS),
+)
+
+
 def read_truth_table(truth_dir: str | os.PathLike) -> dict[tuple[str, int], TruthRow]:
-    """``truth/vertebrae.csv`` keyed by (pid, vid)."""
+    """``truth/vertebrae.csv`` keyed by (pid, vid); a bad row is an input error that names it."""
     path = Path(truth_dir) / "vertebrae.csv"
     if not path.exists():
         raise input_error(path, "phantom truth table not found (is --truth a phantom's truth/ folder?)")
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        table = {}
-        for r in rows:
-            table[(r["pid"], int(r["vid"]))] = TruthRow(
-                r["pid"],
-                int(r["vid"]),
-                int(r["grade"]),
-                r["fracture_type"],
-                np.array([float(r[f"healthy_{g}_mm"]) for g in REGIONS]),
-                np.array([float(r[f"fractured_{g}_mm"]) for g in REGIONS]),
-            )
-    except (KeyError, ValueError) as exc:
-        raise input_error(path, f"not a phantom truth table ({exc})") from exc
-    if not table:
-        raise input_error(path, "truth table has no rows")
+    rows = read_csv_rows(path, TRUTH_COLUMNS, "phantom truth table")
+    table = {}
+    for n, r in enumerate(rows, start=1):
+        check_row_length(path, n, r)
+        vid = csv_number(path, n, r, "vid", int)
+        table[(r["pid"], vid)] = TruthRow(
+            r["pid"],
+            vid,
+            csv_number(path, n, r, "grade", int),
+            r["fracture_type"],
+            # a height the analytic geometry could not give is written as nan
+            np.array([csv_number(path, n, r, f"healthy_{g}_mm", allow_nan=True) for g in REGIONS]),
+            np.array([csv_number(path, n, r, f"fractured_{g}_mm", allow_nan=True) for g in REGIONS]),
+        )
     return table
 
 
@@ -159,15 +166,48 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...], what: str)
     path = Path(path)
     if not path.exists():
         raise input_error(path, f"{what} not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise input_error(path, f"{what} lacks columns {', '.join(missing)}")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise input_error(path, f"{what} lacks columns {', '.join(missing)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise input_error(path, f"{what} is not a readable UTF-8 CSV file ({exc})") from exc
     if not rows:
         raise input_error(path, f"{what} has no rows")
     return rows
+
+
+def check_row_length(path: str | os.PathLike, row_number: int, row: dict) -> None:
+    """An input error if data row ``row_number`` (1 = the first after the header) of a
+    ``csv.DictReader`` had more or fewer fields than the header."""
+    if None in row or None in row.values():
+        more = "more" if None in row else "fewer"
+        raise input_error(path, f"row {row_number} has {more} fields than the header")
+
+
+def csv_number(
+    path: str | os.PathLike,
+    row_number: int,
+    row: dict,
+    column: str,
+    kind: type = float,
+    allow_nan: bool = False,
+) -> float | int:
+    """``row[column]`` as ``kind`` (``int``, or a finite ``float``; ``nan`` too with ``allow_nan``);
+    otherwise an input error that names the file, the data row (1 = the first after the header),
+    the column and the value."""
+    value = row[column]
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not (np.isfinite(number) or (allow_nan and np.isnan(number))):
+        what = "an integer" if kind is int else "a finite number"
+        raise input_error(path, f"row {row_number}, column {column}: {value!r} is not {what}")
+    return number
 
 
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:

@@ -28,20 +28,21 @@ def make_classifier(c: float = 1.0) -> Pipeline:
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]) -> dict:
     """Macro precision/recall/F1, accuracy, per-class metrics and the confusion matrix.
 
-    Classes absent from both ``y_true`` and ``y_pred`` still appear (support 0); a class never
+    The macro averages run over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's
+    convention; listed as ``macro_labels``): a grade that a test split lacks and that is never
+    predicted says nothing about the classifier and does not count as a score of 0. Every class of
+    ``labels`` still appears in ``per_class`` (support 0) and in the confusion matrix; a class never
     predicted has precision 0 (sklearn's ``zero_division=0``).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    p, r, f, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0
-    )
     pc, rc, fc, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
+    present = np.isin(labels, np.union1d(y_true, y_pred))
     return {
-        "macro_f1": float(f),
-        "macro_precision": float(p),
-        "macro_recall": float(r),
+        "macro_f1": float(fc[present].mean()),
+        "macro_precision": float(pc[present].mean()),
+        "macro_recall": float(rc[present].mean()),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "n": int(y_true.size),
         "per_class": {
@@ -54,6 +55,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
             for i, c in enumerate(labels)
         },
         "labels": [int(c) for c in labels],
+        "macro_labels": [int(c) for c, used in zip(labels, present, strict=True) if used],
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 

@@ -9,11 +9,15 @@ Two height definitions, each returning (all, anterior, middle, posterior) in mm:
 - ``design`` (default): :func:`evaluation.heights.body_heights`, the one definition of DESIGN.md
   (medians of column extents over the central 40 % of the left-right extent, AP thirds). Each mask
   is measured on its own.
-- ``reference``: the reference's filtered column means (REFERENCE.md section 8), kept so its
-  numbers can be reproduced: pixel counts per AP column on the central sagittal slices, thirds
-  cut on the *synthesised* mask's AP extent and applied to both masks, the synthesised heights
-  scaled up when the original's maximum is larger, columns under 0.7 x the centre column dropped,
-  and the kept columns averaged.
+- ``reference``: the reference's filtered column means (REFERENCE.md section 8, its
+  ``calculate_rhlv``), kept so its numbers can be reproduced: pixel counts per AP column on the
+  central sagittal slices (centred on the original's mean LR voxel index), thirds cut at the
+  integer columns ``int(ymin + range/3)`` and ``int(ymin + 2 range/3)`` of the *synthesised*
+  mask's AP extent and applied to both masks, the synthesised heights of each region scaled up
+  when the original's maximum there is larger, columns under 0.7 x the centre height dropped
+  (the centre column is the slice's mean AP voxel index; the synthesised centre height is scaled
+  once per slice by the whole slice's ratio and used for every region), and the kept columns
+  averaged. Where no column is kept the height is NaN (the reference wrote 0).
 
 The neighbour baseline (:func:`neighbour_estimate`) needs no GAN: a vertebra's healthy heights are
 the mean of its adjacent vertebrae's heights, region by region, each neighbour measured on its own
@@ -83,10 +87,13 @@ def design_heights(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
 
 
 def _reference_slices(ori: np.ndarray) -> range:
-    """REFERENCE section 8 step 2: slices [centre - L, centre + L) of the original's axis-2 extent."""
-    lr = np.flatnonzero(ori.any(axis=(0, 1)))
+    """REFERENCE section 8 step 2: slices [centre - L, centre + L), ``centre`` the integer part of
+    the original's mean axis-2 voxel index and ``L`` a fifth of its axis-2 extent (rounded down)."""
+    per_slice = ori.sum(axis=(0, 1))
+    lr = np.flatnonzero(per_slice)
     lo, hi = int(lr[0]), int(lr[-1])
-    centre, half = (lo + hi) // 2, (hi - lo) // 5
+    centre = _mean_index(per_slice)
+    half = (hi - lo) // 5
     if half == 0:
         return range(centre, centre + 1)
     return range(centre - half, centre + half)
@@ -125,23 +132,22 @@ def reference_heights_pair(
         if not s2.any() or not o2.any():
             continue
         cs, co = s2.sum(axis=0).astype(np.float64), o2.sum(axis=0).astype(np.float64)
-        cols = np.flatnonzero(s2.any(axis=0))
-        ymin, ymax = cols[0], cols[-1]
-        t1 = ymin + (ymax - ymin) / 3
-        t2 = ymin + 2 * (ymax - ymin) / 3
-        j = np.arange(cs.size)
-        parts = (j >= 0, j < t1, (j >= t1) & (j < t2), j >= t2)
-        centre_s = cs[int(np.flatnonzero(cs).mean())]
-        centre_o = co[int(np.flatnonzero(co).mean())]
+        cols = np.flatnonzero(cs)
+        ymin, ymax = int(cols[0]), int(cols[-1])
+        t1 = int(ymin + (ymax - ymin) / 3)  # integer cut columns, as the reference slices them
+        t2 = int(ymin + 2 * (ymax - ymin) / 3)
+        parts = (slice(None), slice(None, t1), slice(t1, t2), slice(t2, None))
+        # the centre column: the mean AP index of the slice's voxels (each column weighted by its count)
+        centre_s = cs[_mean_index(cs)]
+        centre_o = co[_mean_index(co)]
         for r, part in enumerate(parts):
             hs, ho = cs[part], co[part]
-            c_s = centre_s
-            if ho.size and hs.size and ho.max() > hs.max() > 0:
-                ratio = ho.max() / hs.max()
+            if hs.size and ho.size and ho.max() > hs.max():
+                ratio = ho.max() / (hs.max() + 1e-6)  # the reference's guarded ratio
                 hs = hs * ratio
-                if r == 0:
-                    c_s = centre_s * ratio
-            pooled_syn[r].append(hs[hs > threshold * c_s])
+                if r == 0:  # the whole slice's ratio scales the centre height used by every region
+                    centre_s = centre_s * ratio
+            pooled_syn[r].append(hs[hs > threshold * centre_s])
             pooled_ori[r].append(ho[ho > threshold * centre_o])
 
     def mean_mm(chunks: list[np.ndarray]) -> float:
@@ -152,6 +158,12 @@ def reference_heights_pair(
         np.array([mean_mm(c) for c in pooled_syn]),
         np.array([mean_mm(c) for c in pooled_ori]),
     )
+
+
+def _mean_index(counts: np.ndarray) -> int:
+    """The integer part of the mean index of the voxels counted in ``counts`` (per column or slice),
+    as the reference's ``int(np.mean(np.where(mask)[axis]))``."""
+    return int(np.dot(np.arange(counts.size), counts) / counts.sum())
 
 
 def vertebra_heights(mask: np.ndarray, spacing_mm: Sequence[float], definition: str = "design") -> np.ndarray:

@@ -12,6 +12,7 @@ import pytest
 from data.crops import CropStore
 from data.nifti_io import load_ct, load_mask, save_nifti
 from evaluation import generation_eval_sagittal as gen_eval
+from evaluation.eval_io import read_truth_table
 from evaluation.generation_metrics import (
     PSNR_CAP_DB,
     full_height_share,
@@ -23,6 +24,7 @@ from evaluation.generation_metrics import (
     synthesised_slices,
     truth_on_crop,
 )
+from util.errors import InputError
 
 SHAPE = (40, 32, 24)
 
@@ -215,3 +217,49 @@ def test_truth_itself_has_no_height_error(fractured_phantom, tmp_path):
     assert gen_eval.main([*args, "--phase", "train", "--truth", str(root / "truth")]) == 0
     t = json.loads((tmp_path / "RI" / "summary.json").read_text())["truth"]
     assert t["height_mae_mm"] > 3.0 and t["dice"] < 0.95
+
+
+TRUTH_HEADER = (
+    "pid,vid,grade,fracture_type,healthy_anterior_mm,healthy_middle_mm,healthy_posterior_mm,"
+    "fractured_anterior_mm,fractured_middle_mm,fractured_posterior_mm\n"
+)
+
+
+def test_truth_table_reads_a_good_row(tmp_path):
+    (tmp_path / "vertebrae.csv").write_text(TRUTH_HEADER + "p1,20,2,wedge,25,25,25,15,20,25\n")
+    row = read_truth_table(tmp_path)[("p1", 20)]
+    assert row.grade == 2 and row.reduction == pytest.approx([0.4, 0.2, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("p1,20,0,none,25,25,25,25,25\n", "row 1 has fewer fields than the header"),
+        ("p1,20,0,none,25,25,25,25,25,25,9\n", "row 1 has more fields than the header"),
+        (
+            "p1,20,0,none,25,25,25,25,25,25\np2,20,0,none,n/a,25,25,25,25,25\n",
+            "row 2, column healthy_anterior_mm: 'n/a'",
+        ),
+        (
+            "p1,20,0,none,25,25,25,25,25,inf\n",
+            "row 1, column fractured_posterior_mm: 'inf' is not a finite number",
+        ),
+        ("p1,L1,0,none,25,25,25,25,25,25\n", "row 1, column vid: 'L1' is not an integer"),
+    ],
+)
+def test_truth_table_bad_rows_are_input_errors(tmp_path, body, problem):
+    path = tmp_path / "vertebrae.csv"
+    path.write_text(TRUTH_HEADER + body)
+    with pytest.raises(InputError) as exc:
+        read_truth_table(tmp_path)
+    assert str(exc.value).startswith(f"{path}: {problem}")
+
+
+def test_truth_table_of_another_kind_or_encoding_is_an_input_error(tmp_path):
+    path = tmp_path / "vertebrae.csv"
+    path.write_text("pid,vid\np1,20\n")
+    with pytest.raises(InputError, match="lacks columns grade"):
+        read_truth_table(tmp_path)
+    path.write_bytes(TRUTH_HEADER.encode() + "p1,20,0,n\xf6ne,25,25,25,25,25,25\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not a readable UTF-8 CSV"):
+        read_truth_table(tmp_path)

@@ -71,6 +71,34 @@ def test_metrics_of_known_predictions():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
 
 
+def test_macro_averages_skip_grades_absent_from_truth_and_predictions():
+    """Fit on grades 0-3, test on grades 0 and 1 only, every prediction right: the macro scores are
+    1.0 (grades 2 and 3 neither occur nor are predicted), while per_class and the confusion matrix
+    still list all four grades."""
+    x, y = separable(10)
+    xt, yt = separable(5, seed=1)
+    keep = yt <= 1
+    metrics, pred = fit_and_test(x, y, xt[keep], yt[keep])
+    assert (pred == yt[keep]).all()
+    for key in ("macro_f1", "macro_precision", "macro_recall", "accuracy"):
+        assert metrics[key] == 1.0, key
+    assert metrics["labels"] == [0, 1, 2, 3] and metrics["macro_labels"] == [0, 1]
+    assert metrics["per_class"]["3"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert np.asarray(metrics["confusion_matrix"]).shape == (4, 4)
+
+
+def test_macro_averages_count_a_grade_that_is_only_predicted():
+    """True 0, 0, 1, 1; predicted 0, 2, 1, 1 with labels 0-3. Grade 2 is predicted (wrongly), so it
+    counts with F1 0; grade 3 occurs nowhere and does not. Per class: 0 has P 1, R 1/2, F1 2/3;
+    1 has P 1, R 1, F1 1; 2 has P 0, R 0, F1 0. Macro over {0, 1, 2}: P 2/3, R 1/2, F1 5/9."""
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), [0, 1, 2, 3])
+    assert m["macro_labels"] == [0, 1, 2]
+    assert m["macro_precision"] == pytest.approx(2 / 3)
+    assert m["macro_recall"] == pytest.approx(1 / 2)
+    assert m["macro_f1"] == pytest.approx(5 / 9)
+    assert m["per_class"]["3"]["support"] == 0 and len(m["confusion_matrix"]) == 4
+
+
 def test_class_problems():
     assert "one class" in class_problem(np.zeros(10, int), 5)
     assert "too few" in class_problem(np.array([0] * 10 + [1] * 3), 5)
@@ -143,3 +171,52 @@ def test_cli_bad_inputs_give_one_line(tmp_path, rhlv_folder, capsys):
     assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
     assert "one class" in err[1] and "too few" in err[2] and "test split" in err[3]
     assert not (tmp_path / "Sbad" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("rhlv_middle", "n/a", "column rhlv_middle: 'n/a' is not a finite number"),
+        ("rhlv_anterior", "nan", "column rhlv_anterior: 'nan' is not a finite number"),
+        ("rhlv_posterior", "inf", "column rhlv_posterior: 'inf' is not a finite number"),
+        ("grade", "5", "column grade: '5' is not a Genant grade 0-3"),
+        ("grade", "-1", "column grade: '-1' is not a Genant grade 0-3"),
+        ("grade", "mild", "column grade: 'mild' is not an integer"),
+    ],
+)
+def test_cli_bad_cells_give_one_line_naming_row_and_column(rhlv_folder, capsys, column, value, problem):
+    csv_path = rhlv_folder / "Q" / "rhlv.csv"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[6][column] = value  # data row 7
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RHLV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    s = rhlv_folder / "S"
+    assert SVM_grading.main(["--rhlv-folder", str(rhlv_folder / "Q"), "--output-folder", str(s)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {csv_path}: row 7, {problem}"]
+    assert not (s / "metrics.json").exists()
+
+
+def test_cli_unreadable_csv_gives_one_line(tmp_path, capsys):
+    q = tmp_path / "Q"
+    q.mkdir()
+    (q / "rhlv.csv").write_bytes(b"\xb9\x00\xff binary, not a CSV\n")
+    assert SVM_grading.main(["--rhlv-folder", str(q), "--output-folder", str(tmp_path / "S")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {q / 'rhlv.csv'}: ") and "UTF-8" in err[0]
+
+
+def test_empty_cells_are_left_out_not_refused(rhlv_folder):
+    """An empty grade or RHLV is a vertebra without a value (left out), not bad input."""
+    csv_path = rhlv_folder / "Q" / "rhlv.csv"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["grade"], rows[1]["rhlv_middle"] = "", ""
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RHLV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    table = SVM_grading.read_features(str(rhlv_folder / "Q"))
+    assert len(table) == len(rows) - 2 and rows[0]["vertebra"] not in table

@@ -59,6 +59,56 @@ def test_anterior_wedge_of_25_percent(definition):
     assert loss[3] == pytest.approx(0.0, abs=0.02)  # posterior
 
 
+def columns_mask(heights: dict[int, int], lr=(2, 10), shape=(32, 16, 12)) -> np.ndarray:
+    """A body whose AP column j holds ``heights[j]`` voxels (rows ending at the bottom), the same on
+    every sagittal slice in ``lr``."""
+    mask = np.zeros(shape, bool)
+    for j, h in heights.items():
+        mask[shape[0] - h :, j, lr[0] : lr[1]] = True
+    return mask
+
+
+def test_reference_heights_of_a_hand_built_wedge():
+    """Known answer by REFERENCE.md section 8, worked by hand (every sagittal slice is the same).
+
+    Synthesis: AP columns 2..12, heights 15, 18, 18, then 20. Its extent 2..12 (range 10) gives the
+    integer cuts int(2 + 10/3) = 5 and int(2 + 20/3) = 8: anterior columns [0, 5), middle [5, 8),
+    posterior [8, end). Its centre column int(1516 / 211) = 7 has height 20.
+    Original: a wedge with a 2-voxel spur in front; heights 2, 2, 13, 15, 16, 17, 18, 19, 22, then
+    24 (columns 0..12). Its count-weighted centre column int(1647 / 220) = 7 has height 19, so it keeps
+    columns taller than 0.7 x 19 = 13.3 (the mean of its distinct columns, 6, would give 18 and keep 13).
+    Scaling: the original's maximum 24 exceeds the synthesis' 20, so the whole slice and the
+    posterior third scale by r = 24 / (20 + 1e-6); the anterior (16 < 18) and middle (19 < 20) thirds
+    do not. The synthesised centre height 20 r is used for every region: threshold 14 r ~ 16.8, which
+    drops the anterior 15 (a threshold of 0.7 x 20 = 14 would keep it).
+    """
+    syn = columns_mask({2: 15, 3: 18, 4: 18} | dict.fromkeys(range(5, 13), 20))
+    ori = columns_mask(
+        {0: 2, 1: 2, 2: 13, 3: 15, 4: 16, 5: 17, 6: 18, 7: 19, 8: 22} | dict.fromkeys(range(9, 13), 24)
+    )
+    r = 24 / (20 + 1e-6)
+    h_syn, h_ori = paired_heights(syn, ori, SPACING, "reference")
+    # all: the 11 scaled columns; anterior 18, 18; middle 20 x 3; posterior 20 r x 5
+    assert h_syn == pytest.approx([211 * r / 11, 18.0, 20.0, 20 * r], rel=1e-12)
+    # all: 15..19, 22, 24 x 4; anterior 15, 16; middle 17, 18, 19; posterior 22, 24 x 4
+    assert h_ori == pytest.approx([203 / 10, 31 / 2, 18.0, 118 / 5], rel=1e-12)
+    # spacing scales the counts along axis 0 only
+    h_syn2, h_ori2 = paired_heights(syn, ori, (2.0, 1.0, 1.0), "reference")
+    assert h_syn2 == pytest.approx(2 * h_syn) and h_ori2 == pytest.approx(2 * h_ori)
+
+
+def test_reference_slices_centre_on_the_mean_voxel_index():
+    """The original occupies LR slices 0..10: slices 0..3 hold a box 10 rows tall (80 voxels each),
+    slices 4..10 one 4 rows tall (32 each). The mean LR voxel index is int(2048 / 544) = 3 and
+    L = 10 // 5 = 2, so slices 1..4 are measured: (10 + 10 + 10 + 4) / 4 = 8.5 mm in every region.
+    (Centred on the extent's midpoint 5, slices 3..6 would give 5.5.)"""
+    mask = np.zeros((16, 12, 12), bool)
+    mask[6:16, 2:10, 0:4] = True
+    mask[12:16, 2:10, 4:11] = True
+    h_syn, h_ori = paired_heights(mask, mask, SPACING, "reference")
+    assert h_ori == pytest.approx([8.5] * 4) and h_syn == pytest.approx([8.5] * 4)
+
+
 def test_heights_follow_the_voxel_size():
     box = body()
     assert design_heights(box, (2.0, 1.0, 1.0))[1:] == pytest.approx([32.0] * 3)
@@ -183,6 +233,37 @@ def test_cli_rejects_a_synthesis_on_another_grid(tiny_root, capsys):
     args += ["--output-folder", str(tiny_root / "O"), "--json-path", str(d / "vertebra_data.json")]
     assert RHLV_quantification.main(args) == 2
     assert "differs from its crop" in capsys.readouterr().err
+
+
+def test_cli_failure_writes_nothing_and_the_rerun_draws_every_map(tiny_root, capsys):
+    """The last vertebra's synthesis is on another grid: the run fails before writing any map or
+    the csv. Once it is fixed, a rerun without --overwrite draws every map, replacing a leftover
+    map of an unfinished folder, so no map can disagree with rhlv.csv."""
+    fake = tiny_root / "O" / "label_fake" / "p_22.nii.gz"
+    good = fake.read_bytes()
+    save_nifti(fake, np.zeros((10, 10, 10), np.uint8), AFFINE, dtype=np.uint8)
+    d, q = tiny_root / "D", tiny_root / "Q"
+    args = ["--label-folder", str(d / "straightened" / "label"), "--result-folder", str(q)]
+    args += ["--output-folder", str(tiny_root / "O"), "--json-path", str(d / "vertebra_data.json")]
+    assert RHLV_quantification.main(args) == 2
+    assert "p_22.nii.gz" in capsys.readouterr().err
+    assert not q.exists() or not any(q.rglob("*"))  # no maps, no csv, no summary
+    fake.write_bytes(good)
+    stale = q / "maps" / "p_19.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a map of an earlier, unfinished run")
+    assert RHLV_quantification.main(args) == 0
+    assert read_rows(q / "rhlv.csv").keys() == {"p_19", "p_28", "p_20", "p_22"}
+    for key in ("p_19", "p_28", "p_20", "p_22"):
+        assert (q / "maps" / f"{key}.png").read_bytes().startswith(b"\x89PNG"), key
+
+
+def test_cli_no_maps_draws_none(tiny_root):
+    d, q = tiny_root / "D", tiny_root / "Q"
+    args = ["--label-folder", str(d / "straightened" / "label"), "--result-folder", str(q), "--no-maps"]
+    args += ["--output-folder", str(tiny_root / "O"), "--json-path", str(d / "vertebra_data.json")]
+    assert RHLV_quantification.main(args) == 0
+    assert (q / "rhlv.csv").exists() and not (q / "maps").exists()
 
 
 @pytest.mark.slow
