@@ -10,7 +10,8 @@ on ``vertebra`` (six features). Classes: Genant grades 0-3, or ``fracture`` (gra
 Rows with an empty grade or RHLV are left out; a grade outside 0-3 or an RHLV that is not a finite
 number (``n/a``, ``nan``, ``inf``) is an input error (one line naming the file, row and column).
 
-Evaluation (evaluation/grading.py): stratified k-fold cross-validation over the development splits
+Evaluation (evaluation/grading.py): stratified k-fold cross-validation (each patient's vertebrae in
+one fold, ``--cv-groups patient``, the default) over the development splits
 (``--fit-splits``) that scores each held-out fold, and the fixed evaluation that fits on the
 development splits and scores ``--test-split``. Writes ``S/metrics.json`` (top level: the test
 split's macro_f1, macro_precision, macro_recall, accuracy, per-class metrics; ``cv``: per fold,
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    parser.add_argument(
+        "--cv-groups",
+        choices=("patient", "vertebra"),
+        default="patient",
+        help="keep each patient's vertebrae in one fold (falls back to vertebrae, and says so, "
+        "where there are fewer patients than folds or a fold would train on one class)",
+    )
     parser.add_argument("--C", type=float, default=1.0, dest="c", help="SVM regularisation")
     parser.add_argument("--fit-splits", default="train,val", help="development splits (fit and CV)")
     parser.add_argument("--test-split", default="test", help="the split scored by the fixed evaluation")
@@ -71,7 +79,7 @@ def read_features(folder: str, prefix: str = "") -> dict[str, dict]:
     path = Path(folder) / "rhlv.csv"
     if not Path(folder).is_dir():
         raise input_error(folder, "RHLV folder not found")
-    rows = read_csv_rows(path, ("vertebra", "grade", "split", *RHLV_FEATURES), "rhlv.csv")
+    rows = read_csv_rows(path, ("vertebra", "pid", "grade", "split", *RHLV_FEATURES), "rhlv.csv")
     out, no_grade, no_value = {}, 0, 0
     for n, r in enumerate(rows, start=1):
         check_row_length(path, n, r)
@@ -85,6 +93,7 @@ def read_features(folder: str, prefix: str = "") -> dict[str, dict]:
             no_value += 1
             continue
         out[r["vertebra"]] = {
+            "pid": r["pid"],
             "grade": grade,
             "split": r["split"],
             **{prefix + f: csv_number(path, n, r, f) for f in RHLV_FEATURES},
@@ -167,7 +176,10 @@ def run(opt: argparse.Namespace) -> dict:
     problem = grading.class_problem(y_fit, opt.folds)
     if problem:
         raise input_error(source, f"development split(s) {'+'.join(fit_splits)}: {problem}")
-    cv = grading.cross_validate(x_fit, y_fit, opt.folds, opt.seed, opt.c)
+    groups = np.array([table[k]["pid"] for k in keys_fit]) if opt.cv_groups == "patient" else None
+    cv = grading.cross_validate(x_fit, y_fit, opt.folds, opt.seed, opt.c, groups)
+    if cv["fallback"]:
+        log.warning("cross-validation folds split patients (%s)", cv["fallback"])
     test, pred_test = grading.fit_and_test(x_fit, y_fit, x_test, y_test, opt.c)
 
     out = Path(opt.output_folder)
@@ -222,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         cv = m["cv"]["mean"]
         return (
             f"graded {m['test']['n']} {m['evaluated_on']} vertebrae ({m['features']}, {m['classes']}): "
-            f"macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}; {m['cv']['folds']}-fold CV on "
-            f"{m['n_fit']}: macro-F1 {cv['macro_f1']:.3f} +- {m['cv']['std']['macro_f1']:.3f} "
+            f"macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}; {m['cv']['folds']}-fold CV "
+            f"(folds by {m['cv']['grouped_by']}) on {m['n_fit']}: macro-F1 {cv['macro_f1']:.3f} "
+            f"+- {m['cv']['std']['macro_f1']:.3f} "
             f"in {seconds:.1f} s; {done}"
         )
 

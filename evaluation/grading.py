@@ -4,15 +4,19 @@ The classifier is ``StandardScaler`` followed by ``SVC(kernel="linear", class_we
 in one pipeline, so every fit (each cross-validation fold, the final model) standardises with the
 statistics of its own training data only. Cross-validation is stratified k-fold that scores each
 held-out fold with the model fitted on the other folds (the reference scored a fixed split in every
-fold and never used its held-out folds, REFERENCE.md section 12 item 12). The fixed evaluation fits
-on the development splits and scores the test split.
+fold and never used its held-out folds, REFERENCE.md section 12 item 12). Given ``groups`` (the
+patient of each vertebra) the folds keep each patient's vertebrae together, so no fold is scored on
+a patient its model was fitted on; where the groups cannot make such folds (fewer patients than
+folds, or a fold whose training part would hold one class) it falls back to folds of vertebrae and
+says so in ``grouped_by``. The fixed evaluation fits on the development splits and scores the test
+split.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -77,13 +81,45 @@ def class_problem(y: np.ndarray, folds: int) -> str | None:
     return None
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, c: float = 1.0) -> dict:
-    """Stratified k-fold CV that scores each held-out fold with a model fitted on the other folds.
+def fold_indices(
+    y: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str, str | None]:
+    """The (fit, held-out) row indices of each fold, what they are grouped by (``patient`` or
+    ``vertebra``) and, after a fall-back from patients to vertebrae, why."""
+    y = np.asarray(y)
+    rows = np.zeros((y.size, 1))
+    if groups is not None:
+        patients = np.unique(groups).size
+        if patients < folds:
+            why = f"{patients} patients for {folds} folds"
+        else:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            splits = list(splitter.split(rows, y, groups))
+            if all(np.unique(y[fit]).size > 1 for fit, _ in splits):
+                return splits, "patient", None
+            why = "holding a patient out leaves a fold's training part with one class"
+    else:
+        why = None
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(rows, y)), "vertebra", why
+
+
+def cross_validate(
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    c: float = 1.0,
+    groups: np.ndarray | None = None,
+) -> dict:
+    """Stratified k-fold CV that scores each held-out fold with a model fitted on the other folds;
+    with ``groups`` (one patient id per row) a patient's rows stay in one fold (:func:`fold_indices`).
 
     Returns:
         ``per_fold`` metrics (each with its ``held_out`` row indices), their ``mean`` and ``std``,
-        ``pooled`` metrics of all out-of-fold predictions, and ``predictions`` (one per row) with
-        ``fold`` (the fold that held each row out).
+        ``pooled`` metrics of all out-of-fold predictions, ``predictions`` (one per row) with
+        ``fold`` (the fold that held each row out), ``grouped_by`` and ``fallback`` (why patients
+        could not be kept together, or None).
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
     problem = class_problem(y, folds)
@@ -93,8 +129,8 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, 
     predictions = np.empty_like(y)
     fold_of = np.empty(y.size, dtype=np.int64)
     per_fold = []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (fit_idx, held_idx) in enumerate(splitter.split(x, y)):
+    splits, grouped_by, fallback = fold_indices(y, folds, seed, groups)
+    for k, (fit_idx, held_idx) in enumerate(splits):
         model = make_classifier(c).fit(x[fit_idx], y[fit_idx])
         pred = model.predict(x[held_idx])
         predictions[held_idx] = pred
@@ -106,6 +142,8 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, 
     return {
         "folds": folds,
         "seed": seed,
+        "grouped_by": grouped_by,
+        "fallback": fallback,
         "per_fold": per_fold,
         "mean": {k: float(np.mean([m[k] for m in per_fold])) for k in keys},
         "std": {k: float(np.std([m[k] for m in per_fold])) for k in keys},

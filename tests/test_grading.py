@@ -14,6 +14,7 @@ from evaluation.grading import (
     classification_metrics,
     cross_validate,
     fit_and_test,
+    fold_indices,
     make_classifier,
 )
 from evaluation.rhlv import RHLV_COLUMNS
@@ -220,3 +221,31 @@ def test_empty_cells_are_left_out_not_refused(rhlv_folder):
         w.writerows(rows)
     table = SVM_grading.read_features(str(rhlv_folder / "Q"))
     assert len(table) == len(rows) - 2 and rows[0]["vertebra"] not in table
+
+
+def test_folds_keep_each_patient_together():
+    # 10 patients of 4 vertebrae; fractures (1) in every other patient
+    groups = np.repeat([f"p{i}" for i in range(10)], 4)
+    y = np.array([1 if i % 2 and j < 2 else 0 for i in range(10) for j in range(4)])
+    splits, grouped_by, fallback = fold_indices(y, 5, 0, groups)
+    assert (grouped_by, fallback) == ("patient", None)
+    held = np.concatenate([h for _, h in splits])
+    assert sorted(held) == list(range(40))
+    for fit, h in splits:
+        assert not set(groups[fit]) & set(groups[h])
+    cv = cross_validate(np.random.default_rng(0).normal(size=(40, 3)) + y[:, None], y, 5, 0, groups=groups)
+    assert cv["grouped_by"] == "patient"
+    patients_of_fold = [set(groups[f["held_out"]]) for f in cv["per_fold"]]
+    assert sum(len(p) for p in patients_of_fold) == 10  # each patient held out in one fold only
+
+
+def test_folds_fall_back_to_vertebrae_and_say_why():
+    y = np.array([0, 1] * 10)
+    few = np.repeat(["a", "b", "c"], [7, 7, 6])
+    _, grouped_by, fallback = fold_indices(y, 5, 0, few)
+    assert grouped_by == "vertebra" and fallback == "3 patients for 5 folds"
+    one = np.array(["f"] * 5 + [f"n{i}" for i in range(15)])  # every fracture in one patient
+    y = np.array([1] * 5 + [0] * 15)
+    _, grouped_by, fallback = fold_indices(y, 5, 0, one)
+    assert grouped_by == "vertebra" and "one class" in fallback
+    assert fold_indices(y, 5, 0)[1:] == ("vertebra", None)
