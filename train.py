@@ -5,13 +5,19 @@
 The loop is the pix2pix one: per iteration ``set_input`` + ``optimize_parameters``; result images
 to the HTML page every ``--display_freq`` iterations; losses printed, logged and plotted every
 ``--print_freq``; checkpoints every ``--save_latest_freq`` iterations and ``--save_epoch_freq``
-epochs. ``--continue_train --epoch latest`` resumes optimisers, schedulers, counters and random
-state exactly.
+epochs, each with its train state. ``--continue_train --epoch latest`` (or ``--load_iter N`` for
+``--save_by_iter`` saves) resumes optimisers, schedulers, counters and random state exactly; after
+a mid-epoch save it replays that epoch's shuffle, skips (loads and drops) the batches already
+trained and goes on from there, so the run equals a straight one (same ``--batch_size`` and
+number of processes). Exact with ``--num_threads 0`` and with loader workers whose datasets take
+no random numbers in the workers (the aligned datasets' slice draws are seeded); the learning-rate
+schedule follows the train state, not ``--epoch_count``.
 
 Validation: every ``--val_freq`` epochs (and after the last one) the model runs on
 ``--val_phase`` (at most ``--max_val_samples`` samples, in eval mode, random state untouched)
 and, if it has ``validation_metrics()``, the means are printed, appended to ``loss_log.txt`` and
-to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR, Dice and height error in mm.
+to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR (a coronal slice's padding
+columns left out), Dice and height error in mm.
 The end of each epoch also refreshes the HTML page and the loss log if the frequencies did not
 fall in it (short runs still write them). On CUDA the models run under bf16 autocast with
 channels_last unless ``--no_amp``.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import math
 import os
 import sys
@@ -163,11 +170,24 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             val_dataset = create_dataset(validation_options(opt))
         except (InputError, ValueError) as exc:
             print(f"warning: no validation ({exc})", file=sys.stderr)
-    total_iters, first_epoch = 0, opt.epoch_count
+    total_iters, first_epoch, skip, replay = 0, opt.epoch_count, 0, None
+    loader = dataset.dataloader
+    # persistent loader workers draw their seed from the random state once, in the first epoch
+    # that iterates the loader; later epochs draw only their shuffle
+    loader_started, persistent = False, loader.num_workers > 0 and loader.persistent_workers
     resume = getattr(model, "resume_state", None)
-    if opt.continue_train and resume:
+    if opt.continue_train and resume:  # the train state's epoch wins over --epoch_count
         first_epoch, total_iters = resume["epoch"] + 1, resume["total_iters"]
+        skip, replay = resume.get("batches_done", 0), resume.get("epoch_start")
+        if persistent and (not skip or replay["loader_started"]):
+            # the straight run's workers were running at the start of the first epoch resumed:
+            # start them here, outside the random stream, so its shuffle is drawn as there
+            state = rng_state()
+            iter(loader)
+            set_rng_state(state)
+            loader_started = True
     last_epoch = opt.n_epochs + opt.n_epochs_decay
+    step = opt.batch_size * world  # samples per iteration over all ranks
     start = time.time()
     for epoch in range(first_epoch, last_epoch + 1):
         epoch_start = iter_data_time = time.time()
@@ -175,18 +195,32 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         visualizer.reset()
         dataset.set_epoch(epoch)
         model.train()
+        batches = iter(dataset)
+        if skip:
+            # resume after a mid-epoch save, exactly: replay the epoch's shuffle from its starting
+            # random state, load and drop the `skip` batches the weights have seen, then continue
+            # with the random state of the save
+            state = rng_state()
+            set_rng_state(replay["rng"])
+            epoch_iter = step * sum(1 for _ in itertools.islice(batches, skip))
+            set_rng_state(state)
+            print(f"resuming epoch {epoch} after {epoch_iter} samples")
+        else:  # this epoch's shuffle is drawn from this random state (kept for mid-epoch saves)
+            replay = {"rng": rng_state(), "loader_started": loader_started}
+        loader_started, skipped = True, epoch_iter
         bar = tqdm(
-            dataset,
-            total=math.ceil(len(dataset) / (opt.batch_size * world)),
+            batches,
+            total=math.ceil(len(dataset) / step),
+            initial=skip,
             desc=f"epoch {epoch}",
             leave=False,
             disable=not main_rank,
         )
+        skip = 0
         for data in bar:
             iter_start = time.time()
             t_data = iter_start - iter_data_time
             data_time += t_data
-            step = opt.batch_size * world  # samples over all ranks
             total_iters += step
             epoch_iter += step
             model.set_input(data)
@@ -206,12 +240,15 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
                 tag = f"iter_{total_iters}" if opt.save_by_iter else "latest"
                 print(f"saving the latest model (epoch {epoch}, total_iters {total_iters})")
                 model.save_networks(tag)
+                # epoch - 1 finished, epoch_iter / step batches of this one (a resume skips them)
+                model.save_train_state(tag, epoch - 1, total_iters, epoch_iter // step, replay)
             iter_data_time = time.time()
         bar.close()
-        if epoch_iter and not visualizer.saved:  # short epochs still get their images
+        trained = epoch_iter > skipped  # a resume may find the epoch's batches all trained
+        if trained and not visualizer.saved:  # short epochs still get their images
             model.compute_visuals()
             visualizer.display_current_results(model.get_current_visuals(), epoch, True)
-        if epoch_iter and not printed:
+        if trained and not printed:
             losses = model.get_current_losses()
             visualizer.print_current_losses(epoch, epoch_iter, losses, 0.0, 0.0)
             visualizer.plot_current_losses(epoch, 1.0, losses)

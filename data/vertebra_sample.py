@@ -255,8 +255,10 @@ def build_sample(
         min_component_px: target components smaller than this are ignored (mask and extent).
 
     Returns:
-        float32 ``ct``, ``ct_masked``, ``hole``, ``target_mask``, ``neighbour_mask``, ``cam`` of
-        shape ``(1, H, W)`` (``(N, 1, H, W)`` for a stack); float32 ``height`` and int64 ``x1``,
+        float32 ``ct``, ``ct_masked``, ``hole``, ``target_mask``, ``neighbour_mask``, ``cam``,
+        ``cam_target`` of shape ``(1, H, W)`` (``(N, 1, H, W)`` for a stack); ``cam`` is squeezed
+        like ``ct_masked`` (zero on the hole rows), ``cam_target`` is the CAM in the frame of ``ct``
+        (zeros without ``cam_slice``); float32 ``height`` and int64 ``x1``,
         ``x2``, ``band_top``, ``band_bottom``, ``hole_rows`` of shape ``(1,)`` (``(N, 1)``).
         Raises ``ValueError`` if the target is absent from a slice.
     """
@@ -301,6 +303,8 @@ def build_sample(
             if cam_slice is None
             else shift_rows(cam_slice, src, valid, 0).astype(np.float32, copy=False)
         ),
+        # the CAM on the ground-truth frame of ``ct`` (not squeezed): HGAM's L1 weight on the target rows
+        "cam_target": (np.zeros(ct.shape, np.float32) if cam_slice is None else cam_slice.astype(np.float32)),
     }
     out = {k: (v if single else v[:, None]) for k, v in out.items()}
     scalars = {

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.schedulers import get_scheduler
+from models.schedulers import LinearDecay, get_scheduler
 from options.base_options import device_of
 from util import distributed
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, state_mismatch
@@ -208,17 +208,31 @@ class BaseModel(ABC):
                 raise input_error(path, f"does not fit the network its run's options build: {problem}")
             unwrap(net).load_state_dict(state)
 
-    def save_train_state(self, epoch: int | str, epoch_done: int, total_iters: int) -> None:
+    def save_train_state(
+        self,
+        epoch: int | str,
+        epoch_done: int,
+        total_iters: int,
+        batches_done: int = 0,
+        epoch_start: dict | None = None,
+    ) -> None:
         """Write ``<epoch>_train_state.pth``: optimisers, schedulers, counters, random state, options.
 
-        Under torchrun every rank must call this (it gathers each rank's random state into
-        ``rng_ranks``); rank 0 writes."""
+        ``epoch_done`` is the last finished epoch. A save in the middle of epoch ``epoch_done + 1``
+        (``--save_latest_freq``) also gives ``batches_done``, the batches of that epoch already
+        trained, and ``epoch_start``, what ``train.py`` needs to replay that epoch's shuffle (the
+        random state at its start, ``rng``, and whether the data loader's workers were already
+        running, ``loader_started``), so a resume can skip those batches and go on exactly. Under
+        torchrun every rank must call this (it gathers each rank's random state into ``rng_ranks``
+        and ``epoch_start`` into ``epoch_start_ranks``); rank 0 writes."""
         rng_ranks = distributed.all_gather_objects(rng_state())
+        start_ranks = distributed.all_gather_objects(epoch_start) if batches_done else None
         if not distributed.is_main():
             return
         state = {
             "epoch": int(epoch_done),
             "total_iters": int(total_iters),
+            "batches_done": int(batches_done),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": rng_ranks[0],
@@ -227,19 +241,37 @@ class BaseModel(ABC):
                 k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)
             },
         }
+        if start_ranks is not None:
+            state["epoch_start_ranks"] = start_ranks
         save_checkpoint(state, self.save_dir / f"{epoch}_train_state.pth")
 
     def load_train_state(self, epoch: int | str) -> dict:
-        """Restore optimisers, schedulers and random state; returns the saved counters."""
-        state = load_checkpoint(self.save_dir / f"{epoch}_train_state.pth", map_location=self.device)
+        """Restore optimisers, schedulers and random state; returns the saved counters:
+        ``epoch`` (last finished), ``total_iters``, ``batches_done`` (of the next epoch, 0 at an
+        epoch's end) and ``epoch_start`` (this rank's ``epoch_start`` of that save, or None)."""
+        # on the CPU: random states must be CPU byte tensors; Adam's state follows its parameters
+        state = load_checkpoint(self.save_dir / f"{epoch}_train_state.pth", map_location="cpu")
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        # each rank continues its own random stream; a different world size starts from rank 0's
-        set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
-        self.resume_state = {"epoch": state["epoch"], "total_iters": state["total_iters"]}
+            if isinstance(scheduler, LinearDecay) and "epoch_count" not in saved:
+                # a state saved before the scheduler kept its first epoch: the epoch after the
+                # last finished one is step last_epoch
+                scheduler.epoch_count = int(state["epoch"]) + 1 - scheduler.last_epoch
+
+        def own(ranks: list) -> dict:
+            # each rank continues its own random stream; a different world size starts from rank 0's
+            return ranks[distributed.rank()] if len(ranks) == distributed.world_size() else ranks[0]
+
+        set_rng_state(own(state.get("rng_ranks") or [state["rng"]]))
+        batches_done = int(state.get("batches_done", 0))
+        self.resume_state = {
+            "epoch": state["epoch"],
+            "total_iters": state["total_iters"],
+            "batches_done": batches_done,
+            "epoch_start": own(state["epoch_start_ranks"]) if batches_done else None,
+        }
         return self.resume_state
 
     def print_networks(self, verbose: bool = False) -> None:

@@ -20,7 +20,9 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
   (``--grad_checkpoint``, exact gradients) to keep the peak memory down.
 * Generator losses, returned by :meth:`generator_losses` as a dict and summed in one place:
   ``G_GAN`` (``--lambda_GAN`` per discriminator, 1/6 as in the reference), ``G_L1`` (both
-  stages, normalised per sample by its own hole: independent of batch size, defect 2),
+  stages, normalised per sample by its own hole: independent of batch size, defect 2; with
+  ``--hgam_loss_weight w`` each pixel weighted ``1 - w * cam_target``, the CAM in the frame of
+  the ground truth and the composite),
   ``G_Dice`` (fine, 15) and ``coarse_Dice`` (healthy neighbours, 10), ``edge`` (EEM: Sobel on the
   soft fine segmentation, 800; defect 1) and ``height`` (40 + 40, relative).
 
@@ -55,6 +57,7 @@ SAMPLE_TENSORS = (
     "target_mask",
     "neighbour_mask",
     "cam",
+    "cam_target",
     "slice_ratio",
     "height",
     "x1",
@@ -63,6 +66,8 @@ SAMPLE_TENSORS = (
     "band_bottom",
     "hole_rows",
     "row_spacing_mm",
+    "col_start",
+    "col_stop",
 )
 D_NAMES = ("global", "local", "seg")
 # --grad_checkpoint auto on the CPU: recompute G's activations only for batches of at least this many
@@ -117,6 +122,18 @@ def crop_rows(x: torch.Tensor, start: torch.Tensor, rows: int) -> torch.Tensor:
     b, c, _, w = x.shape
     index = (start.reshape(b, 1) + torch.arange(rows, device=x.device)).reshape(b, 1, rows, 1)
     return torch.gather(x, 2, index.expand(b, c, rows, w))
+
+
+def data_columns(sample: dict) -> torch.Tensor:
+    """(B, 1, 1, W) mask of each sample's columns ``[col_start, col_stop)`` that hold data (a coronal
+    slice is padded to the sagittal width); all columns when the batch does not say."""
+    ct = sample["ct"]
+    cols = torch.arange(ct.shape[-1], device=ct.device).reshape(1, 1, 1, -1)
+    if "col_start" not in sample or "col_stop" not in sample:
+        return torch.ones_like(cols, dtype=ct.dtype)
+    start = sample["col_start"].reshape(-1, 1, 1, 1)
+    stop = sample["col_stop"].reshape(-1, 1, 1, 1)
+    return ((cols >= start) & (cols < stop)).to(ct.dtype)
 
 
 def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS) -> dict:
@@ -250,8 +267,9 @@ class HealthiVertModel(BaseModel):
     # --- data -------------------------------------------------------------------------------
     def set_input(self, input: dict) -> None:
         s = add_sample_to_device(input, self.device)
-        for name in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam"):
-            s[name] = self.memory_format(s[name].float())
+        for name in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam", "cam_target"):
+            if name in s:  # cam_target: only the loss needs it (synthesis batches may leave it out)
+                s[name] = self.memory_format(s[name].float())
         self.sample = s
         if self.checkpoint_mode == "auto":
             big = s["ct"].numel() >= AUTO_CHECKPOINT_PIXELS
@@ -342,7 +360,13 @@ class HealthiVertModel(BaseModel):
             self.criterionGAN(self._D(name, fake), True, for_discriminator=False)
             for name, (fake, _) in self._discriminator_inputs(detach=False).items()
         )
-        weight = 1.0 - opt.hgam_loss_weight * s["cam"] if opt.hgam_loss_weight > 0 else None
+        weight = None
+        if opt.hgam_loss_weight > 0:
+            # HGAM: less reconstruction weight where the classifier saw damage. The CAM in the frame
+            # of ct and the composite (the squeezed "cam" is zero on every generated row)
+            if "cam_target" not in s:
+                raise KeyError("--hgam_loss_weight needs the sample's 'cam_target' (the unshifted CAM)")
+            weight = 1.0 - opt.hgam_loss_weight * s["cam_target"]
         l1 = hole_l1(self.fake_B, s["ct"], s["hole"], weight) + hole_l1(
             self.fake_coarse, s["ct"], s["hole"], weight
         )
@@ -377,12 +401,18 @@ class HealthiVertModel(BaseModel):
 
     # --- evaluation and inference -------------------------------------------------------------
     def validation_metrics(self) -> dict[str, torch.Tensor]:
-        """Per-sample metrics of the last forward pass: masked-region SSIM/PSNR (hole band),
-        Dice of the fine and coarse segmentations (thresholded at 0.5), height error in mm."""
+        """Per-sample metrics of the last forward pass: masked-region SSIM/PSNR (hole band x the
+        data columns ``[col_start, col_stop)``: a coronal slice's padding is left out), Dice of the
+        fine and coarse segmentations (thresholded at 0.5), height error in mm."""
         s = self.sample
+        data = data_columns(s)
+        region = s["hole"] * data
+        # the padding of both images is the ground truth's, so SSIM windows at the data's edge do
+        # not see what the generator put there
+        fake = self.fake_B * data + s["ct"] * (1 - data)
         return {
-            "ssim": masked_ssim(self.fake_B, s["ct"], s["hole"]),
-            "psnr": masked_psnr(self.fake_B, s["ct"], s["hole"]),
+            "ssim": masked_ssim(fake, s["ct"], region),
+            "psnr": masked_psnr(fake, s["ct"], region),
             "dice": soft_dice((self.seg_fine > 0.5).float(), self.target_mask),
             "coarse_dice": soft_dice((self.seg_coarse > 0.5).float(), s["neighbour_mask"]),
             "height_error_mm": (self.rows_fine.float() - s["height"].reshape(-1)).abs()

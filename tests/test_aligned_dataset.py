@@ -70,7 +70,7 @@ def test_sample_contract_and_known_values(root):
     assert ds.keys == ["p1_19", "p1_20"]  # normal only; p1_21 is grade 2
     s = ds[1]
     assert s["key"] == "p1_20" and s["path"] == f"p1_20_s{int(s['slice_index'])}"
-    for k in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam"):
+    for k in ("ct", "ct_masked", "hole", "target_mask", "neighbour_mask", "cam", "cam_target"):
         assert s[k].shape == (1, 48, 20) and s[k].dtype == torch.float32, k
     for k in ("slice_ratio", "height", "row_spacing_mm"):
         assert s[k].shape == (1,) and s[k].dtype == torch.float32, k
@@ -157,6 +157,9 @@ def test_cam_maps_are_read_cached_and_shifted(root, tmp_path):
     np.testing.assert_allclose(got[:16], cam[2:18, 0, 0], atol=1e-3)  # float16 cache
     np.testing.assert_allclose(got[32:], cam[30:46, 0, 0], atol=1e-3)
     assert (got[16:32] == 0).all()
+    # cam_target: the same map on the rows of ct (the target's rows included), for HGAM's L1 weight
+    np.testing.assert_allclose(s["cam_target"][0, :, 0].numpy(), cam[:, 0, 0], atol=1e-3)
+    assert s["cam_target"][0, 18:30].min() > 0
     assert ds.cam_volume("p1_20", SHAPE, AFFINE) is ds.cam_volume("p1_20", SHAPE, AFFINE)
     again = AlignedSagittalDataset(_opt(root, cam_folder=str(cams), crop_cache_dir=str(tmp_path / "cache")))
     assert isinstance(again.cam_volume("p1_20", SHAPE, AFFINE), np.memmap)
@@ -196,6 +199,7 @@ def test_coronal_gives_the_same_image_size_padded_and_centred(root):
     np.testing.assert_allclose(ct[10, 4:16], (50 + np.arange(12)) / 127.5 - 1, atol=1e-6)
     assert s["target_mask"][0, 18:30, 5:15].all() and s["target_mask"].sum() == 120  # LR 1..10 + 4
     assert (int(s["x1"]), int(s["x2"]), int(s["hole_rows"])) == (18, 30, 16)
+    assert s["cam_target"].shape == (1, 48, 20) and s["cam_target"].sum() == 0  # no --cam_folder
 
 
 def test_dataset_root_options_and_workers(root):

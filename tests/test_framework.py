@@ -1,5 +1,6 @@
 """Options, registries, BaseModel checkpoints, the visualizer and the training loop."""
 
+import argparse
 import json
 import warnings
 
@@ -187,3 +188,112 @@ def test_state_mismatch_names_missing_unexpected_and_reshaped_tensors():
         "1 of another shape (first a.weight: saved (8, 3), network (4, 3))"
     )
     assert state_mismatch(own, [1, 2]) == "not a state dict (a list)"
+
+
+def copy_checkpoints(run, to, names):
+    to.mkdir()
+    for name in names:
+        (to / name).write_bytes((run / name).read_bytes())
+
+
+def resumed_args(tmp_path, name, *extra):
+    args = tiny_args(tmp_path, "--continue_train", *extra)
+    args[args.index("run")] = name
+    return args
+
+
+@pytest.mark.parametrize("threads", ["0", "1"])
+def test_mid_epoch_saves_carry_a_train_state_and_resume_exactly(tmp_path, threads):
+    # 8 samples at batch 2: 4 iterations an epoch; a save after 6, 12 and 18 samples (mid-epoch)
+    extra = ["--save_latest_freq", "6", "--save_by_iter", "--num_threads", threads]
+    assert train.main(tiny_args(tmp_path, *extra)) == 0
+    run = tmp_path / "ckpt" / "run"
+    for n, (done, batches) in {6: (0, 3), 12: (1, 2), 18: (2, 1)}.items():
+        state = load_checkpoint(run / f"iter_{n}_train_state.pth")
+        assert (state["epoch"], state["batches_done"], state["total_iters"]) == (done, batches, n)
+    # 6: in the run's first epoch (the loader's workers start in it); 12: in a later one
+    for n in (6, 12):
+        name = f"resumed_{n}"
+        copy_checkpoints(run, tmp_path / "ckpt" / name, [f"iter_{n}_net_G.pth", f"iter_{n}_train_state.pth"])
+        assert train.main(resumed_args(tmp_path, name, *extra, "--load_iter", str(n))) == 0
+        a, b = final_weights(run), final_weights(tmp_path / "ckpt" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), n
+        state = load_checkpoint(tmp_path / "ckpt" / name / "latest_train_state.pth")
+        assert state["epoch"] == 3 and state["total_iters"] == 3 * 8 and state["batches_done"] == 0
+
+
+def test_a_crash_after_a_mid_epoch_latest_save_resumes_exactly(tmp_path, monkeypatch):
+    from tests.fixtures.tiny_model import TinyModel
+
+    assert train.main(tiny_args(tmp_path)) == 0
+    straight = final_weights(tmp_path / "ckpt" / "run")
+    # the same run, crashing in its 7th iteration (epoch 2), after a latest save at 12 samples
+    extra = ["--save_latest_freq", "12"]
+    args = resumed_args(tmp_path, "crashed", *extra)
+    args.remove("--continue_train")
+    step, calls = TinyModel.optimize_parameters, []
+
+    def crash_at_seven(self):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        step(self)
+
+    monkeypatch.setattr(TinyModel, "optimize_parameters", crash_at_seven)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(args)
+    monkeypatch.setattr(TinyModel, "optimize_parameters", step)
+    crashed = tmp_path / "ckpt" / "crashed"
+    state = load_checkpoint(crashed / "latest_train_state.pth")
+    assert (state["epoch"], state["batches_done"], state["total_iters"]) == (1, 2, 12)
+    assert train.main(resumed_args(tmp_path, "crashed", *extra, "--epoch", "latest")) == 0
+    b = final_weights(crashed)
+    assert all(torch.equal(straight[k], b[k]) for k in straight)
+
+
+def linear_schedule(epoch_count):
+    from models.schedulers import get_scheduler
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    opt = argparse.Namespace(lr_policy="linear", epoch_count=epoch_count, n_epochs=200, n_epochs_decay=800)
+    return optimizer, get_scheduler(optimizer, opt)
+
+
+def test_linear_schedule_resumed_with_an_epoch_count_is_the_straight_runs():
+    optimizer, scheduler = linear_schedule(1)
+    for _ in range(300):
+        optimizer.step()
+        scheduler.step()
+    straight_lr = optimizer.param_groups[0]["lr"]
+    assert straight_lr == pytest.approx(2e-4 * (1 - 101 / 801))  # epoch 301
+    # pix2pix's habit: --continue_train --epoch_count 301; the restored schedule must not add it again
+    resumed_opt, resumed = linear_schedule(301)
+    resumed_opt.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(scheduler.state_dict())
+    for _ in range(5):
+        assert resumed_opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+        for o, s in ((optimizer, scheduler), (resumed_opt, resumed)):
+            o.step()
+            s.step()
+    # a fresh run started at --epoch_count 301 (no train state) is on the same curve
+    fresh, _ = linear_schedule(301)
+    assert fresh.param_groups[0]["lr"] == straight_lr
+
+
+@pytest.mark.parametrize("old_state", [False, True])
+def test_continue_train_with_epoch_count_keeps_the_straight_learning_rate(tmp_path, old_state):
+    assert train.main(tiny_args(tmp_path)) == 0  # epochs 1-3, the last one decayed
+    run = tmp_path / "ckpt" / "run"
+    resumed = tmp_path / "ckpt" / "resumed"
+    copy_checkpoints(run, resumed, ["1_net_G.pth", "1_train_state.pth"])
+    if old_state:  # a train state from before the schedule kept its first epoch
+        state = load_checkpoint(resumed / "1_train_state.pth")
+        for saved in state["schedulers"]:
+            del saved["epoch_count"]
+        save_checkpoint(state, resumed / "1_train_state.pth")
+    assert train.main(resumed_args(tmp_path, "resumed", "--epoch", "1", "--epoch_count", "2")) == 0
+    a, b = final_weights(run), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for d in (run, resumed):  # the rate for epoch 3, halfway down the decay
+        state = load_checkpoint(d / "2_train_state.pth")
+        assert state["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.5), d.name

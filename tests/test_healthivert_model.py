@@ -14,7 +14,10 @@ from models.healthivert_model import (
     band_window,
     composite_rows,
     crop_rows,
+    data_columns,
 )
+from models.losses.reconstruction import hole_l1
+from models.metrics import masked_psnr, masked_ssim
 from models.networks.contextual_attention import _diagonal_sum, contextual_attention
 from models.networks.inpaint import InpaintGenerator
 from models.networks.patchgan import define_D
@@ -381,6 +384,86 @@ def test_l1_term_does_not_change_with_batch_size(tmp_path):
         model.forward()
         values.append(model.generator_losses()["G_L1"].item())
     assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def l1_gradient(tmp_path, weight, b):
+    """G_L1 and its gradient over G's parameters at ``--hgam_loss_weight weight`` on batch ``b``."""
+    model = model_for(tmp_path, "--hgam_loss_weight", str(weight))
+    model.netG.eval()  # spectral norm without power iteration: the same weights in every call
+    model.set_input(b)
+    model.forward()
+    l1 = model.generator_losses()["G_L1"]
+    grads = torch.autograd.grad(l1, list(model.netG.parameters()), allow_unused=True)
+    return l1, torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def test_hgam_weight_down_weights_the_l1_gradient_where_the_target_cam_is_high(tmp_path):
+    b = batch([0, 1, 2], cam=True)
+    rows = torch.arange(32).reshape(1, 32)
+    on_target = (rows >= b["x1"]) & (rows < b["x2"])  # (B, H): the generated rows lie here
+    assert all(b["cam_target"][i, 0][on_target[i]].sum() > 0 for i in range(3))
+    assert all(b["cam"][i, 0][on_target[i]].sum() == 0 for i in range(3))  # squeezed: zero there
+    l1_off, g_off = l1_gradient(tmp_path, 0.0, b)
+    l1_on, g_on = l1_gradient(tmp_path, 0.9, b)
+    assert l1_on < l1_off and (g_on - g_off).abs().max() > 1e-3 * g_off.abs().max()
+    # the weight is 1 - w * cam_target on the ground-truth frame of ct and the composite
+    model = model_for(tmp_path, "--hgam_loss_weight", "0.9")
+    model.netG.eval()
+    model.set_input(b)
+    model.forward()
+    weight = 1 - 0.9 * b["cam_target"]
+    fine, coarse = (hole_l1(x, b["ct"], b["hole"], weight) for x in (model.fake_B, model.fake_coarse))
+    expect = model.opt.lambda_L1 * (fine + coarse)
+    assert model.generator_losses()["G_L1"].item() == pytest.approx(expect.item(), rel=1e-6)
+    # without a CAM on the target (or with w = 0, the default) the gradient is the unweighted one, bit for bit
+    flat = dict(b, cam_target=torch.zeros_like(b["cam_target"]))
+    l1_flat, g_flat = l1_gradient(tmp_path, 0.9, flat)
+    assert torch.equal(l1_flat, l1_off) and torch.equal(g_flat, g_off)
+    assert model_for(tmp_path).opt.hgam_loss_weight == 0
+
+
+def test_hgam_without_the_target_cam_is_an_error(tmp_path):
+    model = model_for(tmp_path, "--hgam_loss_weight", "0.5")
+    b = batch([0, 1], cam=True)
+    del b["cam_target"]
+    model.set_input(b)
+    model.forward()
+    with pytest.raises(KeyError, match="cam_target"):
+        model.generator_losses()
+
+
+def test_validation_metrics_leave_out_the_padding_columns(tmp_path):
+    model = model_for(tmp_path)
+    model.netG.eval()
+    b = batch([0, 1, 2])
+    b["col_start"] = torch.tensor([[6], [10], [0]])  # coronal: data in [col_start, col_stop), padded
+    b["col_stop"] = torch.tensor([[26], [22], [32]])
+    with torch.no_grad():
+        model.set_input(b)
+        model.forward()
+        metrics = model.validation_metrics()
+        data = data_columns(model.sample)
+        assert data.shape == (3, 1, 1, 32) and data.sum((1, 2, 3)).tolist() == [20, 12, 32]
+        region = b["hole"] * data
+        assert torch.allclose(metrics["psnr"], masked_psnr(model.fake_B, b["ct"], region))
+        assert not torch.allclose(metrics["psnr"][:2], masked_psnr(model.fake_B, b["ct"], b["hole"])[:2])
+        # what the generator puts in the padding columns changes nothing
+        model.fake_B = model.fake_B * data + (1 - data) * torch.rand_like(model.fake_B)
+        again = model.validation_metrics()
+    for name in ("psnr", "ssim"):
+        assert torch.equal(metrics[name], again[name]), name
+
+
+def test_validation_metrics_without_column_range_use_every_column(tmp_path):
+    model = model_for(tmp_path)
+    model.netG.eval()
+    b = batch([0, 1])
+    with torch.no_grad():
+        model.set_input(b)
+        model.forward()
+        metrics = model.validation_metrics()
+    assert torch.equal(metrics["psnr"], masked_psnr(model.fake_B, b["ct"], b["hole"]))
+    assert torch.equal(metrics["ssim"], masked_ssim(model.fake_B, b["ct"], b["hole"]))
 
 
 def test_one_step_updates_every_network_and_reports_losses(tmp_path):

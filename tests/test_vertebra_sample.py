@@ -57,10 +57,19 @@ def test_neighbour_mask_and_cam_are_shifted_like_the_input():
     np.testing.assert_allclose(s["cam"][0, :16, 0], cam[2:18, 0])
     np.testing.assert_allclose(s["cam"][0, 32:, 0], cam[30:46, 0])
     assert s["cam"][0, 16:32].sum() == 0
+    # cam_target: the CAM on the frame of ct, not squeezed (HGAM weighs the target rows with it)
+    assert s["cam_target"].shape == (1, H, W) and s["cam_target"].dtype == np.float32
+    np.testing.assert_array_equal(s["cam_target"][0], cam)
     only_lower = vs.build_sample(ct, label, 20, 16, normal_ids=[21])
     assert only_lower["neighbour_mask"][0, :16].sum() == 0
     assert only_lower["neighbour_mask"][0, 36:46, 5:15].all()
-    assert vs.build_sample(ct, label, 20, 16, normal_ids=[])["cam"].sum() == 0  # no CAM: zeros
+    no_cam = vs.build_sample(ct, label, 20, 16, normal_ids=[])
+    assert no_cam["cam"].sum() == 0 and no_cam["cam_target"].sum() == 0  # no CAM: zeros
+    assert no_cam["cam_target"].shape == (1, H, W)
+    two = np.stack([ct, ct]), np.stack([label, label])
+    stack = vs.build_sample(*two, 20, 16, [19, 21], np.stack([cam, cam]))
+    assert stack["cam_target"].shape == (2, 1, H, W)
+    np.testing.assert_array_equal(stack["cam_target"][1, 0], cam)
 
 
 def test_taller_than_the_hole_gets_height_plus_margin():
