@@ -12,8 +12,9 @@ without 0 the background has no channel (all channels 0 there). See :func:`one_h
 
 CT intensities: HU clipped to ``[--hu_min, --hu_max]`` (default -1024..2048) and mapped to [-1, 1]
 (:mod:`data.intensity`). Held-out slices: per case, the last ``--holdout_fraction`` of the slices
-that hold a selected label (one contiguous block, so no neighbour of a training slice is in it)
-are used when ``--phase`` is not ``train``; training uses the others.
+that hold a selected label (one block) are used when ``--phase`` is not ``train``; training uses
+the others except those within ``--holdout_gap_mm`` of the block, so no held-out slice has a
+near-copy among the training slices.
 
 Training augmentation keeps mask and image aligned: random flips of both in-plane axes, a small
 random affine (rotation, scale, shift; nearest for labels, linear for CT), and a small random
@@ -147,6 +148,12 @@ class Mask2ctDataset(BaseDataset):
         g.add_argument("--hu_min", type=float, default=CT_WINDOW_HU[0], help="CT window low end (HU) -> -1")
         g.add_argument("--hu_max", type=float, default=CT_WINDOW_HU[1], help="CT window high end (HU) -> +1")
         g.add_argument("--holdout_fraction", type=float, default=0.2, help="last slices per case held out")
+        g.add_argument(
+            "--holdout_gap_mm",
+            type=float,
+            default=5.0,
+            help="slices this close to the held-out block are used by neither side",
+        )
         g.add_argument("--no_augment", action="store_true", help="no flips, affine or intensity augmentation")
         g.add_argument("--intensity_aug", type=float, default=0.03, help="CT gain/offset jitter (unit range)")
         parser.set_defaults(spacing_mm=1.5)
@@ -175,7 +182,14 @@ class Mask2ctDataset(BaseDataset):
                 log.warning("%s: none of labels %s present; case skipped", case.mask, self.subset)
                 continue
             n_hold = int(round(len(idx) * opt.holdout_fraction))
-            idx = idx[: len(idx) - n_hold] if self.train else idx[len(idx) - n_hold :]
+            held = idx[len(idx) - n_hold :]
+            if self.train:
+                idx = idx[: len(idx) - n_hold]
+                if held.size:  # a guard band: no training slice within the gap of a held-out one
+                    gap_mm = getattr(opt, "holdout_gap_mm", 5.0)
+                    idx = idx[(held[0] - idx) * opt.spacing_mm > gap_mm]
+            else:
+                idx = held
             self.slices += [(len(self.volumes), int(i)) for i in idx]
             self.volumes.append((np.ascontiguousarray(labels), np.ascontiguousarray(ct)))
             self.paths.append(str(case.ct))

@@ -31,13 +31,13 @@ from torch import nn
 
 from models.base_model import BaseModel
 from models.losses.correlation import correlation_loss
-from models.losses.gan import GANLoss
+from models.losses.gan import GANLoss, gradient_penalty
 from models.losses.shape import shape_consistency_loss
-from models.mask2ct_model import autocast_for, prepare_net
+from models.mask2ct_model import prepare_net
 from models.networks.patchgan import define_D
 from models.networks.resnet import define_G
 from models.networks.shape_extractor import ShapeExtractor, segmentation_loss
-from util.checkpoint import load_checkpoint
+from util.checkpoint import load_checkpoint, state_mismatch
 from util.errors import input_error
 from util.image_pool import ImagePool
 
@@ -47,7 +47,13 @@ def load_shape_extractor(path: str, device: torch.device) -> ShapeExtractor:
     saved = load_checkpoint(path, map_location=device)
     if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
         raise input_error(path, "not a shape-extractor checkpoint (expected config and state_dict)")
-    net = ShapeExtractor(**saved["config"])
+    try:
+        net = ShapeExtractor(**saved["config"])
+    except (TypeError, ValueError) as exc:
+        raise input_error(path, f"its config does not build a shape extractor ({exc})") from exc
+    problem = state_mismatch(net.state_dict(), saved["state_dict"])
+    if problem:
+        raise input_error(path, f"its weights do not fit its config: {problem}")
     net.load_state_dict(saved["state_dict"])
     return net.to(device)
 
@@ -103,11 +109,13 @@ class CycleGanModel(BaseModel):
             define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, use_dropout, opt.crop_size),
             opt,
             self.device,
+            self.use_amp,
         )
         self.netG_B = prepare_net(
             define_G(opt.output_nc, opt.input_nc, opt.ngf, opt.netG, opt.norm, use_dropout, opt.crop_size),
             opt,
             self.device,
+            self.use_amp,
         )
         self.shape = bool(getattr(opt, "shape_discriminator", False)) and self.isTrain
         self.train_S = False
@@ -117,10 +125,16 @@ class CycleGanModel(BaseModel):
             raise input_error(None, "--lambda_identity needs input_nc == output_nc")
         self.model_names += ["D_A", "D_B"]
         self.netD_A = prepare_net(
-            define_D(opt.output_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm), opt, self.device
+            define_D(opt.output_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm),
+            opt,
+            self.device,
+            self.use_amp,
         )
         self.netD_B = prepare_net(
-            define_D(opt.input_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm), opt, self.device
+            define_D(opt.input_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm),
+            opt,
+            self.device,
+            self.use_amp,
         )
         self.fake_A_pool, self.fake_B_pool = ImagePool(opt.pool_size), ImagePool(opt.pool_size)
         self.criterionGAN = GANLoss(opt.gan_mode).to(self.device)
@@ -137,12 +151,21 @@ class CycleGanModel(BaseModel):
             else:
                 self.train_S = True
                 self.loss_names.append("S_seg")
-                self.netS = prepare_net(ShapeExtractor(opt.input_nc, 1, opt.shape_nf), opt, self.device)
+                self.netS = prepare_net(
+                    ShapeExtractor(opt.input_nc, 1, opt.shape_nf), opt, self.device, self.use_amp
+                )
             self.netD_S = prepare_net(
-                define_D(self.netS.n_shapes, opt.ndf, opt.netD, opt.n_layers_D, opt.norm), opt, self.device
+                define_D(self.netS.n_shapes, opt.ndf, opt.netD, opt.n_layers_D, opt.norm),
+                opt,
+                self.device,
+                self.use_amp,
             )
             d_params += list(self.netD_S.parameters())
-            self.set_requires_grad(self.netS, False)
+            if not self.train_S:
+                # a loaded extractor stays frozen; a jointly trained one keeps trainable parameters
+                # here, so setup() wraps it for torchrun (backward_S unfreezes it for its own step
+                # only, and optimize_parameters freezes it for the generators' step)
+                self.set_requires_grad(self.netS, False)
         self.optimizer_G = torch.optim.Adam(g_params, lr=opt.lr, betas=betas)
         self.optimizer_D = torch.optim.Adam(d_params, lr=opt.lr, betas=betas)
         self.optimizers = [self.optimizer_G, self.optimizer_D]
@@ -160,7 +183,7 @@ class CycleGanModel(BaseModel):
         self.image_paths = list(input.get("A_paths" if a_to_b else "B_paths", []))
 
     def forward(self) -> None:
-        with autocast_for(self.device):
+        with self.autocast():
             self.fake_B = self.netG_A(self.real_A).float()
             self.rec_A = self.netG_B(self.fake_B).float()
             if self.real_B is not None:
@@ -174,7 +197,7 @@ class CycleGanModel(BaseModel):
         """One supervised step of a jointly trained shape extractor, on real images only."""
         self.set_requires_grad(self.netS, True)
         self.optimizer_S.zero_grad(set_to_none=True)
-        with autocast_for(self.device):
+        with self.autocast():
             images = torch.cat([self.real_A, self.real_B])
             self.loss_S_seg = segmentation_loss(self.netS(images), torch.cat([self.shape_A, self.shape_B]))
         self.loss_S_seg.backward()
@@ -183,7 +206,7 @@ class CycleGanModel(BaseModel):
 
     def backward_G(self) -> None:
         opt = self.opt
-        with autocast_for(self.device):
+        with self.autocast():
             if opt.lambda_identity > 0:
                 self.idt_A = self.netG_A(self.real_B).float()
                 self.idt_B = self.netG_B(self.real_A).float()
@@ -219,9 +242,15 @@ class CycleGanModel(BaseModel):
                 total = total + self.loss_shape + self.loss_G_S
         total.backward()
 
-    def _backward_D(self, netD: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        with autocast_for(self.device):
+    def _backward_D(
+        self, netD: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        """``weight`` x the discriminator loss (plus the WGAN-GP penalty), backpropagated; returned."""
+        with self.autocast():
             loss = (self.criterionGAN(netD(real), True) + self.criterionGAN(netD(fake.detach()), False)) * 0.5
+        if self.opt.gan_mode == "wgangp":
+            loss = loss + gradient_penalty(netD, real, fake)
+        loss = loss * weight
         loss.backward()
         return loss
 
@@ -239,7 +268,7 @@ class CycleGanModel(BaseModel):
         self.loss_D_A = self._backward_D(self.netD_A, self.real_B, self.fake_B_pool.query(self.fake_B))
         self.loss_D_B = self._backward_D(self.netD_B, self.real_A, self.fake_A_pool.query(self.fake_A))
         if self.shape:
-            self.loss_D_S = (
-                self._backward_D(self.netD_S, self.real_shapes, self.fake_shapes) * self.opt.lambda_shape_gan
+            self.loss_D_S = self._backward_D(
+                self.netD_S, self.real_shapes, self.fake_shapes, self.opt.lambda_shape_gan
             )
         self.optimizer_D.step()

@@ -11,7 +11,6 @@ A = mask, B = CT. On CUDA the networks run channels_last under bf16 autocast.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 from torch import nn
@@ -24,17 +23,12 @@ from models.networks.patchgan import define_D
 from models.networks.unet import unet_for_size
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def prepare_net(net: nn.Module, opt: argparse.Namespace, device: torch.device) -> nn.Module:
-    """Initialise, move to ``device``, and use channels_last on CUDA."""
+def prepare_net(
+    net: nn.Module, opt: argparse.Namespace, device: torch.device, channels_last: bool
+) -> nn.Module:
+    """Initialise, move to ``device``, and use channels_last when asked (the model's ``use_amp``)."""
     net = init_net(net, opt.init_type, opt.init_gain, device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 class Mask2ctModel(BaseModel):
@@ -59,10 +53,14 @@ class Mask2ctModel(BaseModel):
             unet_for_size(n_in, 1, opt.crop_size, opt.ngf, norm=opt.norm, use_dropout=not opt.no_dropout),
             opt,
             self.device,
+            self.use_amp,
         )
         if self.isTrain:
             self.netD = prepare_net(
-                define_D(n_in + 1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm), opt, self.device
+                define_D(n_in + 1, opt.ndf, opt.netD, opt.n_layers_D, opt.norm),
+                opt,
+                self.device,
+                self.use_amp,
             )
             self.criterionGAN = GANLoss(opt.gan_mode).to(self.device)
             betas = (opt.beta1, 0.999)
@@ -76,7 +74,7 @@ class Mask2ctModel(BaseModel):
         self.image_paths = list(input.get("A_paths", []))
 
     def forward(self) -> None:
-        with autocast_for(self.device):
+        with self.autocast():
             self.fake_B = self.netG(self.real_A).float()
 
     def compute_visuals(self) -> None:
@@ -87,7 +85,7 @@ class Mask2ctModel(BaseModel):
         )
 
     def backward_D(self) -> None:
-        with autocast_for(self.device):
+        with self.autocast():
             fake_AB = torch.cat([self.real_A, self.fake_B.detach()], 1)
             real_AB = torch.cat([self.real_A, self.real_B], 1)
             self.loss_D_fake = self.criterionGAN(self.netD(fake_AB), False)
@@ -98,7 +96,7 @@ class Mask2ctModel(BaseModel):
         loss.backward()
 
     def backward_G(self) -> None:
-        with autocast_for(self.device):
+        with self.autocast():
             pred = self.netD(torch.cat([self.real_A, self.fake_B], 1))
             self.loss_G_GAN = self.criterionGAN(pred, True, for_discriminator=False)
         self.loss_G_L1 = nn.functional.l1_loss(self.fake_B, self.real_B) * self.opt.lambda_L1

@@ -166,3 +166,70 @@ def test_masks_become_shape_targets(unpaired_root, tmp_path):
     (root / "maskB" / "ct.nii.gz").unlink()
     with pytest.raises(InputError, match="mask for ct.nii.gz missing"):
         UnalignedDataset(opt)
+
+
+def _unit_model(tmp_path: Path, *extra: str):
+    """A tiny cycle_gan with the shape discriminator, built without a dataset, seeded."""
+    from models import create_model
+    from options.train_options import TrainOptions
+
+    argv = ["--model", "cycle_gan", "--dataroot", str(tmp_path), "--name", "u", "--gpu_ids", "-1"]
+    argv += ["--checkpoints_dir", str(tmp_path / "C"), *TINY, "--shape_discriminator", *extra]
+    torch.manual_seed(0)
+    model = create_model(TrainOptions().parse(argv))
+    g = torch.Generator().manual_seed(1)
+    batch = {k: torch.rand(1, 1, 32, 32, generator=g) * 2 - 1 for k in ("A", "B")}
+    batch |= {k: (torch.rand(1, 1, 32, 32, generator=g) > 0.5).float() for k in ("shape_A", "shape_B")}
+    model.set_input(batch)
+    return model
+
+
+def test_shape_discriminator_trains_with_its_weight(tmp_path):
+    """D_S's gradient scales with --lambda_shape_gan (only its logged loss used to)."""
+    norms = {}
+    for weight in ("1.0", "0.01"):
+        model = _unit_model(tmp_path / weight, "--lambda_shape_gan", weight)
+        model.optimizer_D.step = lambda: None  # keep the gradients of the step for inspection
+        model.optimize_parameters()
+        norms[weight] = torch.sqrt(sum((p.grad**2).sum() for p in model.netD_S.parameters()))
+    assert float(norms["0.01"] / norms["1.0"]) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_wgangp_adds_the_gradient_penalty_to_every_discriminator(tmp_path, monkeypatch):
+    import models.cycle_gan_model as cg
+
+    calls = []
+
+    def penalty(netD, real, fake):
+        calls.append(netD)
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(cg, "gradient_penalty", penalty)
+    model = _unit_model(tmp_path / "w", "--gan_mode", "wgangp")
+    model.optimize_parameters()
+    assert calls == [model.netD_A, model.netD_B, model.netD_S]
+    calls.clear()
+    _unit_model(tmp_path / "l").optimize_parameters()  # lsgan (the default): no penalty
+    assert calls == []
+
+
+def test_joint_shape_extractor_is_trainable_for_torchrun_and_a_loaded_one_frozen(tmp_path):
+    """setup() wraps only trainable networks for torchrun: a jointly trained S must be one."""
+    from models.cycle_gan_model import load_shape_extractor
+    from util.checkpoint import save_checkpoint
+    from util.errors import InputError
+
+    assert all(p.requires_grad for p in _unit_model(tmp_path / "j").netS.parameters())
+    good = tmp_path / "se.pth"
+    net = ShapeExtractor(1, 1, nf=4)
+    save_checkpoint({"config": {"input_nc": 1, "n_shapes": 1, "nf": 4}, "state_dict": net.state_dict()}, good)
+    loaded = _unit_model(tmp_path / "l", "--shape_extractor", str(good))
+    assert not any(p.requires_grad for p in loaded.netS.parameters())
+    bad = tmp_path / "bad.pth"
+    save_checkpoint({"config": {"input_nc": 1, "n_shapes": 1, "nf": 8}, "state_dict": net.state_dict()}, bad)
+    with pytest.raises(InputError, match=r"bad.pth: its weights do not fit its config: .* of another shape"):
+        load_shape_extractor(str(bad), torch.device("cpu"))
+    odd = tmp_path / "odd.pth"
+    save_checkpoint({"config": {"colour": 3}, "state_dict": net.state_dict()}, odd)
+    with pytest.raises(InputError, match="odd.pth: its config does not build a shape extractor"):
+        load_shape_extractor(str(odd), torch.device("cpu"))

@@ -69,11 +69,14 @@ def test_held_out_slices_are_not_training_slices(heart_root):
         hu_min=-1024.0,
         hu_max=2048.0,
         holdout_fraction=0.25,
+        holdout_gap_mm=15.0,
         intensity_aug=0.03,
     )
     train = Mask2ctDataset(opt)
     held = Mask2ctDataset(argparse.Namespace(**{**vars(opt), "phase": "val"}))
     assert len(held) > 0 and not {s for _, s in train.slices} & {s for _, s in held.slices}
+    gap = min(h for _, h in held.slices) - max(t for _, t in train.slices)
+    assert gap * opt.spacing_mm > 15.0  # --holdout_gap_mm: no near-copy of a held-out slice in training
     item = train[0]
     assert item["A"].shape == (4, 32, 32) and item["B"].shape == (1, 32, 32)
     assert float(item["A"].sum(0).min()) == 1.0  # one-hot: every pixel in exactly one channel
