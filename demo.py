@@ -26,8 +26,13 @@ and writes ``<out>/report.html``. Output layout (a contract: other tools read it
     W/report.html
 
 Every stage runs in this process through its script's ``main(argv)`` and skips what is already
-finished, so a rerun reuses the trained runs; ``--overwrite`` redoes everything. ``--quick`` is a
-tiny run (few patients, a few iterations) for the tests: its numbers mean nothing.
+finished, so a rerun reuses the trained runs and an interrupted training resumes from its last
+checkpoint (``--continue_train``); a training counts as finished only when its train state says it
+ran all its epochs. ``W/demo_settings.json``, written before the first stage, holds the options
+that decide the results (seed, patients, spacing, the --quick sizes); a rerun with other options
+is refused (one ``error:`` line, status 2) rather than mixing two runs' outputs: pass
+``--overwrite``, which removes the demo's outputs in W and redoes everything, or another ``--out``.
+``--quick`` is a tiny run (few patients, a few iterations) for the tests: its numbers mean nothing.
 
 Sizes: the default is 8 patients (T10-L5, 64 vertebrae), 2 mm crops of 192 x 128 x 64 mm, a 3-epoch
 classifier and 40 HealthiVert epochs (30 constant, 10 decaying; 120 iterations of batch 8: one slice
@@ -40,7 +45,9 @@ several times faster so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +64,8 @@ import torch  # noqa: E402
 import eval_3d_sagittal_twostage  # noqa: E402
 import train  # noqa: E402
 from Attention import grad_CAM_3d_sagittal, train_classifier  # noqa: E402
+from Attention.classifier import config_path  # noqa: E402
+from data import phantom as phantom_cli  # noqa: E402
 from data.crops import CropStore  # noqa: E402
 from data.label_schemes import vertebra_name  # noqa: E402
 from data.phantom import generate  # noqa: E402
@@ -64,12 +73,28 @@ from evaluation import RHLV_quantification, SVM_grading, generation_eval_sagitta
 from evaluation import generation_metrics as gm  # noqa: E402
 from evaluation.eval_io import load_fake  # noqa: E402
 from straighten import location_json_local, straighten_mask_3d  # noqa: E402
+from util.atomic import write_json  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
 from util.errors import InputError  # noqa: E402
 from util.plotting import draw_slice, save_figure  # noqa: E402
 from util.report import Report  # noqa: E402
 
 PLANE = "sagittal"
 METHODS = ("gan", "neighbors")
+SETTINGS_FILE = "demo_settings.json"
+OPTION_KEYS = ("quick", "seed", "patients", "spacing_mm")  # the stamp's keys that are options
+# what the stages write in W (the contract and the report's figures); --overwrite removes them
+OUTPUTS = (
+    "phantom",
+    "checkpoints/classifier",
+    "checkpoints/healthivert",
+    "synthesis",
+    "rhlv",
+    "grading",
+    "metrics",
+    "figures",
+    "report.html",
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,94 @@ class StageError(RuntimeError):
     """A stage's script returned a non-zero status (it printed why)."""
 
 
+def settings_of(opt: argparse.Namespace, settings: Settings) -> dict:
+    """What decides a run's results (the stamp ``W/demo_settings.json``); --out, --gpu_ids,
+    --torch_threads and --overwrite do not."""
+    stamp = {"seed": opt.seed, "spacing_mm": opt.spacing_mm, "quick": opt.quick}
+    stamp.update(dataclasses.asdict(settings))
+    return json.loads(json.dumps(stamp))  # as read back (tuples become lists)
+
+
+def option_problem(opt: argparse.Namespace, settings: Settings) -> str | None:
+    """The first thing wrong with the options, before any work starts, or None (the phantom
+    command's checks, on the phantom this run would draw)."""
+    if settings.patients < 3:
+        return "--patients must be at least 3 (train, val and test splits)"
+    if opt.torch_threads < 0:
+        return f"--torch_threads must be >= 0, got {opt.torch_threads}"
+    out = Path(opt.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    phantom_opt = argparse.Namespace(
+        seed=opt.seed,
+        patients=settings.patients,
+        workers=1,
+        spacing_mm=opt.spacing_mm,
+        fracture_fraction=settings.fracture_fraction,
+        out=str(out / "phantom"),
+        levels=settings.levels,
+    )
+    return phantom_cli.option_problem(phantom_opt)
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove the stages' outputs in W (``OUTPUTS``) and nothing else."""
+    for rel in OUTPUTS:
+        path = out / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def claim_output(out: Path, stamp: dict, overwrite: bool) -> str | None:
+    """Make W hold this run's settings stamp, or say why not (W holds another run's outputs).
+
+    With ``overwrite`` the old outputs are removed first; otherwise W is reused only when its
+    stamp equals this run's settings (or it holds no outputs yet)."""
+    path = out / SETTINGS_FILE
+    if overwrite:
+        path.unlink(missing_ok=True)
+        clear_outputs(out)
+    elif path.exists():
+        try:
+            saved = read_json(path)
+        except (OSError, ValueError) as exc:
+            return f"{path}: unreadable ({exc}); pass --overwrite to redo the demo in {out}, or another --out"
+        if saved != stamp:
+            differ = [k for k in sorted(set(saved) | set(stamp)) if saved.get(k) != stamp.get(k)]
+            diff = [f"--{k} {saved.get(k)} there, {stamp.get(k)} now" for k in OPTION_KEYS if k in differ]
+            if not diff:  # the same options, but this demo's sizes changed
+                diff = [f"the demo's sizes differ: {', '.join(differ)}"]
+            return (
+                f"{out} holds a demo run made with other settings ({'; '.join(diff)}); pass --overwrite "
+                "to redo it with these, or another --out"
+            )
+        return None
+    elif any((out / rel).exists() for rel in OUTPUTS):
+        return (
+            f"{out} holds demo outputs without {SETTINGS_FILE} (an older demo, or not a demo's), so "
+            "it cannot tell which settings made them; pass --overwrite to redo them, or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, stamp)
+    return None
+
+
+def train_progress(run: Path) -> tuple[int, int] | None:
+    """(last finished epoch, batches done of the next) from ``latest_train_state.pth``, or None
+    when there is none (or it cannot be read: then the run trains from the start)."""
+    path = run / "latest_train_state.pth"
+    if not path.exists() or not (run / "latest_net_G.pth").exists():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except InputError as exc:
+        print(f"warning: {exc}; training from the start", file=sys.stderr)
+        return None
+    return int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+
+
 class Pipeline:
     """Runs the stages in order, timing each."""
 
@@ -163,6 +276,9 @@ class Pipeline:
         if (self.root / "vertebra_data.json").exists() and not self.opt.overwrite:
             print(f"{self.root}: phantom exists, reused")
             return
+        # no finished phantom (its split file is written last): whatever a half-written one left,
+        # and anything made from it, goes before the new one is drawn
+        clear_outputs(self.out)
         s = self.s
         spacing = self.opt.spacing_mm
         generate(self.root, s.patients, self.opt.seed, spacing, s.levels, s.fracture_fraction, overwrite=True)
@@ -179,16 +295,25 @@ class Pipeline:
         argv += ["--n_epochs", str(self.s.classifier_epochs)]
         argv += ["--iters_per_epoch", str(self.s.classifier_iters)]
         argv += ["--seed", str(self.opt.seed), "--gpu_ids", self.opt.gpu_ids]
-        self.check(train_classifier, argv)
         weights = self.checkpoints / "classifier" / "classifier.pth"
-        self.check(grad_CAM_3d_sagittal, ["--dataroot", root, "--checkpoint", str(weights)])
+        # train_classifier.py skips when classifier.pth exists, but writes classifier.json after it:
+        # only both mark a finished classifier; maps of an earlier classifier are stale
+        finished = weights.exists() and config_path(weights).exists()
+        self.check(train_classifier, argv if finished else [*argv, "--overwrite"])
+        argv = ["--dataroot", root, "--checkpoint", str(weights)]
+        self.check(grad_CAM_3d_sagittal, argv if finished else [*argv, "--overwrite"])
 
     def train(self) -> None:
+        """Train, or reuse a run whose train state says it finished every epoch; train.py writes
+        ``latest_*`` during the run too (every --save_epoch_freq epochs and mid-epoch), so an
+        unfinished one resumes from there."""
         run = self.checkpoints / "healthivert"
-        if (run / "latest_net_G.pth").exists() and (run / "opt.json").exists() and not self.opt.overwrite:
-            print(f"{run}: trained run exists, reused")
-            return
         s = self.s
+        epochs = s.train_epochs + s.train_decay_epochs
+        progress = None if self.opt.overwrite else train_progress(run)
+        if progress == (epochs, 0):
+            print(f"{run}: trained run exists, reused (its train state: all {epochs} epochs done)")
+            return
         argv = ["--dataroot", str(self.root / "straightened"), "--vertebra_json"]
         argv += [str(self.root / "vertebra_data.json"), "--cam_folder", str(self.root / "heatmap")]
         argv += ["--name", "healthivert", "--checkpoints_dir", str(self.checkpoints)]
@@ -198,7 +323,11 @@ class Pipeline:
         argv += ["--max_dataset_size", str(s.train_max_samples), "--batch_size", str(s.batch_size)]
         argv += ["--num_threads", "0", "--val_freq", "0", "--seed", str(self.opt.seed)]
         argv += ["--gpu_ids", self.opt.gpu_ids, "--print_freq", "50", "--display_freq", "100000"]
-        if train.main(argv) != 0:  # train.py has no --overwrite: it always trains
+        if progress is not None and progress[0] < epochs:
+            epoch, batches = progress
+            print(f"{run}: unfinished training ({epoch}/{epochs} epochs, {batches} batches more), resumed")
+            argv += ["--continue_train", "--epoch", "latest"]
+        if train.main(argv) != 0:  # train.py has no --overwrite: without --continue_train it starts over
             raise StageError("train.py " + " ".join(argv))
 
     def synthesise(self) -> None:
@@ -252,7 +381,8 @@ def read_json(path: Path) -> dict:
 
 
 def headline(out: Path) -> dict[str, dict[str, float | None]]:
-    """Per method: height MAE (mm) of the test split's fractured vertebrae, RHLV MAE, macro-F1."""
+    """Per method, on the test split: height MAE (mm) and RHLV MAE of its fractured vertebrae
+    (``n`` of them); macro-F1 and accuracy of the grading of all its vertebrae (``graded``)."""
     figures = {}
     for method in METHODS:
         errors = read_json(out / "rhlv" / method / "truth_errors.json").get("test/fractured", {})
@@ -263,10 +393,13 @@ def headline(out: Path) -> dict[str, dict[str, float | None]]:
             "n": errors.get("n", 0),
             "macro_f1": grading.get("macro_f1"),
             "accuracy": grading.get("accuracy"),
+            "graded": grading.get("test", {}).get("n", 0),
             "classes": grading.get("classes", "genant"),
         }
     return figures
 
+
+FIGURE_LIMIT = 8  # fractured test vertebrae shown in the report
 
 SPLIT_GROUPS = (
     "train/fractured",
@@ -309,8 +442,25 @@ def fractured_test(root: Path) -> list[tuple[str, int, int]]:
     return out
 
 
+def describe_test_split(root: Path) -> str:
+    """How many patients the test split has, and in how many of them its fractured vertebrae are."""
+    split = read_json(root / "vertebra_data.json").get("test", {})
+    patients = {key.rsplit("_", 1)[0] for key in split}
+    fractured = fractured_test(root)
+    holders = {pid for pid, _, _ in fractured}
+    n, m = len(patients), len(fractured)
+    if n == 1:
+        return f"the test split is a single patient ({len(split)} vertebrae, {m} of them fractured)"
+    if m == 0:
+        return f"the test split is {n} patients ({len(split)} vertebrae) with no fractured vertebra"
+    vertebrae = "fractured vertebra is" if m == 1 else f"{m} fractured vertebrae are"
+    where = "all in one of them" if len(holders) == 1 and m > 1 else f"in {len(holders)} of them"
+    return f"the test split is {n} patients ({len(split)} vertebrae) and its {vertebrae} {where}"
+
+
 def vertebra_figures(out: Path, figures_dir: Path, limit: int) -> list[tuple[Path, str]]:
-    """Input / pseudo-healthy / truth / height-loss map of the test split's fractured vertebrae."""
+    """Input / pseudo-healthy / truth / height-loss map of the test split's fractured vertebrae
+    (the first ``limit``)."""
     root = out / "phantom"
     store = CropStore(root / "straightened")
     truth = generation_eval_sagittal.TruthCache(root / "truth", root)
@@ -358,18 +508,22 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
         "true pre-fracture vertebra on the same grid, and the axial height-loss map (RHLV per column "
         "against the GAN's twin).",
     )
-    items = vertebra_figures(out, out / "figures", limit=8)
+    n_fractured = len(fractured_test(pipe.root))
+    items = vertebra_figures(out, out / "figures", limit=FIGURE_LIMIT)
     if items:
+        if n_fractured > len(items):
+            report.text(f"The first {len(items)} of the test split's {n_fractured} fractured vertebrae:")
         report.figures(items, width=900)
     else:
         report.text("The test split has no fractured vertebra.")
 
     report.section(
-        "Against the true anatomy (test split, fractured vertebrae)",
+        "Against the true anatomy (test split)",
         "Height MAE: the healthy heights each method estimates (the GAN's twin, or the mean of the "
         "neighbours) against the true pre-fracture heights, mm, over the anterior, middle and posterior "
-        "regions. RHLV MAE: the estimated relative height loss against the true one. Macro-F1: the SVM "
-        "grading on the test split.",
+        "regions. RHLV MAE: the estimated relative height loss against the true one. Both over the "
+        "test split's fractured vertebrae (column 'fractured'). Macro-F1 and accuracy: the SVM "
+        "grading of all the test split's vertebrae, fractured or not (column 'graded').",
     )
     rows = [
         [
@@ -377,6 +531,7 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
             figures[m]["n"],
             fmt(figures[m]["height_mae_mm"]),
             fmt(figures[m]["rhlv_mae"], 3),
+            figures[m]["graded"],
             fmt(figures[m]["macro_f1"]),
             fmt(figures[m]["accuracy"]),
             figures[m]["classes"],
@@ -384,7 +539,8 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
         for m in METHODS
     ]
     report.table(
-        ["method", "vertebrae", "height MAE (mm)", "RHLV MAE", "macro-F1", "accuracy", "classes"], rows
+        ["method", "fractured", "height MAE (mm)", "RHLV MAE", "graded", "macro-F1", "accuracy", "classes"],
+        rows,
     )
     for m in METHODS:
         if figures[m]["classes"] == "fracture":
@@ -394,8 +550,8 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
             )
     report.text(
         "The same errors on every split (all: every graded vertebra; fractured: true grade >= 1). "
-        "The GAN trained on the train split's normal vertebrae only; the test split is a single "
-        "patient, so read the other splits before trusting one method over the other."
+        f"The GAN trained on the train split's normal vertebrae only; {describe_test_split(pipe.root)}, "
+        "so read the other splits before trusting one method over the other."
     )
     report.table(
         ["split / vertebrae", "n"]
@@ -426,11 +582,14 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     base = QUICK if opt.quick else DEFAULT
-    settings = base if opt.patients is None else Settings(**{**base.__dict__, "patients": opt.patients})
-    if settings.patients < 3:
-        print("error: --patients must be at least 3 (train, val and test splits)", file=sys.stderr)
-        return 2
+    settings = base if opt.patients is None else dataclasses.replace(base, patients=opt.patients)
+    problem = option_problem(opt, settings)
     out = Path(opt.out)
+    if problem is None:
+        problem = claim_output(out, settings_of(opt, settings), opt.overwrite)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if opt.torch_threads > 0:
         torch.set_num_threads(opt.torch_threads)
     torch.manual_seed(opt.seed)
@@ -448,11 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the demo stopped at {exc}; see the messages above", file=sys.stderr)
         return 1
     parts = [
-        f"{m}: height MAE {fmt(f['height_mae_mm'])} mm, RHLV MAE {fmt(f['rhlv_mae'], 3)}, "
-        f"macro-F1 {fmt(f['macro_f1'])}"
+        f"{m}: height MAE {fmt(f['height_mae_mm'])} mm, RHLV MAE {fmt(f['rhlv_mae'], 3)} "
+        f"over {f['n']} fractured vertebrae, macro-F1 {fmt(f['macro_f1'])} over all {f['graded']}"
         for m, f in figures.items()
     ]
-    print(f"demo finished in {total:.0f} s (test split, fractured vertebrae) {'; '.join(parts)}; open {path}")
+    print(f"demo finished in {total:.0f} s (test split) {'; '.join(parts)}; open {path}")
     return 0
 
 

@@ -23,6 +23,10 @@ Outputs (DESIGN.md "Data contracts"):
     DIR/truth/<pid>/<pid>_geometry.json                             each vertebra's centre and frame
     DIR/truth/vertebrae.csv                                         heights, grade, fracture type
 
+``vertebra_data.json`` is written last: it marks a finished dataset. Writing a dataset first
+removes that marker and every phantom patient (``raw/phantomNNN``, ``truth/phantomNNN``) already
+in DIR, so a smaller dataset written over a larger one keeps none of the old patients.
+
 Fractures compress a body between its neighbours, which stay where they are: the space given up
 fills with disc tissue, so the healthy and fractured volumes differ only at fractured bodies.
 The same seed gives the same bytes; patient i depends only on (seed, i).
@@ -52,6 +56,8 @@ import csv
 import dataclasses
 import io
 import logging
+import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -1000,6 +1006,19 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def clear_dataset(out: Path) -> None:
+    """Remove what ``generate`` writes to ``out``: the split file first (the finished marker), the
+    truth table, and every phantom patient's folder in raw/ and truth/ (``phantomNNN``; anything
+    else there is left alone), so that a smaller new dataset keeps none of the old patients."""
+    (out / "vertebra_data.json").unlink(missing_ok=True)
+    (out / "truth" / "vertebrae.csv").unlink(missing_ok=True)
+    for folder in (out / "raw", out / "truth"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_dir() and re.fullmatch(r"phantom\d{3,}", path.name):
+                    shutil.rmtree(path)
+
+
 def generate(
     out: str | Path,
     patients: int,
@@ -1018,8 +1037,10 @@ def generate(
     out = Path(out)
     if patients < 1:
         raise InputError(f"--patients must be at least 1, got {patients}")
-    if spacing_mm <= 0 or spacing_mm > 4:
-        raise InputError(f"--spacing_mm must be in (0, 4], got {spacing_mm}")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
+    if not np.isfinite(spacing_mm) or not 0 < spacing_mm <= 4:
+        raise InputError(f"--spacing_mm must be a number in (0, 4], got {spacing_mm}")
     if not 0 <= fracture_fraction <= 1:
         raise InputError(f"--fracture_fraction must be in [0, 1], got {fracture_fraction}")
     try:
@@ -1049,6 +1070,7 @@ def generate(
             raise InputError(f"--axial_rotation_deg must be in [0, 45], got {quirks.axial_rotation_deg}")
         if not 0 <= quirks.osteophyte_mm <= 10:
             raise InputError(f"--osteophyte_mm must be in [0, 10], got {quirks.osteophyte_mm}")
+    clear_dataset(out)  # an old or half-written dataset's marker and patients
     args = [
         (out, i, seed, level_ids, spacing_mm, fracture_fraction, straight, quirks) for i in range(patients)
     ]
@@ -1073,8 +1095,8 @@ def generate(
         name: {f"{pid}_{vid}": g for (pid, vid), g in sorted(grades.items()) if pid in members}
         for name, members in split.items()
     }
-    write_json(out / "vertebra_data.json", data)
     write_text(out / "truth" / "vertebrae.csv", _csv_text(rows))
+    write_json(out / "vertebra_data.json", data)  # last: marks the dataset finished
     return rows
 
 

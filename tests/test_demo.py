@@ -8,6 +8,7 @@ import re
 import pytest
 
 import demo
+from util import checkpoint as demo_checkpoint
 
 CONTRACT = (
     "phantom/vertebra_data.json",
@@ -105,3 +106,171 @@ def test_too_few_patients_is_one_line_and_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "W").exists()
+
+
+def quick_opt(out, *extra):
+    return demo.build_parser().parse_args(["--quick", "--out", str(out), "--gpu_ids", "-1", *extra])
+
+
+def stamp_of(opt):
+    return demo.settings_of(opt, demo.QUICK)
+
+
+@pytest.mark.parametrize("bad", [["--spacing_mm", "nan"], ["--spacing_mm", "inf"], ["--seed", "-1"]])
+def test_bad_options_are_one_line_and_status_2(tmp_path, capsys, bad):
+    assert demo.main(["--quick", "--out", str(tmp_path / "W"), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and bad[0] in err
+    assert not (tmp_path / "W").exists()
+
+
+def test_other_settings_are_refused_and_w_is_left_alone(tmp_path, capsys):
+    out = tmp_path / "W"
+    assert demo.claim_output(out, stamp_of(quick_opt(out, "--seed", "7")), overwrite=False) is None
+    (out / "phantom").mkdir()
+    (out / "phantom" / "vertebra_data.json").write_text("{}")
+    assert demo.main(["--quick", "--out", str(out), "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "--seed 7 there, 0 now" in err and "--overwrite" in err and "--out" in err
+    assert json.loads((out / demo.SETTINGS_FILE).read_text())["seed"] == 7
+    assert (out / "phantom" / "vertebra_data.json").exists()
+    # the same settings are accepted as they are
+    assert demo.claim_output(out, stamp_of(quick_opt(out, "--seed", "7")), overwrite=False) is None
+    assert (out / "phantom" / "vertebra_data.json").exists()
+
+
+def test_outputs_without_a_stamp_are_refused(tmp_path, capsys):
+    out = tmp_path / "W"
+    (out / "checkpoints" / "healthivert").mkdir(parents=True)
+    assert demo.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and demo.SETTINGS_FILE in err
+    assert not (out / demo.SETTINGS_FILE).exists()
+
+
+def test_overwrite_removes_the_old_outputs_only(tmp_path):
+    out = tmp_path / "W"
+    demo.claim_output(out, stamp_of(quick_opt(out, "--seed", "7")), overwrite=False)
+    for rel in ("phantom/raw/phantom000", "synthesis/sagittal/CT_fake", "checkpoints/healthivert", "mine"):
+        (out / rel).mkdir(parents=True)
+    (out / "report.html").write_text("old")
+    stamp = stamp_of(quick_opt(out))
+    assert demo.claim_output(out, stamp, overwrite=True) is None
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "demo_settings.json", "mine"]
+    assert not any((out / "checkpoints").iterdir())
+    assert json.loads((out / demo.SETTINGS_FILE).read_text()) == stamp
+
+
+def test_phantom_stage_clears_a_half_written_phantom_and_what_came_from_it(tmp_path, monkeypatch):
+    out = tmp_path / "W"
+    pipe = demo.Pipeline(out, quick_opt(out), demo.QUICK)
+    (out / "phantom" / "raw" / "phantom005").mkdir(parents=True)  # no vertebra_data.json: unfinished
+    (out / "checkpoints" / "classifier").mkdir(parents=True)
+    calls = []
+
+    def fake_generate(root, *args, **kwargs):
+        calls.append(root)
+        assert (
+            not (root / "raw" / "phantom005").exists() and not (out / "checkpoints" / "classifier").exists()
+        )
+
+    monkeypatch.setattr(demo, "generate", fake_generate)
+    pipe.phantom()
+    assert calls == [out / "phantom"]
+
+
+def save_train_state(run, epoch, batches_done):
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("latest_net_G.pth", "opt.json"):
+        (run / name).write_bytes(b"x")
+    demo_checkpoint.save_checkpoint(
+        {"epoch": epoch, "batches_done": batches_done}, run / "latest_train_state.pth"
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "trains", "resumes"),
+    [
+        (None, True, False),  # latest_net_G.pth and opt.json alone: not a finished run
+        ((0, 1), True, True),  # a mid-epoch save of the first epoch
+        ((1, 0), False, False),  # QUICK trains 1 + 0 epochs: finished
+    ],
+)
+def test_training_is_reused_only_when_its_train_state_says_finished(
+    tmp_path, monkeypatch, capsys, state, trains, resumes
+):
+    out = tmp_path / "W"
+    run = out / "checkpoints" / "healthivert"
+    if state is None:
+        run.mkdir(parents=True)
+        for name in ("latest_net_G.pth", "opt.json"):
+            (run / name).write_bytes(b"x")
+    else:
+        save_train_state(run, *state)
+    calls = []
+    monkeypatch.setattr(demo.train, "main", lambda argv: calls.append(argv) or 0)
+    demo.Pipeline(out, quick_opt(out), demo.QUICK).train()
+    assert bool(calls) == trains
+    if trains:
+        assert ("--continue_train" in calls[0]) == resumes
+        if resumes:
+            assert calls[0][calls[0].index("--epoch") + 1] == "latest"
+    else:
+        assert "trained run exists, reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_classifier_without_its_json_is_trained_again(tmp_path, monkeypatch, with_config):
+    out = tmp_path / "W"
+    run = out / "checkpoints" / "classifier"
+    run.mkdir(parents=True)
+    (run / "classifier.pth").write_bytes(b"x")  # written before classifier.json
+    if with_config:
+        (run / "classifier.json").write_text("{}")
+    calls = {}
+    for script in (demo.train_classifier, demo.grad_CAM_3d_sagittal):
+        monkeypatch.setattr(
+            script, "main", lambda argv, _name=script.__name__: calls.update({_name: argv}) or 0
+        )
+    demo.Pipeline(out, quick_opt(out), demo.QUICK).attention()
+    assert len(calls) == 2
+    for argv in calls.values():
+        assert ("--overwrite" in argv) == (not with_config)
+
+
+def write_split(root, split):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vertebra_data.json").write_text(json.dumps(split))
+
+
+def test_report_describes_the_test_split_from_the_split_file(tmp_path):
+    test = {
+        "phantom003_20": 0,
+        "phantom003_21": 2,
+        "phantom003_22": 1,
+        "phantom006_20": 0,
+        "phantom006_21": 0,
+    }
+    write_split(tmp_path, {"train": {}, "val": {}, "test": test})
+    text = demo.describe_test_split(tmp_path)
+    assert "2 patients" in text and "2 fractured vertebrae are all in one of them" in text
+    test["phantom006_21"] = 3
+    write_split(tmp_path, {"test": test})
+    assert "3 fractured vertebrae are in 2 of them" in demo.describe_test_split(tmp_path)
+    write_split(tmp_path, {"test": {"phantom001_20": 0}})
+    assert "a single patient (1 vertebrae, 0 of them fractured)" in demo.describe_test_split(tmp_path)
+    write_split(tmp_path, {"test": {"phantom001_20": 0, "phantom002_20": 0}})
+    assert "2 patients (2 vertebrae) with no fractured vertebra" in demo.describe_test_split(tmp_path)
+
+
+def test_headline_counts_the_graded_test_vertebrae_apart_from_the_fractured(tmp_path):
+    for method in demo.METHODS:
+        (tmp_path / "rhlv" / method).mkdir(parents=True)
+        errors = {"test/fractured": {"n": 4, "height_mae_mm": 2.0, "rhlv_mae": 0.1}}
+        (tmp_path / "rhlv" / method / "truth_errors.json").write_text(json.dumps(errors))
+        (tmp_path / "grading" / method).mkdir(parents=True)
+        metrics = {"macro_f1": 0.9, "accuracy": 0.9, "classes": "fracture", "test": {"n": 16}}
+        (tmp_path / "grading" / method / "metrics.json").write_text(json.dumps(metrics))
+    figures = demo.headline(tmp_path)
+    assert figures["gan"]["n"] == 4 and figures["gan"]["graded"] == 16

@@ -3,16 +3,19 @@
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from data import phantom
 from data.label_schemes import is_vertebra
 from data.nifti_io import load_ct, load_mask, sample_world
 from data.phantom import CSV_COLUMNS, generate, main
 from evaluation.heights import BodyHeights, body_heights, genant_from_heights
 from straighten.centroids import label_centroids, read_centroids
+from util.errors import InputError
 
 
 def truth_rows(root):
@@ -284,3 +287,54 @@ def test_steep_lumbosacral_junction_turns_the_sacrum_not_l5():
     steep, l5_steep = draw(20.0)
     assert 14.0 - 1e-6 <= steep - flat <= 20.0 + 1e-6
     np.testing.assert_allclose(l5_steep, l5_flat)
+
+
+def fake_patients(monkeypatch, written):
+    """Replace the rendering with a stub that writes one file per patient (fast)."""
+
+    def fake(out, i, *args):
+        pid = f"phantom{i:03d}"
+        for folder in ("raw", "truth"):
+            (out / folder / pid).mkdir(parents=True, exist_ok=True)
+            (out / folder / pid / f"{pid}.txt").write_text("x")
+        written.append(pid)
+        return []
+
+    monkeypatch.setattr(phantom, "generate_patient", fake)
+
+
+def test_split_file_is_written_last(tmp_path, monkeypatch):
+    fake_patients(monkeypatch, [])
+    order = []
+    for name in ("write_json", "write_text"):
+        real = getattr(phantom, name)
+
+        def record(path, *args, _real=real, **kwargs):
+            order.append(Path(path).name)
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(phantom, name, record)
+    generate(tmp_path, patients=3, seed=0, spacing_mm=3.0, levels="L2-L3", progress=False)
+    assert order[-1] == "vertebra_data.json" and "vertebrae.csv" in order
+
+
+def test_overwrite_with_fewer_patients_keeps_none_of_the_old_ones(tmp_path, monkeypatch):
+    written = []
+    fake_patients(monkeypatch, written)
+    generate(tmp_path, patients=4, seed=0, spacing_mm=3.0, levels="L2-L3", progress=False)
+    (tmp_path / "raw" / "notes").mkdir()  # not a phantom patient: left alone
+    generate(tmp_path, patients=2, seed=0, spacing_mm=3.0, levels="L2-L3", progress=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["notes", "phantom000", "phantom001"]
+    patients = sorted(p.name for p in (tmp_path / "truth").iterdir() if p.is_dir())
+    assert patients == ["phantom000", "phantom001"]
+    split = json.loads((tmp_path / "vertebra_data.json").read_text())
+    assert set(split) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    ("spacing_mm", "seed"), [(float("nan"), 0), (float("inf"), 0), (0.0, 0), (5.0, 0), (2.0, -1)]
+)
+def test_generate_rejects_bad_spacing_and_seed_before_writing(tmp_path, spacing_mm, seed):
+    with pytest.raises(InputError):
+        generate(tmp_path / "out", patients=1, seed=seed, spacing_mm=spacing_mm, progress=False)
+    assert not (tmp_path / "out").exists()
