@@ -11,10 +11,12 @@ The model and its options come from ``C/NAME/opt.json``:
 - ``cycle_gan``: the input is an MR volume (domain A); it is normalised as in training and G_A
   translates it slice by slice to CT, written in HU (int16; or in [-1, 1] float if domain B is MR).
 
-Slices are padded to the generator's stride multiple and processed ``--batch_slices`` at a time; the
-prediction is resampled (linear) from the working grid back onto the input's grid, so the output
-has the input's shape and affine. Output: ``DIR/<input stem>_synthct.nii.gz``; existing outputs
-are skipped unless ``--overwrite``. A folder input processes every ``*.nii.gz`` / ``*.nii`` in it.
+Slices are padded to the generator's stride multiple (2**num_downs for a U-Net generator, 4 for a
+ResNet one) and processed ``--batch_slices`` (>= 1) at a time; the prediction is resampled (linear)
+from the working grid back onto the input's grid, so the output has the input's shape and affine
+(input voxels past the working grid's last voxel centre, where its rounded size falls short of the
+input's extent, take that edge voxel's value). Output: ``DIR/<input stem>_synthct.nii.gz``; existing
+outputs are skipped unless ``--overwrite``. A folder input processes every ``*.nii.gz`` / ``*.nii`` in it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from data.intensity import to_unit, unit_to_ct
 from data.mask2ct_dataset import load_labels, one_hot_labels, parse_labels
 from data.nifti_io import Volume, load_ct, reorient, resample, resample_to_grid, save_nifti
 from models import create_model
+from models.base_model import unwrap
 from options.base_options import load_options
 from util.errors import InputError, input_error
 
@@ -49,10 +52,17 @@ def pad_slices(slices: np.ndarray, multiple: int, value: float) -> np.ndarray:
     return np.pad(slices, pads, constant_values=value)
 
 
+def stride_multiple(net: torch.nn.Module) -> int:
+    """The side multiple the generator needs: 2**num_downs for a U-Net, 4 for the ResNet generator."""
+    return 2 ** int(getattr(unwrap(net), "num_downs", 2))
+
+
 def translate_slices(
     net: torch.nn.Module, slices: np.ndarray, batch_slices: int, device: torch.device
 ) -> np.ndarray:
     """Run ``net`` on (N, C, H, W) slices in batches of ``batch_slices``; returns (N, H, W) in [-1, 1]."""
+    if batch_slices < 1:
+        raise ValueError(f"batch_slices must be >= 1, got {batch_slices}")
     out = np.empty((slices.shape[0], *slices.shape[2:]), dtype=np.float32)
     with torch.no_grad():
         for start in tqdm(range(0, len(slices), batch_slices), desc="slices", leave=False):
@@ -88,18 +98,15 @@ def predict_file(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The synthetic volume (in HU when the output is CT) on ``path``'s grid, and that grid's affine."""
     net = model.netG if opt.model == "mask2ct" else model.netG_A
-    multiple = 2**net.num_downs if opt.model == "mask2ct" else 4
-    slices, work, original = generator_inputs(opt, path, multiple)
+    slices, work, original = generator_inputs(opt, path, stride_multiple(net))
     h, w = np.delete(np.array(work.shape), opt.slice_axis)
     unit = np.moveaxis(
         translate_slices(net, slices, batch_slices, model.device)[:, :h, :w], 0, opt.slice_axis
     )
     to_ct = opt.model == "mask2ct" or getattr(opt, "modality_B", "ct") == "ct"
     values = unit_to_ct(unit, opt.hu_min, opt.hu_max) if to_ct else unit
-    background = opt.hu_min if to_ct else -1.0
-    on_input = resample_to_grid(
-        values, work.affine, original.affine, original.shape, order=1, cval=background
-    )
+    # the working grid covers the input's extent up to rounding: its edge voxels extend to the border
+    on_input = resample_to_grid(values, work.affine, original.affine, original.shape, order=1, mode="nearest")
     return (np.rint(on_input).astype(np.int16) if to_ct else on_input.astype(np.float32)), original.affine
 
 
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.batch_slices < 1:
+        print(f"error: --batch_slices must be >= 1, got {args.batch_slices}", file=sys.stderr)
+        return 2
     src = Path(args.input)
     try:
         if src.is_dir():

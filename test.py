@@ -5,19 +5,26 @@ python test.py --dataroot D --name NAME --model healthivert --phase test --epoch
 The networks are rebuilt from the training options saved in ``checkpoints_dir/name/opt.json``
 (sizes, model flags); flags given on this command line override them (data paths, split,
 epoch, results folder). Without ``opt.json`` the command-line options are used as they are.
-Results: ``results_dir/name/<phase>_<epoch>/index.html`` and ``images/``.
+Results: ``results_dir/name/<phase>_<epoch>/index.html`` and ``images/`` (``<phase>_iter_<N>`` with
+``--load_iter N``). The page is built in a hidden folder beside it and renamed into place at the
+end, replacing an earlier result of the same name; a sample that cannot be read (a bad crop or CAM
+map) ends the run with one error line and exit status 2, leaving any earlier result as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from data import create_dataset
 from models import create_model
 from options.base_options import load_options
 from options.test_options import TestOptions
-from util.errors import InputError
+from util.errors import InputError, failure_line, input_error, one_line
 from util.html import HTML
 from util.registry import RegistryError
 from util.visualizer import save_image, tensor2im
@@ -42,18 +49,22 @@ def test_options(argv: list[str]):
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        opt = test_options(argv)
-        dataset = create_dataset(opt)
-        model = create_model(opt)
-        model.setup(opt)
-    except (RegistryError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.epoch}"
-    page = HTML(web_dir, f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.epoch}")
+def loader_message(exc: BaseException) -> str:
+    """The one-line message of an error from the data loader.
+
+    An error raised in a loader worker process (``--num_threads`` > 0) comes back with the
+    worker's traceback in its message; the original message is its last line.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.partition(": ")[2] or last
+    return one_line(text)
+
+
+def write_results(opt, dataset, model, web_dir: Path, title: str) -> int:
+    """Test ``opt.num_test`` samples and write their images and ``index.html`` under ``web_dir``."""
+    page = HTML(web_dir, title)
     if opt.eval:
         model.eval()
     done = 0
@@ -77,6 +88,68 @@ def main(argv: list[str] | None = None) -> int:
         page.add_images(paths, names, paths, width=opt.display_winsize)
         done += 1
     page.save()
+    return done
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the folder ``new`` to ``target``, replacing (then deleting) a folder already there."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        target.replace(old / target.name)
+    try:
+        new.replace(target)
+    except OSError:
+        if old is not None:
+            (old / target.name).replace(target)  # put the earlier result back
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opt = test_options(argv)
+        dataset = create_dataset(opt)
+        model = create_model(opt)
+        model.setup(opt)
+    except (RegistryError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tag = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
+    web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{tag}"
+    title = f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {tag}"
+    # folders this run creates above the page, removed again if it fails
+    created = [p for p in (web_dir.parent, *web_dir.parent.parents) if not p.exists()]
+    work, finished = None, False
+    try:
+        if web_dir.exists() and not web_dir.is_dir():
+            raise input_error(web_dir, "the results folder is a file")
+        web_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{web_dir.name}.", suffix=".tmp", dir=web_dir.parent))
+        work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the page gets a normal folder's mode
+        done = write_results(opt, dataset, model, work, title)
+        replace_dir(work, web_dir)
+        finished = True
+    except (InputError, OSError) as exc:
+        message = loader_message(exc) if isinstance(exc, InputError) else failure_line(exc, web_dir)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        if not finished:  # nothing of this run stays
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
     print(f"tested {done} samples; results in {web_dir}/index.html")
     return 0
 

@@ -85,6 +85,10 @@ class SliceBank:
                 col = 1 if plane == "sagittal" else 2
                 centre = target_centre(crop.label, crop.vid)
                 size = np.round(window_mm / crop.spacing_mm[[0, col]]).astype(int)
+                if size.min() < 1:
+                    spacing = " x ".join(f"{v:g}" for v in crop.spacing_mm[[0, col]])
+                    problem = f"--window_mm {window_mm:g} is under one voxel ({spacing} mm)"
+                    raise input_error(store.paths(key)[0], problem)
                 rows, cols = window_slices(stack.shape[1:], (centre[0], centre[col]), tuple(size))
                 stack = stack[:, rows, cols]
             if images and stack.shape[1:] != images[0].shape[1:]:

@@ -146,8 +146,27 @@ def fractured_keys(split_file: Path, min_grade: int) -> set[str]:
     }
 
 
+def check_out_folder(out: Path) -> None:
+    """Raise if ``out`` cannot be a folder: it is a file, or a file stands where one of its parents would."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                problem = "" if path == out else f" ({path} is a file)"
+                raise input_error(out, f"--out is not a folder{problem}")
+            return
+
+
+def write_problem(exc: OSError, target: Path) -> str:
+    """The OS error's reason, with the folder it names when that is not the target's own."""
+    reason = exc.strerror or type(exc).__name__
+    named = Path(exc.filename) if exc.filename else None
+    return f"{named}: {reason}" if named is not None and named.parent != target.parent else reason
+
+
 def run(opt: argparse.Namespace) -> int:
     device = device_of(opt)
+    out = Path(opt.out or Path(opt.dataroot) / "heatmap")
+    check_out_folder(out)
     checkpoint = Path(opt.checkpoint or Path(opt.checkpoints_dir) / opt.name / CHECKPOINT_NAME)
     model, config = load_classifier(checkpoint, device)
     plane = opt.plane or config.plane
@@ -170,36 +189,43 @@ def run(opt: argparse.Namespace) -> int:
         raise input_error(None, str(exc)) from None
     if not keys:
         raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
-    out = Path(opt.out or Path(opt.dataroot) / "heatmap")
     cam = CamMaker(model, device, opt.batch_size)
 
     start = time.perf_counter()
     written, skipped, failed, inside_higher = 0, 0, [], []
-    for key in tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra"):
-        path = out / f"{key}.nii.gz"
-        if path.exists() and not opt.overwrite:
-            skipped += 1
-            continue
-        try:
-            crop = store.load(key)
-            if config.spacing_mm and not np.allclose(crop.spacing_mm, config.spacing_mm, rtol=0.05):
-                log.warning(
-                    "%s: voxels of %s mm; the classifier learnt %s mm",
-                    key,
-                    crop.spacing_mm,
-                    config.spacing_mm,
-                )
-            heatmap, idx = crop_heatmap(crop, cam, plane, opt.cam_input)
-        except InputError as exc:
-            failed.append(str(exc))
-            continue
-        save_like(path, heatmap, crop.affine)
-        if not opt.no_png:
-            save_overlay(crop, heatmap, idx, plane, out / "png" / f"{key}.png", f"{key} ({opt.cam_input})")
-        written += 1
-        if key in fractured:
-            inside, outside = inside_outside_means(heatmap, crop.label == crop.vid, idx, plane)
-            inside_higher.append(inside > outside)
+    with tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra") as bar:  # closed before an error line
+        for key in bar:
+            path = out / f"{key}.nii.gz"
+            if path.exists() and not opt.overwrite:
+                skipped += 1
+                continue
+            try:
+                crop = store.load(key)
+                if config.spacing_mm and not np.allclose(crop.spacing_mm, config.spacing_mm, rtol=0.05):
+                    log.warning(
+                        "%s: voxels of %s mm; the classifier learnt %s mm",
+                        key,
+                        crop.spacing_mm,
+                        config.spacing_mm,
+                    )
+                heatmap, idx = crop_heatmap(crop, cam, plane, opt.cam_input)
+            except InputError as exc:
+                failed.append(str(exc))
+                continue
+            target = path
+            try:
+                save_like(path, heatmap, crop.affine)
+                if not opt.no_png:
+                    target = out / "png" / f"{key}.png"
+                    save_overlay(crop, heatmap, idx, plane, target, f"{key} ({opt.cam_input})")
+            except OSError as exc:  # the output folder, not the crop: every other map would fail too
+                if target != path:
+                    path.unlink(missing_ok=True)  # no map without its overlay (a rerun would skip it)
+                raise input_error(target, f"cannot write: {write_problem(exc, target)}") from exc
+            written += 1
+            if key in fractured:
+                inside, outside = inside_outside_means(heatmap, crop.label == crop.vid, idx, plane)
+                inside_higher.append(inside > outside)
     seconds = time.perf_counter() - start
     for message in failed:
         print(f"error: {message}", file=sys.stderr)

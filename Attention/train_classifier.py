@@ -235,12 +235,31 @@ def train(opt: argparse.Namespace) -> int:
     return 0
 
 
+def option_problem(opt: argparse.Namespace) -> str | None:
+    """What is wrong with the numeric options (checked before any work), or None."""
+    for name in ("n_epochs", "batch_size", "width"):
+        if getattr(opt, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(opt, name)}"
+    if min(opt.blocks) < 1:
+        return f"--blocks must all be >= 1, got {' '.join(map(str, opt.blocks))}"
+    if opt.iters_per_epoch < 0:
+        return f"--iters_per_epoch must be >= 0, got {opt.iters_per_epoch}"
+    if not 0 < opt.central_fraction <= 1:  # NaN fails this too
+        return f"--central_fraction must be in (0, 1], got {opt.central_fraction}"
+    if not (math.isfinite(opt.window_mm) and opt.window_mm >= 0):
+        return f"--window_mm must be a finite number >= 0 (0: whole slices), got {opt.window_mm}"
+    if not (math.isfinite(opt.lr) and opt.lr > 0):
+        return f"--lr must be a finite number > 0, got {opt.lr}"
+    if not (math.isfinite(opt.weight_decay) and opt.weight_decay >= 0):
+        return f"--weight_decay must be a finite number >= 0, got {opt.weight_decay}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if opt.n_epochs < 1 or opt.batch_size < 1 or opt.iters_per_epoch < 0 or not 0 < opt.central_fraction <= 1:
-        print(
-            "error: --n_epochs and --batch_size must be >= 1, --central_fraction in (0, 1]", file=sys.stderr
-        )
+    problem = option_problem(opt)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)

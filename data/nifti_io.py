@@ -224,11 +224,16 @@ def resample_to_grid(
     out_shape: tuple[int, int, int],
     order: int,
     cval: float = 0.0,
+    mode: str = "constant",
 ) -> np.ndarray:
     """Resample ``array`` onto another grid given by its affine (any rotation, any voxel size).
 
-    Order 1 for CT, 0 for labels; points outside the input get ``cval``.
+    Order 1 for CT, 0 for labels. ``mode="constant"``: points outside the input get ``cval``;
+    ``mode="nearest"``: they take the value of the nearest edge voxel (for an input grid that
+    covers the output's extent only up to rounding, such as one made by :func:`resample`).
     """
+    if mode not in ("constant", "nearest"):
+        raise ValueError(f"mode must be 'constant' or 'nearest', got {mode!r}")
     to_input = np.linalg.inv(affine) @ out_affine
     return ndimage.affine_transform(
         array,
@@ -236,7 +241,7 @@ def resample_to_grid(
         offset=to_input[:3, 3],
         output_shape=tuple(out_shape),
         order=order,
-        mode="grid-constant",
+        mode="grid-constant" if mode == "constant" else "nearest",
         cval=cval,
         prefilter=False,
     )

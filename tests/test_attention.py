@@ -315,3 +315,72 @@ def test_training_and_maps_on_cuda(straight_2mm, tmp_path):
         )
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--window_mm", "nan"], "--window_mm must be a finite number >= 0"),
+        (["--window_mm", "inf"], "--window_mm must be a finite number >= 0"),
+        (["--window_mm", "-8"], "--window_mm must be a finite number >= 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be a finite number >= 0"),
+        (["--width", "0"], "--width must be >= 1"),
+        (["--blocks", "1", "0", "1", "1"], "--blocks must all be >= 1"),
+        (["--central_fraction", "nan"], "--central_fraction must be in (0, 1]"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+    ],
+)
+def test_classifier_options_are_refused_before_any_work(tmp_path, capsys, monkeypatch, option, expected):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(train_classifier, "CropStore", no_work)
+    args = ["--dataroot", str(tmp_path / "missing"), "--checkpoints_dir", str(tmp_path), "--gpu_ids", "-1"]
+    _one_line_error(capsys, train_classifier.main(args + option), expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+def test_cam_out_that_cannot_be_a_folder_is_refused_before_any_work(tiny_crops, capsys, monkeypatch, under):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(grad_CAM_3d_sagittal, "load_classifier", no_work)
+    afile = tiny_crops / "afile"
+    afile.write_text("")
+    out = afile / "maps" if under else afile
+    rc = grad_CAM_3d_sagittal.main(["--dataroot", str(tiny_crops), "--out", str(out), "--gpu_ids", "-1"])
+    _one_line_error(capsys, rc, f"error: {out}: --out is not a folder")
+
+
+def test_cam_write_failure_is_one_error_line(tiny_crops, capsys, monkeypatch):
+    config = ClassifierConfig(width=4)
+    ckpt = tiny_crops / "cls" / "classifier.pth"
+    save_checkpoint(build_classifier(config).state_dict(), ckpt)
+    (ckpt.parent / "classifier.json").write_text(json.dumps(config.to_json()))
+    out = tiny_crops / "maps"
+    (out / "png").parent.mkdir()
+    (out / "png").write_text("")  # the overlays' folder is a file
+    args = ["--dataroot", str(tiny_crops), "--checkpoint", str(ckpt), "--out", str(out), "--gpu_ids", "-1"]
+    assert grad_CAM_3d_sagittal.main(args) == 2
+    lines = capsys.readouterr().err.splitlines()  # the progress bar, ended, then one error line
+    assert lines[-1] == f"error: {out / 'png' / 'p0_20.png'}: cannot write: {out / 'png'}: File exists"
+    assert "Traceback" not in "".join(lines) and not lines[-2].startswith("error")
+    assert sorted(p.name for p in out.iterdir()) == ["png"]  # no map left without its overlay
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out / ".p0_20.nii.gz.tmp"))
+
+    monkeypatch.setattr(grad_CAM_3d_sagittal, "save_like", read_only)
+    assert grad_CAM_3d_sagittal.main(args + ["--no_png"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"error: {out / 'p0_20.nii.gz'}: cannot write: Permission denied"
+
+
+def test_window_under_one_voxel_is_refused(tiny_crops, capsys):
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(tiny_crops), "--gpu_ids", "-1"]
+    rc = train_classifier.main(args + ["--window_mm", "0.5"])  # 2 mm voxels
+    _one_line_error(capsys, rc, "--window_mm 0.5 is under one voxel (2 x 2 mm)")
+    assert not (tiny_crops / "classifier").exists()

@@ -11,6 +11,7 @@ from data.nifti_io import (
     load_mask,
     reorient,
     resample,
+    resample_to_grid,
     sample_world,
     save_nifti,
     voxel_to_world,
@@ -73,6 +74,25 @@ def test_resample_linear_and_nearest():
     assert set(np.unique(nearest.array)) == {0, 7}
     # world position is kept: the first voxel centre does not move
     np.testing.assert_allclose(fine.affine[:3, 3], aff[:3, 3])
+
+
+def test_resample_to_grid_edges_constant_or_nearest():
+    from data.nifti_io import Volume
+
+    # 101 slices at 1 mm worked at 1.5 mm: 67 slices, the last centre 1 mm short of the input's
+    original = Volume(np.zeros((101, 4, 4), np.float32), np.eye(4))
+    work = resample(original, 1.5, order=1)
+    assert work.shape[0] == 67
+    values = np.full(work.shape, 100.0, np.float32)
+    back = resample_to_grid(values, work.affine, original.affine, original.shape, 1, cval=-1000.0)
+    assert back[-1].max() < 0  # the default: blended with cval past the working grid
+    back = resample_to_grid(values, work.affine, original.affine, original.shape, 1, -1000.0, mode="nearest")
+    np.testing.assert_array_equal(back, 100.0)
+    ramp = np.arange(67, dtype=np.float32)[:, None, None] * np.ones(work.shape, np.float32)
+    back = resample_to_grid(ramp, work.affine, original.affine, original.shape, 1, mode="nearest")
+    assert back[-1, 0, 0] == 66 and back[3, 0, 0] == pytest.approx(2.0)  # linear inside, edge outside
+    with pytest.raises(ValueError, match="mode"):
+        resample_to_grid(values, work.affine, original.affine, original.shape, 1, mode="edge")
 
 
 def test_sample_world_through_affine():

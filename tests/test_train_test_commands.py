@@ -97,3 +97,71 @@ def test_resume_two_plus_two_iterations_equals_four(tmp_path):
         b = load_checkpoint(resumed / f"latest_net_{net}.pth")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), net
     assert load_checkpoint(resumed / "latest_train_state.pth")["total_iters"] == 8
+
+
+@pytest.fixture(scope="module")
+def trained_pix2pix(tmp_path_factory):
+    """A pix2pix run of one iteration (its checkpoints folder), for the test-script cases below."""
+    tmp_path = tmp_path_factory.mktemp("p2p")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = train_args(tmp_path, "pix2pix", "run", "--n_epochs", "1", "--n_epochs_decay", "0")
+    assert train.main([*args, "--max_dataset_size", "2", "--val_freq", "0"]) == 0
+    torch.set_num_threads(before)
+    return tmp_path / "ckpt"
+
+
+def script_args(ckpt, results, *extra):
+    args = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--model", "pix2pix", "--name", "run"]
+    args += ["--checkpoints_dir", str(ckpt), "--results_dir", str(results), "--num_test", "2"]
+    return args + ["--crop_size", "32", "--gpu_ids", "-1", "--phase", "test", *extra]
+
+
+def test_load_iter_names_the_results_folder_and_page(trained_pix2pix, tmp_path):
+    run = trained_pix2pix / "run"
+    for net in ("G", "D"):
+        (run / f"iter_7_net_{net}.pth").write_bytes((run / f"latest_net_{net}.pth").read_bytes())
+    assert test_script.main(script_args(trained_pix2pix, tmp_path, "--load_iter", "7")) == 0
+    page = tmp_path / "run" / "test_iter_7" / "index.html"
+    assert page.exists() and "Epoch = iter_7" in page.read_text()
+    assert not (tmp_path / "run" / "test_latest").exists()
+    assert test_script.main(script_args(trained_pix2pix, tmp_path, "--epoch", "latest")) == 0
+    assert "Epoch = latest" in (tmp_path / "run" / "test_latest" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_sample_leaves_no_partial_results(trained_pix2pix, tmp_path, capsys, monkeypatch, workers):
+    from tests.fixtures.synthetic_vertebra import SyntheticVertebra
+    from util.errors import input_error
+
+    good = SyntheticVertebra.__getitem__
+
+    def getitem(self, index):  # the aligned datasets read crops and CAM maps here, lazily
+        if index == 1:
+            raise input_error("/data/heatmap/p1_20.nii.gz", "CAM map contains NaN")
+        return good(self, index)
+
+    results = tmp_path / "results"
+    args = script_args(trained_pix2pix, results, "--num_threads", str(workers))
+    monkeypatch.setattr(SyntheticVertebra, "__getitem__", getitem)
+    capsys.readouterr()
+    assert test_script.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: /data/heatmap/p1_20.nii.gz: CAM map contains NaN\n"
+    assert not results.exists()  # the folders this run made are gone too
+
+    # an earlier complete result stays as it was when the rerun fails, and is replaced when it succeeds
+    monkeypatch.setattr(SyntheticVertebra, "__getitem__", good)
+    assert test_script.main(args) == 0
+    page = results / "run" / "test_latest" / "index.html"
+    before = sorted(p.name for p in page.parent.rglob("*"))
+    assert "synthetic_1_s1_fake_B.png" in before
+    (page.parent / "images" / "stale.png").write_bytes(b"")
+    monkeypatch.setattr(SyntheticVertebra, "__getitem__", getitem)
+    assert test_script.main(args) == 2
+    assert sorted(p.name for p in page.parent.rglob("*")) == sorted([*before, "stale.png"])
+    assert [p.name for p in (results / "run").iterdir()] == ["test_latest"]  # no hidden leftovers
+    monkeypatch.setattr(SyntheticVertebra, "__getitem__", good)
+    assert test_script.main(args) == 0
+    assert sorted(p.name for p in page.parent.rglob("*")) == before
+    assert [p.name for p in (results / "run").iterdir()] == ["test_latest"]
