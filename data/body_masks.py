@@ -7,6 +7,9 @@ hole-filled per slice (marrow inside cortical bone). These are the shape targets
 extractor learns when no segmentation exists.
 
     python -m data.body_masks --input VOL_or_FOLDER --out FOLDER --modality ct|mr [--bone] [--overwrite]
+
+Masks keep their volumes' file names, so ``--out`` must not be the input's folder: that is refused
+(exit 2) before anything is written.
 """
 
 from __future__ import annotations
@@ -130,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(src.glob("*.nii*")) if src.is_dir() else [src]
     if not files or not files[0].exists():
         print(f"error: {src}: no NIfTI volumes found", file=sys.stderr)
+        return 2
+    clash = next((path for path in files if (Path(opt.out) / path.name).resolve() == path.resolve()), None)
+    if clash is not None:
+        print(
+            f"error: {clash}: --out {opt.out} would write the mask over its input volume; "
+            "choose another output folder",
+            file=sys.stderr,
+        )
         return 2
     written = skipped = 0
     try:

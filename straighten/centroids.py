@@ -204,24 +204,22 @@ def straightened_bodies(
     or more) and find each vertebra's body there."""
     # imported here: the curve and de-pedicling modules sit above this one
     from data.nifti_io import Volume
-    from straighten.curve import fit_spine_curve, patient_posterior, straighten
+    from straighten.curve import MIN_PATIENT_TURN_DEG, patient_polyline, straighten
     from straighten.depedicle import depedicle
 
     spacing = voxel_sizes(affine)
     step = max(float(step_mm), float(spacing.min()))
     centres = label_centroids(mask, labels)
     world = voxel_to_world(affine, np.array([centres[v] for v in labels]))
-    curve = fit_spine_curve(world, step, 40.0, degree=1)
     # a patient turned in the scanner: the planes turn with the anatomy, or de-pedicling would keep
     # a transverse process, cut by a narrow field of view, with the body
-    posterior, turn = patient_posterior(
-        Volume(mask, affine), curve, dict(zip(labels, world, strict=True)), step
+    curve, turn = patient_polyline(
+        Volume(mask, affine), dict(zip(labels, world, strict=True)), step, 40.0, step
     )
-    if abs(turn) >= 1.0:
+    if abs(turn) >= MIN_PATIENT_TURN_DEG:
         log.info(
             "the patient is turned %.1f deg about the spine; completeness is found in its own frame", turn
         )
-        curve = fit_spine_curve(world, step, 40.0, degree=1, posterior=posterior)
     n = int(round(COMPLETENESS_PLANE_MM / step))
     along = straighten(mask, affine, curve, (n, n), order=0)
     edge = edge_distance_mm(mask.shape, spacing)

@@ -24,7 +24,8 @@ A patient turned in the scanner, or a rotated scoliotic vertebra, then still get
 axis 1 runs from body to canal and whose axis 2 is its own left-right, which de-pedicling
 (``straighten/depedicle.py``: a midline band, the canal behind the body) relies on.
 :func:`patient_posterior` turns the whole curve's reference posterior by the vertebrae's median
-turn, for a frame that follows a turned patient and still never twists.
+turn, for a frame that follows a turned patient and still never twists; :func:`patient_polyline`
+is the coarse curve in that frame on which the vertebral bodies are first found.
 
 Why not the ``straighten`` package (neuro-ml; the reference vendors a copy): it samples the
 polyline through the centroids (straight segments between vertebrae), works along the array
@@ -265,6 +266,8 @@ AP_CONVERGED_DEG = 0.5
 AP_ITERATIONS = 4
 # A turn from the scanner's posterior larger than this is taken for a failed search, not anatomy.
 MAX_AP_TURN_DEG = 60.0
+# A patient turned less than this about the spine keeps the scanner's posterior (degrees).
+MIN_PATIENT_TURN_DEG = 1.0
 
 
 def posterior_offset_mm(vertebra: np.ndarray, step_mm: float) -> tuple[np.ndarray | None, str, str]:
@@ -400,3 +403,27 @@ def patient_posterior(
     turn = float(np.median(turns))
     axis = curve.points[-1] - curve.points[0]  # cranial to caudal, like the tangents
     return axis_rotation(axis, turn) @ posterior, turn
+
+
+def patient_polyline(
+    mask: Volume,
+    centres_mm: dict[int, np.ndarray],
+    step_mm: float,
+    extend_mm: float,
+    ap_step_mm: float = AP_STEP_MM,
+) -> tuple[SpineCurve, float]:
+    """The polyline (``degree=1``) through ``centres_mm`` (in spine order), its frame turned about
+    the spine with the patient (:func:`patient_posterior`, found at ``ap_step_mm``), and that turn
+    in degrees.
+
+    Planes in the scanner's frame across a turned patient would let de-pedicling keep a
+    transverse process with the body (or cut part of the body), moving the bodies found on them.
+    A turn under ``MIN_PATIENT_TURN_DEG`` keeps the scanner's posterior, so the curve of a
+    patient lying straight is exactly the one without this step.
+    """
+    control = np.array([np.asarray(c, dtype=np.float64) for c in centres_mm.values()])
+    curve = fit_spine_curve(control, step_mm, extend_mm, degree=1)
+    posterior, turn = patient_posterior(mask, curve, centres_mm, ap_step_mm)
+    if abs(turn) < MIN_PATIENT_TURN_DEG:
+        return curve, turn
+    return fit_spine_curve(control, step_mm, extend_mm, degree=1, posterior=posterior), turn

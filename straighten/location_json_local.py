@@ -11,6 +11,9 @@ vertebra is listed; one whose body is cut by the scan's edge (any direction) or 
 vertebra's label (touching it over half its cross-section, no disc between), or an end vertebra
 below the volume thresholds (mm³, so they hold at any voxel size), has ``complete: false`` and a
 reason: it keeps its centroid for the spine curve but gets no crop, height, RHLV or grade.
+Labels that cannot be a spine's are refused: one far larger than a vertebra, or vertebrae not
+stacked superior to inferior (fragments at the scan's edge left out: they may lie level with their
+neighbour).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -37,7 +39,9 @@ from straighten.centroids import (
     MIN_CRANIAL_VOLUME_MM3,
     MIN_CUT_CONTACT_MM2,
     MIN_LABEL_CONTACT_FRACTION,
+    curve_labels,
     label_centroids,
+    label_volumes_mm3,
     vertebra_completeness,
     write_centroids,
 )
@@ -52,7 +56,8 @@ def centroids_for(
     min_contact_mm2: float = MIN_CUT_CONTACT_MM2,
     min_label_contact: float = MIN_LABEL_CONTACT_FRACTION,
 ):
-    """(centroids of every vertebra, their completeness) of one mask."""
+    """(centroids of every vertebra, their completeness) of one mask; an input error for labels
+    that cannot be a spine's (:func:`stacking_problem`)."""
     mask = load_mask(mask_path, scheme)
     try:
         completeness = vertebra_completeness(
@@ -62,7 +67,14 @@ def centroids_for(
         raise input_error(mask_path, f"cannot tell which vertebrae are cut: {exc}") from exc
     if not any(c.complete for c in completeness.values()):
         raise input_error(mask_path, "no complete vertebra (every body is cut by the scan's edge, or small)")
-    return label_centroids(mask.array, list(completeness), float(np.prod(mask.spacing))), completeness
+    voxel_mm3 = float(np.prod(mask.spacing))
+    centroids = label_centroids(mask.array, list(completeness), voxel_mm3)
+    problem = stacking_problem(
+        mask.affine, centroids, label_volumes_mm3(mask.array, voxel_mm3, list(completeness))
+    )
+    if problem:
+        raise input_error(mask_path, problem)
+    return centroids, completeness
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stacking_problem(mask_path: Path, centroids: dict[int, np.ndarray]) -> str | None:
-    """Why the centroids cannot be a spine's (not stacked superior to inferior), or None.
+def stacking_problem(
+    affine: np.ndarray, centroids: dict[int, np.ndarray], volumes_mm3: dict[int, float]
+) -> str | None:
+    """Why the labels cannot be a spine's, or None (:func:`data.label_schemes.spine_problem`):
+    a label far larger than any vertebra, or centroids (voxel indices, put in world space by
+    ``affine``) not stacked superior to inferior.
 
-    Reads only the mask's header (its affine) to put the centroids in world space.
+    Stacking is checked on the vertebrae that steer the spine curve (:func:`curve_labels`): a
+    fragment at the scan's edge, mostly posterior elements, may lie level with its neighbour.
     """
-    affine = nib.load(str(mask_path)).affine
-    return label_schemes.spine_problem({v: voxel_to_world(affine, c) for v, c in centroids.items()})
+    steering = curve_labels({v: vol for v, vol in volumes_mm3.items() if v in centroids})
+    world = {v: voxel_to_world(affine, centroids[v]) for v in steering}
+    return label_schemes.spine_problem(world, volumes_mm3)
 
 
 class _NameFile(logging.Filter):
@@ -155,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                     opt.min_cut_contact_mm2,
                     opt.min_label_contact,
                 )
-                problem = stacking_problem(case.mask, centroids)
-                if problem:
-                    raise input_error(case.mask, problem)
                 for v, state in completeness.items():
                     if not state.complete:
                         tqdm.write(f"{pid}: {label_schemes.vertebra_name(v)} not measurable: {state.reason}")

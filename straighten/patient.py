@@ -1,12 +1,13 @@
 """Straighten one patient: reorient and resample through the affine, fit the spine curve,
 de-pedicle, and cut one crop per vertebra centred on its body.
 
-Two passes. The labels straightened along the polyline through the vertebra centroids are
-de-pedicled to find each vertebral body; the final curve, a smoothing spline, runs through the
-body centroids (the posterior elements no longer pull it about, so its tangent follows each
-body's axis). Each crop
-is a rigid reslice in the final curve's frame at its body (planes perpendicular to the curve
-there): the target keeps its true shape and the crop's affine is its true scanner position.
+Two passes. The labels straightened along the polyline through the vertebra centroids, its planes
+turned about the spine with the patient (:func:`straighten.curve.patient_polyline`, the frame the
+completeness step uses too), are de-pedicled to find each vertebral body; the final curve, a
+smoothing spline, runs through the body centroids (the posterior elements no longer pull it
+about, so its tangent follows each body's axis). Each crop is a rigid reslice in the final curve's
+frame at its body (planes perpendicular to the curve there): the target keeps its true shape and
+the crop's affine is its true scanner position.
 Label crops go through each label's signed distance (``straighten/label_resample.py``), so thick
 slices leave ramps, not staircases, where an endplate crosses them.
 
@@ -26,7 +27,8 @@ crops of others, but the curve json lists it under ``not_measurable`` with its r
 
 Everything is read and checked before anything is written, so bad input leaves no partial
 crops; each file is written atomically, the curve json last (its presence marks a finished
-patient).
+patient). The curve json records the options that shape the crops (``"options"``); a patient
+finished with other options is not taken for done, nor redone without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -55,12 +57,15 @@ from straighten.centroids import (
     vertebra_labels,
 )
 from straighten.curve import (
+    AP_STEP_MM,
+    MIN_PATIENT_TURN_DEG,
     CropAP,
     SpineCurve,
     anatomical_ap,
     crop_affine,
     fit_spine_curve,
     index_to_world,
+    patient_polyline,
     straighten,
 )
 from straighten.depedicle import body_mask, depedicle
@@ -175,10 +180,102 @@ def crop_is_readable(path: Path, shape: tuple[int, ...] | None = None) -> bool:
         return False
 
 
-def is_done(root: Path, pid: str, labels_only: bool) -> bool:
-    """True if the patient's curve json and every crop it lists exist and are readable."""
+# The options that shape the crops, recorded in the curve json ("options") by these names, and
+# the flags that set them.
+OPTION_FLAGS = {
+    "spacing_mm": "--spacing_mm",
+    "crop_mm": "--crop_mm",
+    "window_hu": "--window",
+    "label_scheme": "--label_scheme",
+    "label_resampling": "--label_resampling",
+    "crop_ap": "--crop_ap",
+    "smoothing_mm": "--smoothing_mm",
+}
+
+
+def option_record(opt: StraightenOptions) -> dict:
+    """The options that shape a patient's crops, as its curve json records them."""
+    return {
+        "spacing_mm": float(opt.spacing_mm),
+        "crop_mm": [float(c) for c in opt.crop_mm],
+        "window_hu": [float(w) for w in opt.window],
+        "label_scheme": str(opt.label_scheme),
+        "label_resampling": str(opt.label_resampling),
+        "crop_ap": str(opt.crop_ap),
+        "smoothing_mm": float(opt.smoothing_mm),
+    }
+
+
+def recorded_options(record: dict, opt: StraightenOptions) -> dict:
+    """The options a curve json was made with; those it cannot tell are left out.
+
+    A curve json written before the options were recorded still says its voxel size, crop shape
+    (the crop size in mm at that voxel size), window and AP mode (absent: made before
+    ``--crop_ap``, in the scanner's frame); its label scheme, label resampling and smoothing are
+    unknown.
+    """
+    if isinstance(record.get("options"), dict):
+        return record["options"]
+    known = {}
+    if "spacing_mm" in record:
+        known["spacing_mm"] = record["spacing_mm"]
+    if "crop_shape" in record:
+        shape = [int(n) for n in record["crop_shape"]]
+        same = shape == list(opt.crop_shape) and known.get("spacing_mm") == opt.spacing_mm
+        spacing = float(known.get("spacing_mm", opt.spacing_mm))
+        known["crop_mm"] = [float(c) for c in opt.crop_mm] if same else [n * spacing for n in shape]
+    if "window_hu" in record:
+        known["window_hu"] = record["window_hu"]
+    known["crop_ap"] = record.get("crop_ap", "scanner")
+    return known
+
+
+def _option_text(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_option_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def option_differences(root: Path, pid: str, opt: StraightenOptions) -> tuple[list[str], list[str]]:
+    """How the options of ``pid``'s curve json differ from ``opt``: ("--flag then (this run now)"
+    for each option that differs, the flags the json does not record). Both empty when there is
+    no readable curve json."""
+    try:
+        record = json.loads(curve_path(root, pid).read_text())
+        then = recorded_options(record, opt) if isinstance(record, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []
+    now = option_record(opt)
+    differ, unknown = [], []
+    for key, flag in OPTION_FLAGS.items():
+        if key not in then:
+            unknown.append(flag)
+            continue
+        a, b = then[key], now[key]
+        same = a == b
+        with contextlib.suppress(TypeError, ValueError):
+            same = np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=0, atol=1e-9)
+        if not same:
+            differ.append(f"{flag} {_option_text(a)}, this run {_option_text(b)}")
+    return differ, unknown
+
+
+def other_options(root: Path, pid: str, opt: StraightenOptions) -> str | None:
+    """Why ``pid``'s finished outputs cannot be kept for a run with ``opt`` (made with other
+    options), or None (they match, are unknown, or there are none)."""
+    differ, _ = option_differences(root, pid, opt)
+    if not differ:
+        return None
+    return f"made with other options ({'; '.join(differ)}); pass --overwrite to redo it with these"
+
+
+def is_done(root: Path, pid: str, labels_only: bool, opt: StraightenOptions | None = None) -> bool:
+    """True if the patient's curve json and every crop it lists exist and are readable (and, with
+    ``opt``, it was not made with other options: :func:`other_options`)."""
     path = curve_path(root, pid)
     if not path.is_file():
+        return False
+    if opt is not None and other_options(root, pid, opt):
         return False
     try:
         record = json.loads(path.read_text())
@@ -271,6 +368,7 @@ def curve_record(
         "window_hu": list(opt.window),
         "frame": "world RAS mm; tangent to inferior, ap to posterior, lr to left",
         "crop_ap": opt.crop_ap,
+        "options": option_record(opt),
         "origin_row": curve.origin_row,
         "points_mm": np.round(curve.points, 3).tolist(),
         "tangent": np.round(curve.tangent, 5).tolist(),
@@ -286,8 +384,12 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     """Straighten one patient and write its crops; an :class:`InputError` leaves nothing behind."""
     start = time.perf_counter()
     root = Path(root)
-    if not opt.overwrite and is_done(root, pid, opt.labels_only):
-        return PatientResult(pid, skipped=True)
+    if not opt.overwrite:
+        differ = other_options(root, pid, opt)
+        if differ:
+            raise input_error(curve_path(root, pid), differ)
+        if is_done(root, pid, opt.labels_only):
+            return PatientResult(pid, skipped=True)
     case = raw_case(root, pid)
     if not opt.labels_only and case.ct is None:
         raise input_error(case.folder, f"no CT {pid}.nii.gz (pass --labels_only for mask-only data)")
@@ -318,10 +420,19 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     plane = (n_ap, n_lr)
     try:
         # the polyline: a partial end vertebra's centroid (mostly posterior elements) would make a
-        # spline overshoot; this pass only has to find the bodies
-        first = fit_spine_curve(
-            np.array([world[v] for v in steering]), opt.spacing_mm, CURVE_EXTENSION_MM, degree=1
+        # spline overshoot; this pass only has to find the bodies, on planes turned with the patient
+        # (in the scanner's frame de-pedicling a turned patient would move them)
+        first, turn = patient_polyline(
+            mask,
+            {v: world[v] for v in steering},
+            opt.spacing_mm,
+            CURVE_EXTENSION_MM,
+            max(AP_STEP_MM, opt.spacing_mm),
         )
+        if abs(turn) >= MIN_PATIENT_TURN_DEG:
+            log.info(
+                "%s: the patient is turned %.1f deg about the spine; bodies found in its frame", pid, turn
+            )
         along = depedicle(straighten(mask.array, mask.affine, first, plane, order=0), opt.spacing_mm)
         bodies = {}
         for v in steering:
@@ -443,13 +554,18 @@ def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientRes
     bugs), and the patient's outputs are removed so that no later run takes them for finished.
     With ``overwrite`` the curve json (the mark of a finished patient) goes first, so an
     interrupted rewrite is redone too; crops of vertebrae no longer in the mask are removed.
-    Temporary files a killed run left are removed first. KeyboardInterrupt passes through, after
+    A patient finished with other options (:func:`other_options`) is left as it is, with a line
+    saying so. Temporary files a killed run left are removed first. KeyboardInterrupt passes through, after
     removing what this patient had written.
     """
     root_path = Path(root)
     _unlink([p for p in _patient_files(root_path, pid) if _is_temp(p)])
-    if not opt.overwrite and is_done(root_path, pid, opt.labels_only):
-        return PatientResult(pid, skipped=True), None
+    if not opt.overwrite:
+        differ = other_options(root_path, pid, opt)
+        if differ:  # kept: the user chooses whether to redo them
+            return None, f"{curve_path(root_path, pid)}: {differ}"
+        if is_done(root_path, pid, opt.labels_only):
+            return PatientResult(pid, skipped=True), None
     try:
         if opt.overwrite:
             _unlink([curve_path(root_path, pid)])

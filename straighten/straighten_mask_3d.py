@@ -19,6 +19,10 @@ Faults: options are checked before any work (finite numbers, crops that fit in m
 A patient that fails for any reason (bad input, unwritable output, memory) gets one ``error:``
 line naming the file, loses its outputs so no rerun takes them for finished, and the others go
 on (exit 1). A patient counts as done only if its curve json and every crop it lists are whole.
+A rerun whose crop options (``--spacing_mm``, ``--crop_mm``, ``--window``, ``--label_scheme``,
+``--label_resampling``, ``--crop_ap``, ``--smoothing_mm``) differ from those a finished patient's
+curve json records is refused before any work (one line, exit 2) unless ``--overwrite``; curve
+jsons from before the options were recorded are kept, with a warning naming what is unknown.
 Ctrl-C stops with one line and exit 130; the patients cut short leave no files.
 """
 
@@ -39,8 +43,8 @@ if __package__ in (None, ""):
 from tqdm import tqdm
 
 from data import label_schemes
-from data.layout import list_patients, shard
-from straighten.patient import CROP_AP_MODES, StraightenOptions, run_patient
+from data.layout import curve_path, list_patients, shard
+from straighten.patient import CROP_AP_MODES, StraightenOptions, option_differences, run_patient
 from util.errors import InputError
 from util.memory import too_big
 
@@ -141,6 +145,38 @@ def option_problem(opt: argparse.Namespace) -> str | None:
     return None
 
 
+def finished_with_other_options(
+    root: Path, pids: list[str], settings: StraightenOptions
+) -> tuple[str | None, str | None]:
+    """(why the run must not go on: patients finished with other options; a note on patients whose
+    curve json does not record some options), each None when there is nothing to say.
+
+    Only the curve jsons are read; nothing is written.
+    """
+    differ, unknown = {}, {}
+    for pid in pids:
+        changed, flags = option_differences(root, pid, settings)
+        if changed:
+            differ[pid] = changed
+        elif flags:
+            unknown[pid] = flags
+    problem = note = None
+    if differ:
+        pid, changed = next(iter(differ.items()))
+        others = f" (and {len(differ) - 1} more patients)" if len(differ) > 1 else ""
+        problem = (
+            f"{curve_path(root, pid)}{others}: made with other options ({'; '.join(changed)}); "
+            "pass --overwrite to redo them with these"
+        )
+    if unknown:
+        flags = sorted({f for fs in unknown.values() for f in fs})
+        note = (
+            f"{len(unknown)} finished patients (e.g. {next(iter(unknown))}) have curve jsons from before "
+            f"the options were recorded: {', '.join(flags)} unknown; kept as done (--overwrite redoes them)"
+        )
+    return problem, note
+
+
 def _quiet_interrupt(signum, frame) -> None:
     """Workers end on Ctrl-C without a traceback (their temporary files are removed on the way)."""
     raise SystemExit(130)
@@ -195,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not opt.overwrite:
+        problem, note = finished_with_other_options(Path(opt.dataroot), pids, settings)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
     start = time.perf_counter()
     results, failed = [], []
     try:

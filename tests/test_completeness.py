@@ -130,3 +130,37 @@ def test_a_body_cut_by_its_neighbours_label_is_flagged_and_a_narrow_disc_is_not(
     assert all(s.complete for s in vertebra_completeness(narrow, affine_2mm(), 0.0, 0.0).values())
     # off: the option turns the test off
     assert all(s.complete for s in vertebra_completeness(cut, affine_2mm(), 0.0, 0.0, 20.0, 0.0).values())
+
+
+def test_a_fragment_level_with_its_neighbour_does_not_refuse_the_spine(tmp_path):
+    """A sliver of T11 at the scan's cranial edge, posterior elements only, level with T12's
+    centroid: it is flagged as a fragment and the complete vertebrae below keep their centroids
+    (the stacking check used to refuse the whole patient: 'labels 18 (T11) and 19 (T12) are not
+    stacked')."""
+    mask = mini_spine()
+    c = mask.shape[0] // 2
+    z = int(round(np.argwhere(mask == 19)[:, 2].mean()))
+    mask[c + 3 : c + 6, 0:3, z - 1 : z + 2] = 18  # 27 voxels beside T12's spinous process
+    pid = "p1"
+    folder = tmp_path / "raw" / pid
+    save_nifti(folder / f"{pid}_msk.nii.gz", mask, affine_2mm())
+    assert location_json_local.main(["--dataroot", str(tmp_path)]) == 0
+    records = {r["label"]: r for r in json.loads((folder / f"{pid}.json").read_text())}
+    assert sorted(records) == [18, 19, 20, 21, 22]
+    assert not records[18]["complete"] and "fragment" in records[18]["reason"]
+    assert all(records[v]["complete"] for v in (19, 20, 21))
+
+
+def test_the_stacking_check_skips_fragments_and_tests_every_volume():
+    affine = affine_2mm()
+    centres = {
+        18: np.array([0.0, 0.0, 50.0]),
+        19: np.array([0.0, 20.0, 50.5]),
+        20: np.array([0.0, 20.0, 35.0]),
+    }
+    volumes = {18: 200.0, 19: 40_000.0, 20: 42_000.0}
+    assert location_json_local.stacking_problem(affine, centres, volumes) is None
+    assert "not stacked" in location_json_local.stacking_problem(affine, centres, {**volumes, 18: 30_000.0})
+    # an organ read as a vertebra is refused by its size
+    problem = location_json_local.stacking_problem(affine, centres, {**volumes, 20: 600_000.0})
+    assert "far more than any vertebra" in problem

@@ -47,6 +47,29 @@ def test_body_and_bone_masks_fill_holes():
     assert (body_mask(mr, "mr") == mask).mean() > 0.99
 
 
+def test_body_masks_refuse_to_write_over_their_input(tmp_path, capsys):
+    from data import body_masks
+
+    ct = np.full((8, 24, 24), -1000.0, np.float32)
+    ct[:, 4:20, 4:20] = 40.0
+    for name in ("a.nii.gz", "b.nii.gz"):
+        nib.save(nib.Nifti1Image(ct, np.eye(4)), str(tmp_path / name))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for src in (tmp_path, tmp_path / "b.nii.gz"):
+        for out in (tmp_path, tmp_path / "." / ".." / tmp_path.name):
+            capsys.readouterr()
+            argv = ["--input", str(src), "--out", str(out), "--modality", "ct", "--overwrite"]
+            assert body_masks.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and "over its input" in err[0], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert (
+        body_masks.main(["--input", str(tmp_path), "--out", str(tmp_path / "masks"), "--modality", "ct"]) == 0
+    )
+    mask = np.asanyarray(nib.load(str(tmp_path / "masks" / "a.nii.gz")).dataobj)
+    assert mask.dtype == np.uint8 and mask[:, 10, 10].all() and not mask[:, 0, 0].any()
+
+
 def test_generator_and_extractor_shapes():
     x = torch.randn(2, 1, 32, 48)
     assert ResnetGenerator(1, 1, ngf=4, n_blocks=2)(x).shape == x.shape
@@ -233,3 +256,71 @@ def test_joint_shape_extractor_is_trainable_for_torchrun_and_a_loaded_one_frozen
     save_checkpoint({"config": {"colour": 3}, "state_dict": net.state_dict()}, odd)
     with pytest.raises(InputError, match="odd.pth: its config does not build a shape extractor"):
         load_shape_extractor(str(odd), torch.device("cpu"))
+
+
+def _cycle_gan_opt(**overrides):
+    import argparse
+
+    opt = dict(model="cycle_gan", spacing_mm=1.0, slice_axis=0, modality_A="mr", modality_B="ct")
+    return argparse.Namespace(**{**opt, "hu_min": -1000, "hu_max": 1000, **overrides})
+
+
+def test_volume_inference_pads_to_the_generators_multiple(tmp_path):
+    import types
+
+    from models.networks.resnet import define_G
+    from predict_volume import predict_file, stride_multiple
+
+    torch.manual_seed(0)
+    unet = define_G(1, 1, 4, "unet", "instance", False, 64).eval()  # cycle_gan --netG unet --crop_size 64
+    assert unet.num_downs == 6 and stride_multiple(unet) == 64
+    assert stride_multiple(ResnetGenerator(1, 1, ngf=4, n_blocks=1)) == 4
+    mr = tmp_path / "mr.nii.gz"
+    volume = np.random.default_rng(0).random((6, 68, 70)).astype(np.float32) * 500
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(mr))
+    model = types.SimpleNamespace(netG_A=unet, device=torch.device("cpu"))
+    array, affine = predict_file(model, _cycle_gan_opt(), mr, 4)
+    assert array.shape == volume.shape and array.dtype == np.int16
+    np.testing.assert_allclose(affine, np.eye(4))
+
+
+class _Constant(torch.nn.Module):
+    """A "generator" whose output is ``value`` everywhere (in [-1, 1])."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x[:, :1], self.value)
+
+
+def test_a_constant_prediction_is_constant_on_the_input_grid(tmp_path):
+    import types
+
+    from predict_volume import predict_file
+
+    # 1 mm voxels worked at 1.5 mm: 101 slices become 67 whose last centre is 1 mm short of the input's
+    mr = tmp_path / "mr.nii.gz"
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [30.0, -12.0, 7.0]
+    nib.save(nib.Nifti1Image(np.ones((22, 19, 101), np.float32), affine), str(mr))
+    model = types.SimpleNamespace(netG_A=_Constant(0.1), device=torch.device("cpu"))
+    array, _ = predict_file(model, _cycle_gan_opt(spacing_mm=1.5), mr, 8)
+    assert array.shape == (22, 19, 101)
+    np.testing.assert_array_equal(array, 100)  # 0.1 in [-1, 1] is 100 HU in [-1000, 1000]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_batch_slices_below_one_is_refused(tmp_path, capsys, value):
+    import predict_volume
+
+    out = tmp_path / "pred"
+    args = ["--checkpoints_dir", str(tmp_path), "--name", "cg", "--input", str(tmp_path), "--out", str(out)]
+    assert predict_volume.main([*args, "--batch_slices", value]) == 2
+    assert capsys.readouterr().err == f"error: --batch_slices must be >= 1, got {value}\n"
+    assert not out.exists()
+    with pytest.raises(ValueError, match="batch_slices"):
+        predict_volume.translate_slices(
+            _Constant(0.0), np.zeros((3, 1, 4, 4), np.float32), 0, torch.device("cpu")
+        )
