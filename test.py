@@ -14,16 +14,14 @@ map) ends the run with one error line and exit status 2, leaving any earlier res
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from data import create_dataset
 from models import create_model
 from options.base_options import load_options
 from options.test_options import TestOptions
+from util.atomic import atomic_dir
 from util.errors import InputError, failure_line, input_error, one_line
 from util.html import HTML
 from util.registry import RegistryError
@@ -91,29 +89,6 @@ def write_results(opt, dataset, model, web_dir: Path, title: str) -> int:
     return done
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Rename the folder ``new`` to ``target``, replacing (then deleting) a folder already there."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        target.replace(old / target.name)
-    try:
-        new.replace(target)
-    except OSError:
-        if old is not None:
-            (old / target.name).replace(target)  # put the earlier result back
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -129,15 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {tag}"
     # folders this run creates above the page, removed again if it fails
     created = [p for p in (web_dir.parent, *web_dir.parent.parents) if not p.exists()]
-    work, finished = None, False
+    finished = False
     try:
         if web_dir.exists() and not web_dir.is_dir():
             raise input_error(web_dir, "the results folder is a file")
-        web_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{web_dir.name}.", suffix=".tmp", dir=web_dir.parent))
-        work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the page gets a normal folder's mode
-        done = write_results(opt, dataset, model, work, title)
-        replace_dir(work, web_dir)
+        with atomic_dir(web_dir) as work:
+            done = write_results(opt, dataset, model, work, title)
         finished = True
     except (InputError, OSError) as exc:
         message = loader_message(exc) if isinstance(exc, InputError) else failure_line(exc, web_dir)
@@ -145,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if not finished:  # nothing of this run stays
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
             for folder in created:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty
