@@ -3,11 +3,14 @@
     python -m benchmarks.phantom_quality --dataroot D/straightened --vertebra_json D/vertebra_data.json
         [--minutes 20] [--clock cpu|wall] [--batch_size 4] [--torch_threads 0] [--val_draws 1]
         [--models healthivert pix2pix] [--healthivert_args '--lr 1e-3'] [--pix2pix_args '...']
-        [--profile_rows 4]
+        [--profile_rows 4] [--decay_fraction 0.5]
 
 Each model trains for ``--minutes`` of this process's CPU time (``--clock cpu``, the default: fair
 to both models on a shared machine; ``--clock wall`` for wall time) on the ``train`` split
-(normal vertebrae, the default options of the model, the same data), then both are evaluated on
+(normal vertebrae, the default options of the model, the same data) under train.py's schedule in
+time instead of epochs: the learning rate is held for the first ``1 - --decay_fraction`` of the
+budget, then falls linearly to 0 at its end (``--decay_fraction 0``: held throughout, the
+benchmark's schedule before this option). Both are then evaluated on
 the ``val`` split's grade-0 vertebrae at their central slices (``--val_draws K`` > 1: K seeded
 draws per vertebra from the central 80 % of its slices instead, as in training, for tighter
 figures). Figures (printed):
@@ -117,6 +120,15 @@ def add_profile(profiles: dict, name: str, prediction: torch.Tensor, batch: dict
         profiles.setdefault(name, {}).setdefault(key, []).extend(values)
 
 
+def lr_factor(progress: float, decay_fraction: float) -> float:
+    """The learning rate's factor at ``progress`` (0 to 1) of the training budget: 1 until
+    ``1 - decay_fraction``, then linearly down to 0 at the end (train.py's constant-then-linear
+    schedule, in time instead of epochs)."""
+    if decay_fraction <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / decay_fraction))
+
+
 def train_for(model_name: str, args: argparse.Namespace) -> object:
     opt = TrainOptions().parse(
         ["--model", model_name, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
@@ -133,10 +145,15 @@ def train_for(model_name: str, args: argparse.Namespace) -> object:
     start = clock()
     deadline = start + 60 * args.minutes
     iters, epoch = 0, 0
+    base_lr = [[group["lr"] for group in o.param_groups] for o in model.optimizers]
     while clock() < deadline:
         epoch += 1
         dataset.set_epoch(epoch)
         for data in dataset:
+            factor = lr_factor((clock() - start) / max(deadline - start, 1e-9), args.decay_fraction)
+            for optimizer, lrs in zip(model.optimizers, base_lr, strict=True):
+                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr * factor
             model.set_input(data)
             model.optimize_parameters()
             iters += 1
@@ -188,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts")
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument(
+        "--decay_fraction",
+        type=float,
+        default=0.5,
+        help="the last fraction of the budget over which the learning rate falls linearly to 0",
+    )
     parser.add_argument("--torch_threads", type=int, default=0)
     parser.add_argument("--val_draws", type=int, default=1, help="slices per val vertebra (1: central)")
     parser.add_argument(
@@ -204,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         help="print each method's error on the first K rows from each end",
     )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.decay_fraction <= 1.0:
+        parser.error(f"--decay_fraction must be between 0 and 1, got {args.decay_fraction}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     val_args = ["--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot, "--vertebra_json"]

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from benchmarks.phantom_quality import add_scores, linear_fill, region_l1, row_profile, target_rows_mask
+from benchmarks.phantom_quality import (
+    add_scores,
+    linear_fill,
+    lr_factor,
+    region_l1,
+    row_profile,
+    target_rows_mask,
+)
 
 
 def _batch(rows: int = 20) -> dict:
@@ -83,3 +90,12 @@ def test_row_profile_skips_rows_outside_a_short_target():
     profile = row_profile(batch["ct"].clone(), batch, rows=4)
     # rows 5 and 6 from both ends; row +2 and +3 fall outside [x1, x2)
     assert sorted(profile) == [("bottom", 0), ("bottom", 1), ("top", 0), ("top", 1)]
+
+
+def test_lr_factor_holds_then_falls_linearly_to_zero():
+    # train.py's constant-then-linear schedule over the time budget: half held, half decaying
+    assert [lr_factor(p, 0.5) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx([1, 1, 1, 0.5, 0])
+    assert lr_factor(0.9, 0.2) == pytest.approx(0.5)
+    assert lr_factor(1.3, 0.5) == 0.0  # past the deadline (the last iteration may overrun it)
+    assert lr_factor(0.99, 0.0) == 1.0  # held throughout
+    assert lr_factor(0.0, 1.0) == 1.0 and lr_factor(0.5, 1.0) == pytest.approx(0.5)
