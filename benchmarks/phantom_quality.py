@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.optim import lr_scheduler  # noqa: E402
 
 from data import create_dataset  # noqa: E402
 from models import create_model  # noqa: E402
@@ -129,6 +130,15 @@ def lr_factor(progress: float, decay_fraction: float) -> float:
     return min(1.0, max(0.0, (1.0 - progress) / decay_fraction))
 
 
+def time_schedules(optimizers, progress, decay_fraction: float) -> list[lr_scheduler.LambdaLR]:
+    """One scheduler per optimizer whose factor is :func:`lr_factor` at ``progress()`` (the share
+    of the budget spent): set at creation, then again at every ``step()`` after an iteration."""
+    return [
+        lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(progress(), decay_fraction))
+        for optimizer in optimizers
+    ]
+
+
 def train_for(model_name: str, args: argparse.Namespace) -> object:
     opt = TrainOptions().parse(
         ["--model", model_name, "--dataset_mode", "aligned_sagittal", "--dataroot", args.dataroot]
@@ -145,17 +155,16 @@ def train_for(model_name: str, args: argparse.Namespace) -> object:
     start = clock()
     deadline = start + 60 * args.minutes
     iters, epoch = 0, 0
-    base_lr = [[group["lr"] for group in o.param_groups] for o in model.optimizers]
+    progress = lambda: (clock() - start) / max(deadline - start, 1e-9)  # noqa: E731
+    schedules = time_schedules(model.optimizers, progress, args.decay_fraction)
     while clock() < deadline:
         epoch += 1
         dataset.set_epoch(epoch)
         for data in dataset:
-            factor = lr_factor((clock() - start) / max(deadline - start, 1e-9), args.decay_fraction)
-            for optimizer, lrs in zip(model.optimizers, base_lr, strict=True):
-                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-                    group["lr"] = lr * factor
             model.set_input(data)
             model.optimize_parameters()
+            for schedule in schedules:
+                schedule.step()
             iters += 1
             if clock() >= deadline:
                 break

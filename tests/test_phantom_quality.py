@@ -10,6 +10,7 @@ from benchmarks.phantom_quality import (
     region_l1,
     row_profile,
     target_rows_mask,
+    time_schedules,
 )
 
 
@@ -99,3 +100,22 @@ def test_lr_factor_holds_then_falls_linearly_to_zero():
     assert lr_factor(1.3, 0.5) == 0.0  # past the deadline (the last iteration may overrun it)
     assert lr_factor(0.99, 0.0) == 1.0  # held throughout
     assert lr_factor(0.0, 1.0) == 1.0 and lr_factor(0.5, 1.0) == pytest.approx(0.5)
+
+
+def test_time_schedules_set_every_optimizers_rate_from_the_budget_spent():
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    optimizers = [
+        torch.optim.Adam([weights[0]], lr=2e-4),
+        torch.optim.Adam([{"params": [weights[1]], "lr": 1e-3}, {"params": [weights[2]], "lr": 4e-3}]),
+    ]
+    spent = [0.0]
+    schedules = time_schedules(optimizers, lambda: spent[0], 0.5)
+    rates = lambda: [g["lr"] for o in optimizers for g in o.param_groups]  # noqa: E731
+    assert rates() == pytest.approx([2e-4, 1e-3, 4e-3])  # set at creation
+    for share, factor in ((0.1, 1.0), (0.5, 1.0), (0.75, 0.5), (0.9, 0.2), (1.0, 0.0)):
+        spent[0] = share
+        for optimizer in optimizers:
+            optimizer.step()  # an iteration, as in the benchmark's loop
+        for schedule in schedules:
+            schedule.step()
+        assert rates() == pytest.approx([2e-4 * factor, 1e-3 * factor, 4e-3 * factor])
