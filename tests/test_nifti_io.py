@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,7 @@ from data.nifti_io import (
     voxel_to_world,
 )
 from tests.conftest import write_nifti
-from util.atomic import atomic_path
+from util.atomic import atomic_dir, atomic_path
 from util.errors import InputError
 
 
@@ -175,3 +176,21 @@ def test_failed_write_leaves_nothing(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results" / "page"
+    with atomic_dir(target) as work:  # the parent is created
+        (work / "index.html").write_text("first")
+    assert sorted(p.name for p in target.iterdir()) == ["index.html"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder's mode, not mkdtemp's private one
+    with pytest.raises(RuntimeError), atomic_dir(target) as work:
+        (work / "index.html").write_text("half")
+        raise RuntimeError("a sample failed")
+    assert (target / "index.html").read_text() == "first"  # the earlier page is untouched
+    with atomic_dir(target) as work:
+        (work / "other.png").write_bytes(b"x")
+    assert sorted(p.name for p in target.iterdir()) == ["other.png"]  # replaced, not merged
+    assert sorted(p.name for p in target.parent.iterdir()) == ["page"]  # no temporary folder left
