@@ -195,6 +195,12 @@ class HealthiVertModel(BaseModel):
             "(DeepFill's coarse-to-fine), or 'masked': the masked CT as in the reference's code",
         )
         g.add_argument(
+            "--fine_skips",
+            action="store_true",
+            help="the fine decoder also reads the hallucination branch's half- and full-resolution "
+            "features (U-Net skips; not in the paper or the reference, 11,520 more parameters at ngf 16)",
+        )
+        g.add_argument(
             "--local_width", type=float, default=70 / 256, help="local D: central fraction of the columns"
         )
         g.add_argument(
@@ -244,7 +250,8 @@ class HealthiVertModel(BaseModel):
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
         # a run saved before --fine_input existed was trained with the masked CT
         fine_input = getattr(opt, "fine_input", "masked")
-        self.netG = InpaintGenerator(opt.ngf, fine_input=fine_input).to(self.device)
+        fine_skips = getattr(opt, "fine_skips", False)
+        self.netG = InpaintGenerator(opt.ngf, fine_input=fine_input, fine_skips=fine_skips).to(self.device)
         self.checkpoint_mode = getattr(opt, "grad_checkpoint", "off") if self.isTrain else "off"
         self.netG.checkpointing = self.checkpoint_mode == "on"
         if self.isTrain:

@@ -57,6 +57,29 @@ def test_generator_parameters_match_the_reference():
     assert sum(p.numel() for p in define_D(1, 64).parameters()) == 2_763_585
 
 
+def test_fine_skips_feed_the_decoder_the_hallucination_features(tmp_path):
+    """``--fine_skips``: the fine decoder's first half- and full-resolution convolutions also read
+    the hallucination branch's 2c and c features (2c x 2c + c x c 3 x 3 kernels more), and those
+    early layers get gradient through the decoder, not only through the quarter-resolution path."""
+    plain, skips = InpaintGenerator(16), InpaintGenerator(16, fine_skips=True)
+    n = [sum(p.numel() for p in g.parameters()) for g in (plain, skips)]
+    assert n[1] - n[0] == (32 * 32 + 16 * 16) * 9
+    assert model_for(tmp_path, "--fine_skips").netG.fine.skips and not model_for(tmp_path).netG.fine.skips
+    torch.manual_seed(0)
+    g = InpaintGenerator(8, fine_skips=True).eval()
+    b = batch([0, 1])
+    args = (b["ct_masked"], b["hole"], b["slice_ratio"], b["cam"])
+    half, full = g.fine._hallucinate(torch.zeros(1, 4, 32, 32))[1:]
+    assert half.shape == (1, 16, 16, 16) and full.shape == (1, 8, 32, 32)
+    with torch.no_grad():
+        before = g(*args).fine_image
+        for conv, c_in in ((g.fine.dec_half[0].conv, 32), (g.fine.dec_full[0].conv, 16)):
+            w = conv.parametrizations.weight.original
+            assert w.shape[1] == c_in + w.shape[0]  # the decoder's own channels, then the skip's
+            w[:, c_in:] = 0  # the skips cut: a different image
+        assert (g(*args).fine_image - before).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("size", [(32, 32), (64, 48), (40, 28)])
 def test_generator_and_discriminator_shapes(size):
     h, w = size
@@ -120,10 +143,11 @@ def test_a_run_saved_before_fine_input_existed_keeps_the_masked_input(tmp_path):
     assert HealthiVertModel(opt).netG.fine_input == "masked"
 
 
+@pytest.mark.parametrize("skips", [False, True])
 @pytest.mark.parametrize(("size", "rows"), [((64, 48), (20, 37)), ((40, 28), (0, 9)), ((64, 32), (50, 64))])
-def test_generator_rows_window_equals_the_full_decoder(size, rows):
+def test_generator_rows_window_equals_the_full_decoder(size, rows, skips):
     h, w = size
-    g = InpaintGenerator(8).eval()
+    g = InpaintGenerator(8, fine_skips=skips).eval()
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(2, 1, h, w, generator=gen) * 2 - 1
     hole = torch.zeros(2, 1, h, w)
@@ -333,11 +357,12 @@ def test_local_and_seg_discriminators_see_the_band_window(tmp_path):
     assert all(torch.isfinite(torch.tensor(list(window.get_current_losses().values()))))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("skips", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(skips):
     """Recomputing the stages in the backward pass changes neither the gradients nor spectral
     norm's power-iteration vectors (one step per forward, as without checkpointing)."""
     torch.manual_seed(0)
-    plain = InpaintGenerator(8)
+    plain = InpaintGenerator(8, fine_skips=skips)
     recomputed = copy.deepcopy(plain)
     recomputed.checkpointing = True
     b = batch([0, 1])

@@ -159,9 +159,10 @@ class CoarseGenerator(nn.Module):
 
 
 class FineGenerator(nn.Module):
-    def __init__(self, ngf: int = 16, in_ch: int = 4):
+    def __init__(self, ngf: int = 16, in_ch: int = 4, skips: bool = False):
         super().__init__()
         self.checkpointing = False  # see :func:`_segment`
+        self.skips = skips
         c = ngf
         self.hallucinate = nn.Sequential(
             ConvBlock(in_ch, c, 5),
@@ -185,8 +186,10 @@ class FineGenerator(nn.Module):
         self.merge = ConvBlock(8 * c, 4 * c)
         self.height = HeightHead(4 * c)
         self.middle = nn.Sequential(ConvBlock(4 * c, 4 * c), ConvBlock(4 * c, 4 * c))
-        self.dec_half = nn.Sequential(ConvBlock(4 * c, 2 * c), ConvBlock(2 * c, 2 * c))
-        self.dec_full = nn.Sequential(ConvBlock(2 * c, c), ConvBlock(c, c // 2))
+        # with skips the decoder also reads the hallucination branch's half-resolution (2c) and
+        # full-resolution (c) features, U-Net fashion
+        self.dec_half = nn.Sequential(ConvBlock(4 * c + 2 * c * skips, 2 * c), ConvBlock(2 * c, 2 * c))
+        self.dec_full = nn.Sequential(ConvBlock(2 * c + c * skips, c), ConvBlock(c, c // 2))
         self.image_head = ConvBlock(c // 2 + 1, 1, act="none")
         self.seg_head = ConvBlock(c // 2 + 1, 1, act="none")
 
@@ -200,38 +203,59 @@ class FineGenerator(nn.Module):
         """``x`` (B, 4, H, W): masked CT, coarse segmentation, hole, slice ratio; ``rows``: only
         these output rows are needed (module docstring)."""
         a = _segment(self, self._attend, x, hole)
-        z = _segment(self, self.hallucinate, x)
+        z, *skips = _segment(self, self._hallucinate, x)
         if rows is None:
-            return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image))
-        return CoarseOutput(*self._decode(z, a, coarse_image, rows))
+            return CoarseOutput(*_segment(self, self._decode, z, a, coarse_image, *skips))
+        return CoarseOutput(*self._decode(z, a, coarse_image, *skips, rows=rows))
+
+    def _hallucinate(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The hallucination branch's output and, with skips, its half- and full-resolution features."""
+        if not self.skips:
+            return (self.hallucinate(x),)
+        full = self.hallucinate[0](x)
+        half = self.hallucinate[1:3](full)
+        return self.hallucinate[3:](half), half, full
 
     def _attend(self, x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         return self.attend_out(self.attention(self.attend_in(x), hole))
 
     def _decode(
-        self, z: torch.Tensor, a: torch.Tensor, coarse: torch.Tensor, rows: tuple[int, int] | None = None
+        self,
+        z: torch.Tensor,
+        a: torch.Tensor,
+        coarse: torch.Tensor,
+        *skips: torch.Tensor,
+        rows: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Merge, height head, decoder and heads; with ``rows=(r0, r1)`` the decoder runs on the
         quarter-resolution window those rows depend on and the rest is left at -1 and 0."""
         z = self.merge(torch.cat([z, a], 1))
         p = self.height(z)
         if rows is None:
-            return (*self._upsample(z, coarse), p)
+            return (*self._upsample(z, coarse, *skips), p)
         h, scale = coarse.shape[-2], coarse.shape[-2] // z.shape[-2]
         r0, r1 = max(0, int(rows[0])), min(h, int(rows[1]))
         q0 = max(0, r0 // scale - DECODER_MARGIN_QUARTER_ROWS)
         q1 = min(z.shape[-2], -(-r1 // scale) + DECODER_MARGIN_QUARTER_ROWS)
         w0 = q0 * scale
-        part = self._upsample(z[..., q0:q1, :], coarse[..., w0 : q1 * scale, :])
+        # the skip features are whole-image features, cut to the same window at their resolution
+        skips = tuple(f[..., q0 * (k := f.shape[-2] // z.shape[-2]) : q1 * k, :] for f in skips)
+        part = self._upsample(z[..., q0:q1, :], coarse[..., w0 : q1 * scale, :], *skips)
         image, seg = coarse.new_full(coarse.shape, -1.0), coarse.new_zeros(coarse.shape)
         image[..., r0:r1, :] = part[0][..., r0 - w0 : r1 - w0, :].to(image.dtype)
         seg[..., r0:r1, :] = part[1][..., r0 - w0 : r1 - w0, :].to(seg.dtype)
         return image, seg, p
 
-    def _upsample(self, z: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder from the merged quarter-resolution map to the image and segmentation heads."""
-        z = self.dec_half(_up(self.middle(z)))
-        z = self.dec_full(_up(z))
+    def _upsample(
+        self, z: torch.Tensor, coarse: torch.Tensor, *skips: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder from the merged quarter-resolution map to the image and segmentation heads;
+        ``skips`` (half, full): the hallucination branch's features joined at those resolutions."""
+        half, full = skips if skips else (None, None)
+        z = _up(self.middle(z))
+        z = self.dec_half(z if half is None else torch.cat([z, half], 1))
+        z = _up(z)
+        z = self.dec_full(z if full is None else torch.cat([z, full], 1))
         z = torch.cat([z, coarse.to(z.dtype)], 1)
         return self.image_head(z).clamp(-1, 1), torch.sigmoid(self.seg_head(z))
 
@@ -257,12 +281,18 @@ class InpaintGenerator(nn.Module):
     instead of keeping them (used only when gradients are being recorded).
     """
 
-    def __init__(self, ngf: int = 16, checkpointing: bool = False, fine_input: str = "composite"):
+    def __init__(
+        self,
+        ngf: int = 16,
+        checkpointing: bool = False,
+        fine_input: str = "composite",
+        fine_skips: bool = False,
+    ):
         super().__init__()
         if fine_input not in FINE_INPUTS:
             raise ValueError(f"fine_input must be one of {FINE_INPUTS}, got {fine_input!r}")
         self.coarse = CoarseGenerator(ngf)
-        self.fine = FineGenerator(ngf)
+        self.fine = FineGenerator(ngf, skips=fine_skips)
         self.checkpointing = checkpointing
         self.fine_input = fine_input
 
