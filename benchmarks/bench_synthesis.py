@@ -1,7 +1,7 @@
 """Benchmark: seconds per vertebra of the iterative 3D synthesis, batched vs one slice per pass.
 
     python -m benchmarks.bench_synthesis [--spacing_mm 1.0] [--crop_mm 256 256 64] [--repeats 3]
-        [--threads N] [--device cpu|cuda] [--batch_slices 0 1 8]
+        [--threads N] [--device cpu|cuda] [--batch_slices 0 1 8] [--flops]
 
 One straightened crop of the reference's geometry (default 256 x 256 x 64 mm at 1 mm: the
 reference's crops) with box vertebrae (26 mm bodies, 6 mm discs, 44 x 56 mm sections: every
@@ -13,6 +13,12 @@ are printed: ``batched`` (all slices of a step in one forward pass, what
 eval_3d_sagittal_twostage.py does) and ``one slice`` (``--batch_slices 1``, the reference's
 way). The reference took 65.2 s per vertebra on a 2-core CPU machine (central 80 % of the
 slices only) and 4.1 s on an H100.
+
+``--flops`` adds one more, untimed, run of each mode under torch's FLOP counter (the operations
+the synthesis really executes: convolutions and attention matrix products) and a timed large
+fp32 matrix product at the same thread count, and prints the **compute floor**: the FLOPs per
+vertebra over that matrix-product rate, the time no kernel of these convolutions can beat on
+this machine, beside the target.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from data.vertebra_sample import rows_for_mm
 from eval_3d_sagittal_twostage import Run, weights_cached
@@ -50,6 +57,21 @@ def box_crop(shape: tuple[int, int, int], spacing_mm: float, seed: int = 0) -> t
     return np.clip(ct, 0, 255).astype(np.uint8), label
 
 
+def matmul_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an n x n matrix product at the current thread count (best of ``repeats``)."""
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def healthivert_run(device: str) -> Run:
     argv = ["--model", "healthivert", "--dataset_mode", "aligned_sagittal", "--name", "bench"]
     argv += ["--gpu_ids", "0" if device == "cuda" else "-1", "--checkpoints_dir", "/nonexistent"]
@@ -73,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[0, 1],
         help="modes: slices per pass (0: all)",
+    )
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count each mode's FLOPs per vertebra and print the compute floor (module docstring)",
     )
     opt = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if opt.device == "cuda" and not torch.cuda.is_available():
@@ -120,6 +147,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(cpu[mode]):.2f} CPU s/vertebra, "
             f"{slices} slice syntheses in {passes} forward passes, {med / slices * 1000:.0f} ms per slice"
         )
+    if opt.flops:
+        rate = matmul_gflops(opt.device)
+        print(f"fp32 {2048}x{2048} matrix product: {rate:.1f} GFLOP/s with {torch.get_num_threads()} threads")
+        # the FLOP counter's module tracker hooks inputs that require grad, which fails under
+        # inference_mode; the generator needs no grad here
+        run.model.netG.requires_grad_(False)
+        for mode, batch_slices in modes.items():
+            settings = SynthesisSettings(batch_slices=batch_slices, **base)
+            with torch.no_grad(), weights_cached(), FlopCounterMode(display=False) as counter:
+                synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, settings)
+            counts = counter.get_flop_counts()["Global"]
+            total = counter.get_total_flops() / 1e9
+            conv = sum(v for k, v in counts.items() if "convolution" in str(k)) / 1e9
+            bmm = sum(v for k, v in counts.items() if "bmm" in str(k)) / 1e9
+            print(
+                f"{mode:>10}: {total:.4g} GFLOP per vertebra ({conv / total:.0%} convolutions, "
+                f"{bmm / total:.0%} attention matrix products), "
+                f"{total / info[mode][1]:.2f} GFLOP per forward pass; compute floor at "
+                f"{rate:.1f} GFLOP/s: {total / rate:.1f} s per vertebra; measured "
+                f"{total / statistics.median(times[mode]):.1f} GFLOP/s"
+            )
     if "one slice" in modes:
         for mode in modes:
             if mode == "one slice":
