@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.compute_floor import count_gflops, matmul_gflops
 from data.vertebra_sample import rows_for_mm
 from eval_3d_sagittal_twostage import Run, weights_cached
 from models import create_model
@@ -55,21 +55,6 @@ def box_crop(shape: tuple[int, int, int], spacing_mm: float, seed: int = 0) -> t
     ct = rng.normal(50, 8, shape)
     ct[label > 0] = rng.normal(170, 15, int((label > 0).sum()))
     return np.clip(ct, 0, 255).astype(np.uint8), label
-
-
-def matmul_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of an n x n matrix product at the current thread count (best of ``repeats``)."""
-    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def healthivert_run(device: str) -> Run:
@@ -155,12 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         run.model.netG.requires_grad_(False)
         for mode, batch_slices in modes.items():
             settings = SynthesisSettings(batch_slices=batch_slices, **base)
-            with torch.no_grad(), weights_cached(), FlopCounterMode(display=False) as counter:
-                synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, settings)
-            counts = counter.get_flop_counts()["Global"]
-            total = counter.get_total_flops() / 1e9
-            conv = sum(v for k, v in counts.items() if "convolution" in str(k)) / 1e9
-            bmm = sum(v for k, v in counts.items() if "bmm" in str(k)) / 1e9
+            with torch.no_grad(), weights_cached():
+                gflop = count_gflops(
+                    lambda s=settings: synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, s)
+                )
+            total, conv, bmm = gflop["total"], gflop["convolution"], gflop["matmul"]
             print(
                 f"{mode:>10}: {total:.4g} GFLOP per vertebra ({conv / total:.0%} convolutions, "
                 f"{bmm / total:.0%} attention matrix products), "

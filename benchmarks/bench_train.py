@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_train [--configs 256x12 128x8] [--iters 3] [--dataroot D/straightened]
         [--vertebra_json D/vertebra_data.json] [--num_threads 0] [--torch_threads N] [--device cpu|cuda]
-        [--no_amp] [--d_window band|full] [--grad_checkpoint auto|on|off]
+        [--no_amp] [--d_window band|full] [--grad_checkpoint auto|on|off] [--flops]
 
 Each configuration ``SIZExBATCH`` runs in its own process (so peak memory is its own) at the
 reference's model configuration (ngf 16, ndf 64, three PatchGANs, vanilla GAN; the table states
@@ -17,6 +17,10 @@ Figures: median seconds per iteration, median data wait, loading share = wait / 
 peak memory (CPU: the process's peak resident set; CUDA: peak allocated by torch), and the
 process's CPU seconds per iteration (on a machine shared with other jobs, CPU seconds with
 ``--torch_threads 1`` approximate the wall time the iteration would take on an idle core).
+``--flops`` adds one untimed iteration under torch's FLOP counter and prints GFLOP per iteration
+and the compute floor: those FLOPs at this machine's fp32 matrix-product rate with the same
+threads (``benchmarks/compute_floor.py``), the time no implementation of the same arithmetic
+beats here.
 """
 
 from __future__ import annotations
@@ -103,7 +107,16 @@ def run_one(args: argparse.Namespace) -> dict:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
     it = statistics.median(totals)
     wait = statistics.median(waits)
+    flops = {}
+    if args.flops:
+        from benchmarks.compute_floor import count_gflops, matmul_gflops
+
+        model.set_input(next(iter(dataset)))
+        gflop = count_gflops(model.optimize_parameters)["total"]
+        rate = matmul_gflops(args.device)
+        flops = {"gflop_per_iteration": gflop, "matmul_gflops": rate, "floor_s": gflop / rate}
     return {
+        **flops,
         "config": args.one,
         "device": str(model.device),
         "amp": model.use_amp,
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_amp", action="store_true", help="CUDA: fp32 instead of bf16 + channels_last")
     parser.add_argument("--d_window", default="band", choices=["band", "full"], help="local/seg D input")
     parser.add_argument("--grad_checkpoint", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--flops", action="store_true", help="also print GFLOP/it and the compute floor")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -162,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['s_per_iteration']:>8.2f} {r['data_wait_s']:>7.3f} {r['loading_share_pct']:>6.1f} "
             f"{r['peak_memory_gb']:>7.2f} {r['cpu_s_per_iteration']:>8.2f}"
         )
+        if "floor_s" in r:
+            print(
+                f"{'':>8} {r['gflop_per_iteration']:.0f} GFLOP per iteration; fp32 matrix product "
+                f"{r['matmul_gflops']:.1f} GFLOP/s with {r['torch_threads']} threads: compute floor "
+                f"{r['floor_s']:.2f} s per iteration, measured "
+                f"{r['gflop_per_iteration'] / r['s_per_iteration']:.1f} GFLOP/s"
+            )
     print(f"medians over {args.iters} iterations after one warm-up; machine shared with other jobs")
     return 0
 
