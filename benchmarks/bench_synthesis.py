@@ -17,8 +17,8 @@ slices only) and 4.1 s on an H100.
 ``--flops`` adds one more, untimed, run of each mode under torch's FLOP counter (the operations
 the synthesis really executes: convolutions and attention matrix products) and a timed large
 fp32 matrix product at the same thread count, and prints the **compute floor**: the FLOPs per
-vertebra over that matrix-product rate, the time no kernel of these convolutions can beat on
-this machine, beside the target.
+vertebra over that matrix-product rate, the time no kernel doing this arithmetic directly beats
+on this machine (``benchmarks/compute_floor.py``), beside the target.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             speedup = statistics.median(times["one slice"]) / statistics.median(times[mode])
             cpu_speedup = statistics.median(cpu["one slice"]) / statistics.median(cpu[mode])
             print(
-                f"{mode} is {speedup:.2f}x faster than one slice per forward pass "
+                f"{mode}: {speedup:.2f}x the speed of one slice per forward pass "
                 f"({cpu_speedup:.2f}x in CPU time; on a loaded machine the CPU time is the steadier figure)"
             )
     return 0

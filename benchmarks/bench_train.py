@@ -19,8 +19,8 @@ process's CPU seconds per iteration (on a machine shared with other jobs, CPU se
 ``--torch_threads 1`` approximate the wall time the iteration would take on an idle core).
 ``--flops`` adds one untimed iteration under torch's FLOP counter and prints GFLOP per iteration
 and the compute floor: those FLOPs at this machine's fp32 matrix-product rate with the same
-threads (``benchmarks/compute_floor.py``), the time no implementation of the same arithmetic
-beats here.
+threads, the time no kernel doing this arithmetic directly beats here
+(``benchmarks/compute_floor.py``).
 """
 
 from __future__ import annotations

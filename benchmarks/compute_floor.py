@@ -1,8 +1,11 @@
 """What the arithmetic allows: FLOPs a piece of work executes, and this machine's fp32 rate.
 
 The compute floor of a piece of work is its FLOP count over the rate of a large fp32 matrix
-product at the same thread count: convolution kernels reach at most about that rate, so no
-implementation of the same arithmetic runs faster on this machine.
+product at the same thread count. A large matrix product runs at about the cores' peak, and
+convolution kernels that do the products directly (GEMM-based or direct, as PyTorch's CPU
+backend does for these layers) do not beat it, so no such implementation of the same arithmetic
+runs faster on this machine; only fewer-multiplication algorithms (Winograd, FFT) or less
+arithmetic (a smaller model, fewer passes) could go under the floor.
 """
 
 from __future__ import annotations
