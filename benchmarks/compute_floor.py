@@ -1,10 +1,10 @@
 """What the arithmetic allows: FLOPs a piece of work executes, and this machine's fp32 rate.
 
 The compute floor of a piece of work is its FLOP count over the rate of a large fp32 matrix
-product at the same thread count. A large matrix product runs at about the cores' peak, and
-convolution kernels that do the products directly (GEMM-based or direct, as PyTorch's CPU
-backend does for these layers) do not beat it, so no such implementation of the same arithmetic
-runs faster on this machine; only fewer-multiplication algorithms (Winograd, FFT) or less
+product at the same thread count: PyTorch's best-tuned fp32 kernel, which convolution kernels
+that do the products directly (GEMM-based or direct, as PyTorch's CPU backend does for these
+layers) do not outrun in practice, so no such implementation of the same arithmetic is expected
+to run faster on this machine; only fewer-multiplication algorithms (Winograd, FFT) or less
 arithmetic (a smaller model, fewer passes) could go under the floor.
 """
 

@@ -59,8 +59,8 @@ def test_generator_parameters_match_the_reference():
 
 def test_fine_skips_feed_the_decoder_the_hallucination_features(tmp_path):
     """``--fine_skips``: the fine decoder's first half- and full-resolution convolutions also read
-    the hallucination branch's 2c and c features (2c x 2c + c x c 3 x 3 kernels more), and those
-    early layers get gradient through the decoder, not only through the quarter-resolution path."""
+    the hallucination branch's 2c and c features (2c x 2c + c x c 3 x 3 kernels more), the option
+    reaches the model, and the image depends on the skip channels' weights."""
     plain, skips = InpaintGenerator(16), InpaintGenerator(16, fine_skips=True)
     n = [sum(p.numel() for p in g.parameters()) for g in (plain, skips)]
     assert n[1] - n[0] == (32 * 32 + 16 * 16) * 9
