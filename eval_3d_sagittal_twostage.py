@@ -37,6 +37,7 @@ from data.base_dataset import SPLITS, read_split, split_key
 from data.crops import Crop, CropStore, read_cam, save_like
 from data.layout import shard
 from data.vertebra_sample import rows_for_mm
+from evaluation.rhlv import synthesis_problem
 from models import create_model
 from models.synthesis import (
     MIN_COMPONENT_AREA_MM2,
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ct_dir, label_dir = out / "CT_fake", out / "label_fake"
     world = distributed.env_world_size()
     start = time.perf_counter()
-    done, skipped, passes = 0, 0, 0
+    done, skipped, passes, implausible = 0, 0, 0, 0
     bar = tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra")
     for key in bar:
         ct_path, label_path = ct_dir / f"{key}.nii.gz", label_dir / f"{key}.nii.gz"
@@ -288,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not result.steps.get(crop.vid):
             bar.write(f"warning: {key}: no slice of vertebra {crop.vid} was synthesised; written unchanged")
+        else:
+            problem = synthesis_problem(result.label == crop.vid, crop.label == crop.vid)
+            if problem:
+                implausible += 1
+                bar.write(f"warning: {key}: {problem}")
         save_like(ct_path, to_uint8(result.ct), crop.affine)
         save_like(label_path, result.label.astype(np.uint8), crop.affine)
         store.release(key)
@@ -300,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{skipped} already done; outputs in {out}"
         + (f" (rank {distributed.env_rank()} of {world})" if world > 1 else "")
     )
+    if implausible:
+        print(
+            f"warning: {implausible} of {done} synthesised vertebrae are not plausible healthy twins "
+            "(empty, or under half the original's volume): is the run trained on scans like these? "
+            "RHLV_quantification.py gives them no RHLV"
+        )
     return 0
 
 

@@ -9,7 +9,10 @@
 H_syn is the mean of the adjacent vertebrae's heights (found among the labels present, so L6, T13
 and missing levels work), each measured on its own crop, a neighbour that looks deformed left out
 while another is usable. H_ori is measured on the vertebra's own crop. RHLV = (H_syn - H_ori)/H_syn
-per region (evaluation/rhlv.py).
+per region (evaluation/rhlv.py). A synthesised target that cannot be the healthy twin (empty, or
+under half the original's volume: typically a run applied to scans unlike its training data)
+gives no H_syn and no RHLV, with a warning and the reason in the csv's last column, ``note``, and
+in ``summary.json`` (``no_rhlv``); the grading leaves such rows out.
 
 Writes ``Q/rhlv.csv`` (one row per vertebra of the split file, or of every crop without
 ``--json-path``), ``Q/maps/<pid>_<vid>.png`` (the loss per column over the AP x LR grid) and
@@ -130,19 +133,26 @@ class Measurer:
         return keys
 
 
-def measure_gan(m: Measurer, crop: Crop, output_folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H_syn, H_ori, column loss map) with the synthesised target as the healthy vertebra."""
+def measure_gan(
+    m: Measurer, crop: Crop, output_folder: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(H_syn, H_ori, column loss map, note) with the synthesised target as the healthy vertebra.
+
+    A synthesis that cannot be the healthy twin (:func:`evaluation.rhlv.synthesis_problem`: empty,
+    or under half the original's volume) gives no H_syn, hence no RHLV, and the note says why."""
     syn = target_of(load_fake(output_folder, "label_fake", crop), crop.vid)
     ori = m.target(crop)
-    if not syn.any():
-        log.warning("%s: the synthesised label holds no vertebra %d", crop.key, crop.vid)
+    problem = rhlv.synthesis_problem(syn, ori)
+    if problem:
+        log.warning("%s (vertebra %d): %s; no RHLV", crop.key, crop.vid, problem)
+        return np.full(4, np.nan), m.heights(crop.key), np.full(ori.shape[1:], np.nan), problem
     h_syn, h_ori = rhlv.paired_heights(syn, ori, crop.spacing_mm, m.definition)
     loss = rhlv.column_loss_map(rhlv.column_map(syn, crop.spacing_mm), rhlv.column_map(ori, crop.spacing_mm))
-    return h_syn, h_ori, loss
+    return h_syn, h_ori, loss, ""
 
 
-def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H_syn, H_ori, column loss map) with the neighbour estimate as the healthy vertebra."""
+def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(H_syn, H_ori, column loss map, note) with the neighbour estimate as the healthy vertebra."""
     keys = m.neighbour_keys(crop)
     h_syn, used = rhlv.neighbour_estimate([m.heights(k) for k in keys])
     h_ori = m.heights(crop.key)
@@ -153,7 +163,7 @@ def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, 
     else:
         log.warning("%s: no neighbour with a crop; no healthy estimate", crop.key)
         loss = np.full(ori_map.shape, np.nan)
-    return h_syn, h_ori, loss
+    return h_syn, h_ori, loss, "" if used else "no neighbour measured"
 
 
 class LossMapWriter:
@@ -205,8 +215,9 @@ class LossMapWriter:
         self._plt.close(self.fig)
 
 
-def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
-    """Measure every vertebra and write the results; returns (rows written, vertebrae skipped, csv).
+def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
+    """Measure every vertebra and write the results; returns (rows written, vertebrae skipped,
+    rows without RHLV, csv).
 
     Every vertebra is measured before anything is written, so bad input leaves no maps behind;
     the maps are then all drawn again, so they always agree with the ``rhlv.csv`` written last.
@@ -235,10 +246,10 @@ def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
             if not (Path(opt.output_folder) / "label_fake" / f"{key}.nii.gz").exists():
                 skipped["no synthesis"] += 1
                 continue
-            h_syn, h_ori, loss = measure_gan(measurer, crop, opt.output_folder)
+            h_syn, h_ori, loss, note = measure_gan(measurer, crop, opt.output_folder)
         else:
-            h_syn, h_ori, loss = measure_neighbors(measurer, crop)
-        rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori))
+            h_syn, h_ori, loss, note = measure_neighbors(measurer, crop)
+        rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori, note))
         if not opt.no_maps:
             loss_maps.append((LossMapWriter.body_window(loss), crop.spacing_mm))
     if not rows:
@@ -266,6 +277,7 @@ def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
             "height_definition": opt.height_definition,
             "n_vertebrae": len(rows),
             "skipped": skipped,
+            "no_rhlv": {row["vertebra"]: row["note"] for row in rows if row["note"]},
             "mean_rhlv_by_grade": _mean_by_grade(rows),
         },
     )
@@ -273,7 +285,7 @@ def run(opt: argparse.Namespace) -> tuple[int, int, Path]:
         write_json(result / "truth_errors.json", rhlv.truth_errors(rows, truth))
     csv_path = result / "rhlv.csv"
     write_text(csv_path, csv_text(rows, rhlv.RHLV_COLUMNS))  # last: marks the folder finished
-    return len(rows), sum(skipped.values()), csv_path
+    return len(rows), sum(skipped.values()), sum(1 for r in rows if r["note"]), csv_path
 
 
 def _mean_by_grade(rows: list[dict]) -> dict:
@@ -294,10 +306,11 @@ def _mean(values: list) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
 
-    def summary(result: tuple[int, int, Path], seconds: float) -> str:
-        n, skipped, csv_path = result
+    def summary(result: tuple[int, int, int, Path], seconds: float) -> str:
+        n, skipped, no_rhlv, csv_path = result
+        why = f", {no_rhlv} of them without RHLV (its note column says why)" if no_rhlv else ""
         return (
-            f"RHLV ({opt.method}, {opt.height_definition} heights) of {n} vertebrae in "
+            f"RHLV ({opt.method}, {opt.height_definition} heights) of {n} vertebrae{why} in "
             f"{seconds:.1f} s; {skipped} skipped; {csv_path}"
         )
 

@@ -46,6 +46,10 @@ ALL_REGIONS = ("all", *REGIONS)
 NEIGHBOUR_SHAPE_RATIO = 0.8
 # REFERENCE.md section 8: the column filter used by the reference's main().
 REFERENCE_COLUMN_THRESHOLD = 0.7
+# A pseudo-healthy vertebra smaller than this share of the (possibly fractured) original's volume
+# is not a plausible healthy twin: a fracture takes volume away, it does not add it. Such a
+# synthesis (typically a run applied to data unlike its training data) gives no RHLV.
+MIN_SYNTH_VOLUME_RATIO = 0.5
 
 RHLV_COLUMNS = (
     "vertebra",
@@ -56,6 +60,7 @@ RHLV_COLUMNS = (
     *(f"h_syn_{r}" for r in REGIONS),
     *(f"h_ori_{r}" for r in REGIONS),
     *(f"rhlv_{r}" for r in ALL_REGIONS),
+    "note",
 )
 
 
@@ -184,6 +189,22 @@ def paired_heights(
     return vertebra_heights(syn, spacing_mm, definition), vertebra_heights(ori, spacing_mm, definition)
 
 
+def synthesis_problem(syn: np.ndarray, ori: np.ndarray, min_ratio: float = MIN_SYNTH_VOLUME_RATIO) -> str:
+    """Why a synthesised target mask cannot serve as the healthy twin of ``ori`` ("" if it can).
+
+    Empty, or under ``min_ratio`` of the original's voxel count (both masks on one grid).
+    """
+    n_syn, n_ori = int(np.count_nonzero(syn)), int(np.count_nonzero(ori))
+    if n_syn == 0:
+        return "no synthesised vertebra"
+    if n_syn < min_ratio * n_ori:
+        return (
+            f"implausible synthesis: {100.0 * n_syn / n_ori:.1f} % of the original's volume "
+            f"(under {100.0 * min_ratio:.0f} %)"
+        )
+    return ""
+
+
 def looks_deformed(heights: np.ndarray, ratio: float = NEIGHBOUR_SHAPE_RATIO) -> bool:
     """True if the smallest region height is under ``ratio`` x the largest (a likely fracture)."""
     regions = np.asarray(heights, dtype=np.float64)[-3:]
@@ -243,8 +264,10 @@ def rhlv_row(
     split: str | None,
     h_syn: np.ndarray,
     h_ori: np.ndarray,
+    note: str = "",
 ) -> dict:
-    """One ``rhlv.csv`` row (heights rounded to 0.001 mm, RHLV to 1e-5)."""
+    """One ``rhlv.csv`` row (heights rounded to 0.001 mm, RHLV to 1e-5); ``note`` says why a value
+    is missing."""
     loss = rhlv(h_syn, h_ori)
     row: dict = {"vertebra": key, "pid": pid, "vid": int(vid), "grade": "" if grade is None else int(grade)}
     row["split"] = split or ""
@@ -253,6 +276,7 @@ def rhlv_row(
             row[f"{prefix}_{region}"] = _rounded(values[i], 3)
     for i, region in enumerate(ALL_REGIONS):
         row[f"rhlv_{region}"] = _rounded(loss[i], 5)
+    row["note"] = note
     return row
 
 
@@ -274,6 +298,7 @@ __all__ = [
     "reference_heights_pair",
     "rhlv",
     "rhlv_row",
+    "synthesis_problem",
     "truth_errors",
     "vertebra_heights",
 ]

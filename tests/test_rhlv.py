@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from evaluation.rhlv import (
     neighbour_estimate,
     paired_heights,
     rhlv,
+    synthesis_problem,
 )
 from tests.conftest import shared
 
@@ -256,6 +258,50 @@ def test_cli_failure_writes_nothing_and_the_rerun_draws_every_map(tiny_root, cap
     assert read_rows(q / "rhlv.csv").keys() == {"p_19", "p_28", "p_20", "p_22"}
     for key in ("p_19", "p_28", "p_20", "p_22"):
         assert (q / "maps" / f"{key}.png").read_bytes().startswith(b"\x89PNG"), key
+
+
+def test_synthesis_problem_known_answers():
+    ori = np.zeros((10, 10, 10), bool)
+    ori[2:8, 2:8, 2:8] = True  # 216 voxels
+    assert synthesis_problem(ori, ori) == ""
+    assert synthesis_problem(np.zeros_like(ori), ori) == "no synthesised vertebra"
+    half = ori.copy()
+    half[2:5] = False  # 108 voxels: exactly half is still accepted
+    assert synthesis_problem(half, ori) == ""
+    sliver = np.zeros_like(ori)
+    sliver[5, 5, 5] = True
+    assert synthesis_problem(sliver, ori) == (
+        "implausible synthesis: 0.5 % of the original's volume (under 50 %)"
+    )
+    bigger = np.ones_like(ori)  # a healthy twin may be larger than a fractured original
+    assert synthesis_problem(bigger, ori) == ""
+
+
+def test_cli_a_sliver_of_synthesis_gives_no_rhlv(tiny_root, caplog):
+    """A synthesis holding a few voxels of the target (a run on scans unlike its training data)
+    would give a height of a voxel or two and an RHLV of -1000 %: it gets none, and says why."""
+    fake = tiny_root / "O" / "label_fake" / "p_20.nii.gz"
+    img = nib.load(fake)
+    labels = np.asarray(img.dataobj).copy()
+    target = np.argwhere(labels == 20)
+    labels[labels == 20] = 0
+    labels[tuple(target[len(target) // 2])] = 20  # one voxel left
+    save_nifti(fake, labels, AFFINE, dtype=np.uint8)
+    d, q = tiny_root / "D", tiny_root / "Q"
+    args = ["--label-folder", str(d / "straightened" / "label"), "--result-folder", str(q), "--no-maps"]
+    args += ["--output-folder", str(tiny_root / "O"), "--json-path", str(d / "vertebra_data.json")]
+    with caplog.at_level("WARNING"):
+        assert RHLV_quantification.main(args) == 0
+    rows = read_rows(q / "rhlv.csv")
+    sliver = rows["p_20"]
+    assert sliver["note"].startswith("implausible synthesis: ")
+    assert all(sliver[f"rhlv_{r}"] == "" for r in ("all", "anterior", "middle", "posterior"))
+    assert all(sliver[f"h_syn_{r}"] == "" for r in ("anterior", "middle", "posterior"))
+    assert float(sliver["h_ori_middle"]) > 0  # the original is still measured
+    assert all(rows[k]["note"] == "" for k in ("p_19", "p_28", "p_22"))
+    summary = json.loads((q / "summary.json").read_text())
+    assert list(summary["no_rhlv"]) == ["p_20"]
+    assert any("p_20" in r.getMessage() and "no RHLV" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_no_maps_draws_none(tiny_root):
