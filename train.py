@@ -20,7 +20,9 @@ to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR (a coronal sli
 columns left out), Dice and height error in mm.
 The end of each epoch also refreshes the HTML page and the loss log if the frequencies did not
 fall in it (short runs still write them). On CUDA the models run under bf16 autocast with
-channels_last unless ``--no_amp``.
+channels_last unless ``--no_amp``. Trained on straightened crops, the run also records their grid
+(voxels and voxel size of each distinct crop geometry) in ``train_crops.json``, so the 3D
+synthesis can warn when it is given crops of another field of view or voxel size.
 
 Several processes: ``torchrun --nproc_per_node N train.py ...`` (no extra flag) trains with
 DistributedDataParallel, one process per GPU (NCCL) or per CPU share (gloo); plain ``python
@@ -49,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from data import create_dataset
+from data.crops import TRAIN_CROPS_FILE, CropGeometry
 from models import create_model
 from options.base_options import setup
 from options.train_options import TrainOptions
@@ -80,6 +83,26 @@ class DistributedTrainOptions(TrainOptions):
 def crossed(total: int, step: int, freq: int) -> bool:
     """True when the counter passed a multiple of ``freq`` in its last ``step``."""
     return freq > 0 and total // freq > (total - step) // freq
+
+
+def record_crop_geometry(dataset, run_dir: Path) -> None:
+    """Write ``train_crops.json``: each distinct grid of the training crops and how many crops have
+    it (datasets of straightened crops only; read from the headers, nothing decoded)."""
+    store, keys = getattr(dataset, "store", None), getattr(dataset, "keys", None)
+    if store is None or not keys:
+        return
+    counts: dict[CropGeometry, int] = {}
+    for key in dict.fromkeys(keys):
+        geometry = store.geometry(key)
+        counts[geometry] = counts.get(geometry, 0) + 1
+    write_json(
+        run_dir / TRAIN_CROPS_FILE,
+        {
+            "geometries": [
+                {**g.as_dict(), "crops": n} for g, n in sorted(counts.items(), key=lambda kv: -kv[1])
+            ]
+        },
+    )
 
 
 def validation_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -156,6 +179,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         if joined:  # each rank its own augmentation stream; DDP copies rank 0's initial weights
             seed_everything(opt.seed + distributed.rank())
         dataset = create_dataset(opt)
+        if main_rank:
+            record_crop_geometry(dataset.dataset, Path(opt.checkpoints_dir) / opt.name)
         model = create_model(opt)
         model.setup(opt)
     except (RegistryError, InputError) as exc:

@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
 from data.nifti_io import _read, voxel_sizes
 from util.errors import input_error
@@ -23,6 +25,8 @@ from util.errors import input_error
 log = logging.getLogger(__name__)
 
 CROP_SUFFIX = ".nii.gz"
+# Written by train.py into a run's folder: the grids of the crops it was trained on.
+TRAIN_CROPS_FILE = "train_crops.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,46 @@ class Crop:
     @property
     def spacing_mm(self) -> np.ndarray:
         return voxel_sizes(self.affine)
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """A crop's grid: voxels per axis and voxel size (mm), axes (height, AP, LR)."""
+
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+
+    @property
+    def extent_mm(self) -> tuple[float, ...]:
+        return tuple(round(n * s, 2) for n, s in zip(self.shape, self.spacing_mm, strict=True))
+
+    def describe(self) -> str:
+        """E.g. '96 x 64 x 32 voxels of 2 x 2 x 2 mm (192 x 128 x 64 mm)'."""
+        voxels = " x ".join(str(n) for n in self.shape)
+        spacing = " x ".join(f"{s:g}" for s in self.spacing_mm)
+        extent = " x ".join(f"{e:g}" for e in self.extent_mm)
+        return f"{voxels} voxels of {spacing} mm ({extent} mm)"
+
+    def as_dict(self) -> dict:
+        return {"shape": list(self.shape), "spacing_mm": list(self.spacing_mm)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> CropGeometry:
+        shape, spacing = record["shape"], record["spacing_mm"]
+        if len(shape) != 3 or len(spacing) != 3:
+            raise ValueError(f"a crop geometry needs 3 sizes and 3 spacings, got {record}")
+        return cls(tuple(int(n) for n in shape), tuple(float(v) for v in spacing))
+
+    def differs_from(self, other: CropGeometry, tolerance: float = 0.1) -> bool:
+        """True if the voxel size or the field of view differs by more than ``tolerance`` (relative)
+        on any axis: a run then sees anatomy at another scale, or with other context, than it learnt."""
+        for a, b in (
+            *zip(self.spacing_mm, other.spacing_mm, strict=True),
+            *zip(self.extent_mm, other.extent_mm, strict=True),
+        ):
+            if abs(a - b) > tolerance * max(abs(a), abs(b), 1e-9):
+                return True
+        return False
 
 
 def straightened_dir(dataroot: str | os.PathLike) -> Path:
@@ -104,6 +148,16 @@ class CropStore:
             crop = self._decode(key)
             self._cache[key] = crop
         return crop
+
+    def geometry(self, key: str) -> CropGeometry:
+        """The grid of crop ``key`` from its label's header (nothing decoded)."""
+        _, label_path = self.paths(key)
+        try:
+            img = nib.load(str(label_path))
+            shape, affine = tuple(int(n) for n in img.shape[:3]), img.affine
+        except (OSError, ValueError, ImageFileError) as exc:
+            raise input_error(label_path, f"unreadable NIfTI header: {exc}") from exc
+        return CropGeometry(shape, tuple(round(float(v), 4) for v in voxel_sizes(affine)))
 
     def release(self, key: str) -> None:
         """Forget a decoded crop (a reader that visits each crop once keeps its memory flat)."""

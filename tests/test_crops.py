@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.crops import CropStore, straightened_dir
+from data.crops import CropGeometry, CropStore, straightened_dir
 from tests.conftest import write_nifti
 from util.errors import InputError
 
@@ -50,3 +50,22 @@ def test_bad_crops_name_the_file(tmp_path):
     )
     with pytest.raises(InputError, match=r"CT/p1_20.nii.gz: values outside 0-255"):
         CropStore(tmp_path).load("p1_20")
+
+
+def test_geometry_from_the_header_and_its_comparison(tmp_path):
+    _crops(tmp_path, shape=(8, 6, 4))
+    g = CropStore(tmp_path).geometry("p1_20")
+    assert g == CropGeometry((8, 6, 4), (2.0, 2.0, 2.0))
+    assert g.extent_mm == (16.0, 12.0, 8.0)
+    assert g.describe() == "8 x 6 x 4 voxels of 2 x 2 x 2 mm (16 x 12 x 8 mm)"
+    assert CropGeometry.from_dict(g.as_dict()) == g
+    assert not g.differs_from(g)
+    # the same field of view at another voxel size differs (anatomy at another scale)
+    assert g.differs_from(CropGeometry((16, 12, 8), (1.0, 1.0, 1.0)))
+    # another field of view at the same voxel size differs
+    assert g.differs_from(CropGeometry((8, 8, 4), (2.0, 2.0, 2.0)))
+    # within 10 % on every axis it does not
+    assert not g.differs_from(CropGeometry((8, 6, 4), (2.1, 2.1, 2.1)))
+    assert g.differs_from(CropGeometry((8, 6, 4), (2.3, 2.0, 2.0)))
+    with pytest.raises(ValueError, match="3 sizes"):
+        CropGeometry.from_dict({"shape": [8, 6], "spacing_mm": [2.0, 2.0, 2.0]})

@@ -50,6 +50,11 @@ def test_quick_demo_writes_the_contract_layout(quick_run, capsys):
         metrics = json.loads((out / f"grading/{method}/metrics.json").read_text())
         assert {"macro_f1", "macro_precision", "macro_recall", "accuracy"} <= set(metrics)
         assert metrics["classes"] in ("genant", "fracture")
+    # the run records the grid of the crops it was trained on, for the synthesis to check
+    grids = json.loads((out / "checkpoints/healthivert/train_crops.json").read_text())["geometries"]
+    assert len(grids) == 1 and grids[0]["crops"] >= 1
+    assert grids[0]["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert [n * 2.0 for n in grids[0]["shape"]] == list(demo.QUICK.crop_mm)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 import eval_3d_sagittal_twostage as synth_cli
+from data.crops import CropGeometry, CropStore
 from models.synthesis import SynthesisSettings, auto_batch_slices, fuse_planes, step_order, synthesise_crop
 from options.base_options import save_options
 from tests.conftest import write_nifti
 from tests.fixtures.synth_model import SynthModel
+from util.atomic import write_json
 
 SPACING_MM = 2.0
 SHAPE = (64, 32, 16)  # rows (height), AP, LR
@@ -351,6 +354,31 @@ def test_an_implausible_synthesis_is_warned_about(dataset, tmp_path, capsys, mon
     assert "warning: p1_21: implausible synthesis: " in out and "p1_19:" not in out
     assert "warning: 1 of 2 synthesised vertebrae are not plausible healthy twins" in out
     assert (tmp_path / "label_fake" / "p1_21.nii.gz").exists()
+
+
+def test_crops_unlike_the_runs_training_crops_are_warned_about(dataset, tmp_path, capsys):
+    """train.py records its crops' grid (train_crops.json); crops of another field of view or voxel
+    size get one warning naming both grids and the straightening flags that match the run."""
+    root, checkpoints, _ = dataset
+    runs = tmp_path / "runs"
+    shutil.copytree(checkpoints / "hv", runs / "hv")
+    argv = cli_args(root, runs, tmp_path / "out", "--vertebrae", "p1_20")
+    argv[argv.index("--checkpoints_dir") + 1] = str(runs)
+    assert synth_cli.main(argv) == 0  # a run without the record is not checked
+    assert "trained on" not in capsys.readouterr().out
+    here = CropStore(root / "straightened").geometry("p1_20")
+    other = CropGeometry(tuple(n // 2 for n in here.shape), tuple(2 * s for s in here.spacing_mm))
+    write_json(runs / "hv" / "train_crops.json", {"geometries": [{**other.as_dict(), "crops": 5}]})
+    assert synth_cli.main([*argv, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: 1 crop(s) here are {here.describe()}; run 'hv' was trained on {other.describe()}" in out
+    assert f"--spacing_mm {other.spacing_mm[0]:g} to match" in out
+    write_json(runs / "hv" / "train_crops.json", {"geometries": [{**here.as_dict(), "crops": 5}]})
+    assert synth_cli.main([*argv, "--overwrite"]) == 0
+    assert "trained on" not in capsys.readouterr().out
+    (runs / "hv" / "train_crops.json").write_text('{"geometries": [{"shape": [1]}]}')
+    assert synth_cli.main([*argv, "--overwrite"]) == 2
+    assert "train_crops.json: not a list of crop geometries" in capsys.readouterr().err
 
 
 def test_cam_folder_and_batch_size_give_the_same_volumes(dataset, tmp_path):
