@@ -382,7 +382,8 @@ def read_json(path: Path) -> dict:
 
 def headline(out: Path) -> dict[str, dict[str, float | None]]:
     """Per method, on the test split: height MAE (mm) and RHLV MAE of its fractured vertebrae
-    (``n`` of them); macro-F1 and accuracy of the grading of all its vertebrae (``graded``)."""
+    (``n`` of them, ``unmeasured`` of those with a height missing); macro-F1 and accuracy of the
+    grading of all its vertebrae (``graded``)."""
     figures = {}
     for method in METHODS:
         errors = read_json(out / "rhlv" / method / "truth_errors.json").get("test/fractured", {})
@@ -391,12 +392,19 @@ def headline(out: Path) -> dict[str, dict[str, float | None]]:
             "height_mae_mm": errors.get("height_mae_mm"),
             "rhlv_mae": errors.get("rhlv_mae"),
             "n": errors.get("n", 0),
+            "unmeasured": errors.get("n_unmeasured", 0),
             "macro_f1": grading.get("macro_f1"),
             "accuracy": grading.get("accuracy"),
             "graded": grading.get("test", {}).get("n", 0),
             "classes": grading.get("classes", "genant"),
         }
     return figures
+
+
+def fractured_count(figure: dict) -> str:
+    """The fractured vertebrae a method's MAEs are over, and how many of them it left unmeasured."""
+    n, unmeasured = figure["n"], figure.get("unmeasured", 0)
+    return f"{n} ({unmeasured} not measured)" if unmeasured else str(n)
 
 
 FIGURE_LIMIT = 8  # fractured test vertebrae shown in the report
@@ -528,7 +536,7 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
     rows = [
         [
             m,
-            figures[m]["n"],
+            fractured_count(figures[m]),
             fmt(figures[m]["height_mae_mm"]),
             fmt(figures[m]["rhlv_mae"], 3),
             figures[m]["graded"],
@@ -608,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parts = [
         f"{m}: height MAE {fmt(f['height_mae_mm'])} mm, RHLV MAE {fmt(f['rhlv_mae'], 3)} "
-        f"over {f['n']} fractured vertebrae, macro-F1 {fmt(f['macro_f1'])} over all {f['graded']}"
+        f"over {fractured_count(f)} fractured vertebrae, macro-F1 {fmt(f['macro_f1'])} over all {f['graded']}"
         for m, f in figures.items()
     ]
     print(f"demo finished in {total:.0f} s (test split) {'; '.join(parts)}; open {path}")

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from data.base_dataset import SPLITS, read_split, split_key
-from data.crops import TRAIN_CROPS_FILE, Crop, CropGeometry, CropStore, read_cam, save_like
+from data.crops import Crop, CropStore, grid_warnings, read_cam, save_like
 from data.layout import shard
 from data.vertebra_sample import rows_for_mm
 from evaluation.rhlv import synthesis_problem
@@ -51,7 +51,6 @@ from models.synthesis import (
 )
 from options.base_options import load_options, parse_gpu_ids
 from util import distributed
-from util.atomic import read_json
 from util.errors import InputError, input_error
 from util.registry import RegistryError
 
@@ -191,39 +190,6 @@ def check_cams(folder: str | None, keys: list[str]) -> None:
         )
 
 
-def crop_geometry_warnings(store: CropStore, keys: list[str], checkpoints_dir: str, runs: dict) -> list[str]:
-    """One warning per run and crop grid that its training crops did not have (``train_crops.json``
-    of the run, written by train.py; a run without it is not checked). A run given crops of another
-    field of view or voxel size sees other context around the hole than it learnt: on the demo's
-    run, 256 mm crops instead of its 192 x 128 x 64 mm gave empty syntheses."""
-    found: dict[CropGeometry, int] = {}
-    for key in keys:
-        geometry = store.geometry(key)
-        found[geometry] = found.get(geometry, 0) + 1
-    lines = []
-    for run in runs.values():
-        path = Path(checkpoints_dir) / run.name / TRAIN_CROPS_FILE
-        if not path.is_file():
-            continue
-        try:
-            trained = [
-                CropGeometry.from_dict(g) for g in read_json(path, "training crop grids")["geometries"]
-            ]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise input_error(path, f"not a list of crop geometries ({exc})") from exc
-        if not trained:
-            continue
-        for geometry, n in found.items():
-            if all(geometry.differs_from(t) for t in trained):
-                extent, spacing = trained[0].extent_mm, trained[0].spacing_mm
-                lines.append(
-                    f"warning: {n} crop(s) here are {geometry.describe()}; run {run.name!r} was trained "
-                    f"on {trained[0].describe()}. Its syntheses may be unusable: straighten with "
-                    f"--crop_mm {' '.join(f'{e:g}' for e in extent)} --spacing_mm {spacing[0]:g} to match"
-                )
-    return lines
-
-
 def crop_cam(folder: str | None, crop: Crop) -> np.ndarray | None:
     """The crop's attention map in [0, 1] (:func:`data.crops.read_cam`), or None without a folder."""
     if not folder:
@@ -298,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = select_crops(store, opt, opt.vertebra_json or getattr(first.opt, "vertebra_json", None))
         cam_folder = opt.cam_folder if opt.cam_folder is not None else getattr(first.opt, "cam_folder", None)
         check_cams(cam_folder, keys)
-        for line in crop_geometry_warnings(store, keys, opt.checkpoints_dir, runs):
+        run_dirs = {run.name: Path(opt.checkpoints_dir) / run.name for run in runs.values()}
+        for line in grid_warnings(store, keys, run_dirs):
             print(line)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

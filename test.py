@@ -9,6 +9,7 @@ Results: ``results_dir/name/<phase>_<epoch>/index.html`` and ``images/`` (``<pha
 ``--load_iter N``). The page is built in a hidden folder beside it and renamed into place at the
 end, replacing an earlier result of the same name; a sample that cannot be read (a bad crop or CAM
 map) ends the run with one error line and exit status 2, leaving any earlier result as it was.
+Crops of another grid than the run was trained on (its ``train_crops.json``) are warned about.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from data import create_dataset
+from data.crops import grid_warnings
 from models import create_model
 from options.base_options import load_options
 from options.test_options import TestOptions
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opt = test_options(argv)
         dataset = create_dataset(opt)
+        crops = dataset.dataset
+        if getattr(crops, "store", None) is not None and getattr(crops, "keys", None):
+            for line in grid_warnings(
+                crops.store, crops.keys, {opt.name: Path(opt.checkpoints_dir) / opt.name}
+            ):
+                print(line)
         model = create_model(opt)
         model.setup(opt)
     except (RegistryError, InputError) as exc:

@@ -51,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from data import create_dataset
-from data.crops import TRAIN_CROPS_FILE, CropGeometry
+from data.crops import record_grids
 from models import create_model
 from options.base_options import setup
 from options.train_options import TrainOptions
@@ -86,23 +86,15 @@ def crossed(total: int, step: int, freq: int) -> bool:
 
 
 def record_crop_geometry(dataset, run_dir: Path) -> None:
-    """Write ``train_crops.json``: each distinct grid of the training crops and how many crops have
-    it (datasets of straightened crops only; read from the headers, nothing decoded)."""
+    """Write ``train_crops.json`` (:func:`data.crops.record_grids`) for a dataset of straightened
+    crops; advisory, so an unreadable header only gives a warning (and torchrun ranks stay in step)."""
     store, keys = getattr(dataset, "store", None), getattr(dataset, "keys", None)
     if store is None or not keys:
         return
-    counts: dict[CropGeometry, int] = {}
-    for key in dict.fromkeys(keys):
-        geometry = store.geometry(key)
-        counts[geometry] = counts.get(geometry, 0) + 1
-    write_json(
-        run_dir / TRAIN_CROPS_FILE,
-        {
-            "geometries": [
-                {**g.as_dict(), "crops": n} for g, n in sorted(counts.items(), key=lambda kv: -kv[1])
-            ]
-        },
-    )
+    try:
+        record_grids(store, keys, run_dir)
+    except (InputError, ValueError) as exc:
+        print(f"warning: the training crops' grid is not recorded ({exc})", file=sys.stderr)
 
 
 def validation_options(opt: argparse.Namespace) -> argparse.Namespace:

@@ -20,7 +20,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from data.nifti_io import _read, voxel_sizes
-from util.errors import input_error
+from util.atomic import read_json, write_json
+from util.errors import InputError, input_error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,15 @@ class CropStore:
         _, label_path = self.paths(key)
         try:
             img = nib.load(str(label_path))
-            shape, affine = tuple(int(n) for n in img.shape[:3]), img.affine
+            shape, affine = list(img.shape), img.affine
         except (OSError, ValueError, ImageFileError) as exc:
             raise input_error(label_path, f"unreadable NIfTI header: {exc}") from exc
-        return CropGeometry(shape, tuple(round(float(v), 4) for v in voxel_sizes(affine)))
+        while len(shape) > 3 and shape[-1] == 1:
+            shape.pop()
+        spacing = tuple(round(float(v), 4) for v in voxel_sizes(affine))
+        if len(shape) != 3 or min(shape) < 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+            raise input_error(label_path, f"not a 3D crop: shape {tuple(shape)}, voxel size {spacing} mm")
+        return CropGeometry(tuple(int(n) for n in shape), spacing)
 
     def release(self, key: str) -> None:
         """Forget a decoded crop (a reader that visits each crop once keeps its memory flat)."""
@@ -262,3 +268,55 @@ def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) ->
 
 
 __all__ = ["Crop", "CropStore", "crop_key", "read_cam", "save_like", "straightened_dir"]
+
+
+def crop_grids(store: CropStore, keys) -> dict[CropGeometry, int]:
+    """Each distinct grid among the crops ``keys`` and how many have it (headers only)."""
+    counts: dict[CropGeometry, int] = {}
+    for key in dict.fromkeys(keys):
+        geometry = store.geometry(key)
+        counts[geometry] = counts.get(geometry, 0) + 1
+    return counts
+
+
+def record_grids(store: CropStore, keys, run_dir: str | os.PathLike) -> None:
+    """Write ``run_dir/train_crops.json``: the grids of a run's training crops, most common first."""
+    counts = sorted(crop_grids(store, keys).items(), key=lambda kv: -kv[1])
+    write_json(
+        Path(run_dir) / TRAIN_CROPS_FILE, {"geometries": [{**g.as_dict(), "crops": n} for g, n in counts]}
+    )
+
+
+def grid_warnings(store: CropStore, keys, run_dirs: dict[str, Path]) -> list[str]:
+    """One warning per run and crop grid its training crops did not have.
+
+    ``run_dirs``: {run name: its folder}; a run without ``train_crops.json`` (trained before the
+    record existed) is not checked, and an unreadable record gives a warning of its own. A run
+    given crops of another field of view or voxel size sees other context around the hole than it
+    learnt: the demo's run, given 256 mm crops instead of its 192 x 128 x 64 mm, drew empty bodies.
+    """
+    found = None
+    lines = []
+    for name, run_dir in run_dirs.items():
+        path = Path(run_dir) / TRAIN_CROPS_FILE
+        if not path.is_file():
+            continue
+        try:
+            trained = [
+                CropGeometry.from_dict(g) for g in read_json(path, "training crop grids")["geometries"]
+            ]
+        except (InputError, KeyError, TypeError, ValueError) as exc:  # advisory: the work goes on
+            lines.append(f"warning: {path}: not a list of crop grids ({one_line(str(exc))}); not checked")
+            continue
+        if not trained:
+            continue
+        found = crop_grids(store, keys) if found is None else found
+        for geometry, n in found.items():
+            if all(geometry.differs_from(t) for t in trained):
+                extent, spacing = trained[0].extent_mm, trained[0].spacing_mm
+                lines.append(
+                    f"warning: {n} crop(s) here are {geometry.describe()}; run {name!r} was trained on "
+                    f"{trained[0].describe()}. Its results may be unusable: straighten with --crop_mm "
+                    f"{' '.join(f'{e:g}' for e in extent)} --spacing_mm {spacing[0]:g} to match"
+                )
+    return lines

@@ -217,7 +217,7 @@ class LossMapWriter:
 
 def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
     """Measure every vertebra and write the results; returns (rows written, vertebrae skipped,
-    rows without RHLV, csv).
+    rows with an RHLV missing, csv).
 
     Every vertebra is measured before anything is written, so bad input leaves no maps behind;
     the maps are then all drawn again, so they always agree with the ``rhlv.csv`` written last.
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def summary(result: tuple[int, int, int, Path], seconds: float) -> str:
         n, skipped, no_rhlv, csv_path = result
-        why = f", {no_rhlv} of them without RHLV (its note column says why)" if no_rhlv else ""
+        why = f", {no_rhlv} of them with RHLV missing (the note column says why)" if no_rhlv else ""
         return (
             f"RHLV ({opt.method}, {opt.height_definition} heights) of {n} vertebrae{why} in "
             f"{seconds:.1f} s; {skipped} skipped; {csv_path}"

@@ -199,7 +199,7 @@ def synthesis_problem(syn: np.ndarray, ori: np.ndarray, min_ratio: float = MIN_S
         return "no synthesised vertebra"
     if n_syn < min_ratio * n_ori:
         return (
-            f"implausible synthesis: {100.0 * n_syn / n_ori:.1f} % of the original's volume "
+            f"implausible synthesis: {100.0 * n_syn / n_ori:.2g} % of the original's volume "
             f"(under {100.0 * min_ratio:.0f} %)"
         )
     return ""
@@ -276,6 +276,9 @@ def rhlv_row(
             row[f"{prefix}_{region}"] = _rounded(values[i], 3)
     for i, region in enumerate(ALL_REGIONS):
         row[f"rhlv_{region}"] = _rounded(loss[i], 5)
+    missing = [region for i, region in enumerate(REGIONS, start=1) if not np.isfinite(loss[i])]
+    if missing and not note:  # the height definition left a region (or the whole body) unmeasured
+        note = f"height not measurable: {', '.join(missing)}"
     row["note"] = note
     return row
 

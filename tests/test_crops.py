@@ -1,9 +1,11 @@
 """The crop store: finds crops, decodes once, memory-maps a disk cache, names bad files."""
 
+import json
+
 import numpy as np
 import pytest
 
-from data.crops import CropGeometry, CropStore, straightened_dir
+from data.crops import CropGeometry, CropStore, grid_warnings, record_grids, straightened_dir
 from tests.conftest import write_nifti
 from util.errors import InputError
 
@@ -69,3 +71,38 @@ def test_geometry_from_the_header_and_its_comparison(tmp_path):
     assert g.differs_from(CropGeometry((8, 6, 4), (2.3, 2.0, 2.0)))
     with pytest.raises(ValueError, match="3 sizes"):
         CropGeometry.from_dict({"shape": [8, 6], "spacing_mm": [2.0, 2.0, 2.0]})
+
+
+def test_bad_headers_are_not_geometries(tmp_path):
+    _crops(tmp_path)
+    write_nifti(tmp_path / "straightened" / "label" / "p1_21.nii.gz", np.zeros((8, 6), np.uint8), np.eye(4))
+    write_nifti(tmp_path / "straightened" / "CT" / "p1_21.nii.gz", np.zeros((8, 6), np.uint8), np.eye(4))
+    store = CropStore(tmp_path)
+    with pytest.raises(InputError, match=r"label/p1_21.nii.gz: not a 3D crop: shape \(8, 6\)"):
+        store.geometry("p1_21")
+    write_nifti(
+        tmp_path / "straightened" / "label" / "p1_22.nii.gz", np.zeros((8, 6, 4, 1), np.uint8), np.eye(4)
+    )
+    write_nifti(
+        tmp_path / "straightened" / "CT" / "p1_22.nii.gz", np.zeros((8, 6, 4, 1), np.uint8), np.eye(4)
+    )
+    assert CropStore(tmp_path).geometry("p1_22").shape == (8, 6, 4)  # a trailing 1 is dropped
+
+
+def test_recorded_grids_and_the_warnings_against_them(tmp_path):
+    _crops(tmp_path, "p1_20", shape=(8, 6, 4))
+    _crops(tmp_path, "p1_21", shape=(8, 6, 4))
+    _crops(tmp_path, "p2_20", shape=(12, 6, 4))
+    store = CropStore(tmp_path)
+    run = tmp_path / "runs" / "hv"
+    record_grids(store, ["p1_20", "p1_21", "p1_20"], run)  # a repeated key counts once
+    record = json.loads((run / "train_crops.json").read_text())
+    assert record == {"geometries": [{"shape": [8, 6, 4], "spacing_mm": [2.0, 2.0, 2.0], "crops": 2}]}
+    assert grid_warnings(store, ["p1_20", "p1_21"], {"hv": run}) == []
+    (line,) = grid_warnings(store, store.keys(), {"hv": run})
+    assert line == (
+        "warning: 1 crop(s) here are 12 x 6 x 4 voxels of 2 x 2 x 2 mm (24 x 12 x 8 mm); run 'hv' was "
+        "trained on 8 x 6 x 4 voxels of 2 x 2 x 2 mm (16 x 12 x 8 mm). Its results may be unusable: "
+        "straighten with --crop_mm 16 12 8 --spacing_mm 2 to match"
+    )
+    assert grid_warnings(store, store.keys(), {"old": tmp_path / "runs" / "old"}) == []  # no record

@@ -19,6 +19,7 @@ from evaluation.rhlv import (
     neighbour_estimate,
     paired_heights,
     rhlv,
+    rhlv_row,
     synthesis_problem,
 )
 from tests.conftest import shared
@@ -271,10 +272,22 @@ def test_synthesis_problem_known_answers():
     sliver = np.zeros_like(ori)
     sliver[5, 5, 5] = True
     assert synthesis_problem(sliver, ori) == (
-        "implausible synthesis: 0.5 % of the original's volume (under 50 %)"
+        "implausible synthesis: 0.46 % of the original's volume (under 50 %)"
     )
     bigger = np.ones_like(ori)  # a healthy twin may be larger than a fractured original
     assert synthesis_problem(bigger, ori) == ""
+
+
+def test_rows_say_why_a_value_is_missing():
+    h_ori = np.array([20.0, 20.0, 20.0, 20.0])
+    whole = rhlv_row("p_20", "p", 20, 0, "test", np.array([25.0, 25.0, 25.0, 25.0]), h_ori)
+    assert whole["note"] == "" and whole["rhlv_anterior"] == 0.2
+    # a region the height definition could not measure
+    part = rhlv_row("p_20", "p", 20, 0, "test", np.array([25.0, np.nan, 25.0, 25.0]), h_ori)
+    assert part["note"] == "height not measurable: anterior" and part["rhlv_anterior"] == ""
+    # a reason given by the caller wins
+    given = rhlv_row("p_20", "p", 20, 0, "test", np.full(4, np.nan), h_ori, "no synthesised vertebra")
+    assert given["note"] == "no synthesised vertebra"
 
 
 def test_cli_a_sliver_of_synthesis_gives_no_rhlv(tiny_root, caplog):
