@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evaluation.heights import REGIONS, body_heights, column_heights
+from evaluation.heights import REGIONS, body_heights, column_heights, genant_grade
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ RHLV_COLUMNS = (
     *(f"h_syn_{r}" for r in REGIONS),
     *(f"h_ori_{r}" for r in REGIONS),
     *(f"rhlv_{r}" for r in ALL_REGIONS),
+    "genant_from_rhlv",
     "note",
 )
 
@@ -276,6 +277,10 @@ def rhlv_row(
             row[f"{prefix}_{region}"] = _rounded(values[i], 3)
     for i, region in enumerate(ALL_REGIONS):
         row[f"rhlv_{region}"] = _rounded(loss[i], 5)
+    regional = loss[1:]
+    # Genant's semi-quantitative grade of the largest regional loss (20 / 25 / 40 % boundaries):
+    # a grade for scans with no graded training data; the SVM grading learns its own boundaries
+    row["genant_from_rhlv"] = genant_grade(float(np.nanmax(regional))) if np.isfinite(regional).any() else ""
     missing = [region for i, region in enumerate(REGIONS, start=1) if not np.isfinite(loss[i])]
     if missing and not note:  # the height definition left a region (or the whole body) unmeasured
         note = f"height not measurable: {', '.join(missing)}"

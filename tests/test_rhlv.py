@@ -290,6 +290,25 @@ def test_rows_say_why_a_value_is_missing():
     assert given["note"] == "no synthesised vertebra"
 
 
+@pytest.mark.parametrize(
+    ("h_syn", "grade"),
+    [
+        ([20.0, 20.0, 20.0], 0),  # no loss
+        ([24.0, 20.0, 20.0], 0),  # 16.7 % anterior
+        ([20.0, 20.0, 26.0], 1),  # 23.1 % posterior: mild
+        ([30.0, 20.0, 20.0], 2),  # 33.3 %: moderate
+        ([40.0, 30.0, 20.0], 3),  # 50 % anterior: severe, whatever the other regions
+        ([15.0, 15.0, 15.0], 0),  # taller than its twin: no loss, grade 0
+        ([np.nan, 30.0, 20.0], 2),  # the measured regions decide
+        ([np.nan, np.nan, np.nan], ""),  # nothing measured: no grade
+    ],
+)
+def test_genant_grade_from_the_largest_regional_rhlv(h_syn, grade):
+    h_ori = np.array([20.0, 20.0, 20.0, 20.0])
+    row = rhlv_row("p_20", "p", 20, None, None, np.array([np.mean(h_syn), *h_syn]), h_ori)
+    assert row["genant_from_rhlv"] == grade
+
+
 def test_cli_a_sliver_of_synthesis_gives_no_rhlv(tiny_root, caplog):
     """A synthesis holding a few voxels of the target (a run on scans unlike its training data)
     would give a height of a voxel or two and an RHLV of -1000 %: it gets none, and says why."""
