@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from data import create_dataset
-from data.crops import grid_warnings
+from data.crops import dataset_crops, grid_warnings
 from models import create_model
 from options.base_options import load_options
 from options.test_options import TestOptions
@@ -96,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opt = test_options(argv)
         dataset = create_dataset(opt)
-        crops = dataset.dataset
-        if getattr(crops, "store", None) is not None and getattr(crops, "keys", None):
-            for line in grid_warnings(
-                crops.store, crops.keys, {opt.name: Path(opt.checkpoints_dir) / opt.name}
-            ):
+        crops = dataset_crops(dataset.dataset)
+        if crops is not None:
+            for line in grid_warnings(*crops, {opt.name: Path(opt.checkpoints_dir) / opt.name}):
                 print(line)
         model = create_model(opt)
         model.setup(opt)

@@ -51,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from data import create_dataset
-from data.crops import record_grids
+from data.crops import dataset_crops, record_grids
 from models import create_model
 from options.base_options import setup
 from options.train_options import TrainOptions
@@ -88,11 +88,11 @@ def crossed(total: int, step: int, freq: int) -> bool:
 def record_crop_geometry(dataset, run_dir: Path) -> None:
     """Write ``train_crops.json`` (:func:`data.crops.record_grids`) for a dataset of straightened
     crops; advisory, so an unreadable header only gives a warning (and torchrun ranks stay in step)."""
-    store, keys = getattr(dataset, "store", None), getattr(dataset, "keys", None)
-    if store is None or not keys:
+    crops = dataset_crops(dataset)
+    if crops is None:
         return
     try:
-        record_grids(store, keys, run_dir)
+        record_grids(*crops, run_dir)
     except (InputError, ValueError) as exc:
         print(f"warning: the training crops' grid is not recorded ({exc})", file=sys.stderr)
 

@@ -15,11 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 
-from data.nifti_io import _read, voxel_sizes
+from data.nifti_io import _read, read_header, voxel_sizes
 from util.atomic import read_json, write_json
 from util.errors import InputError, input_error, one_line
 
@@ -153,11 +151,8 @@ class CropStore:
     def geometry(self, key: str) -> CropGeometry:
         """The grid of crop ``key`` from its label's header (nothing decoded)."""
         _, label_path = self.paths(key)
-        try:
-            img = nib.load(str(label_path))
-            shape, affine = list(img.shape), img.affine
-        except (OSError, ValueError, ImageFileError) as exc:
-            raise input_error(label_path, f"unreadable NIfTI header: {exc}") from exc
+        img = read_header(label_path, "label crop")
+        shape, affine = list(img.shape), img.affine
         while len(shape) > 3 and shape[-1] == 1:
             shape.pop()
         spacing = tuple(round(float(v), 4) for v in voxel_sizes(affine))
@@ -267,9 +262,6 @@ def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) ->
     save_nifti(path, array, affine, dtype=dtype)
 
 
-__all__ = ["Crop", "CropStore", "crop_key", "read_cam", "save_like", "straightened_dir"]
-
-
 def crop_grids(store: CropStore, keys) -> dict[CropGeometry, int]:
     """Each distinct grid among the crops ``keys`` and how many have it (headers only)."""
     counts: dict[CropGeometry, int] = {}
@@ -320,3 +312,25 @@ def grid_warnings(store: CropStore, keys, run_dirs: dict[str, Path]) -> list[str
                     f"{' '.join(f'{e:g}' for e in extent)} --spacing_mm {spacing[0]:g} to match"
                 )
     return lines
+
+
+def dataset_crops(dataset) -> tuple[CropStore, list[str]] | None:
+    """(store, keys) of a dataset of straightened crops (the aligned datasets), else None."""
+    store, keys = getattr(dataset, "store", None), getattr(dataset, "keys", None)
+    return (store, list(keys)) if isinstance(store, CropStore) and keys else None
+
+
+__all__ = [
+    "TRAIN_CROPS_FILE",
+    "Crop",
+    "CropGeometry",
+    "CropStore",
+    "crop_grids",
+    "crop_key",
+    "dataset_crops",
+    "grid_warnings",
+    "read_cam",
+    "record_grids",
+    "save_like",
+    "straightened_dir",
+]

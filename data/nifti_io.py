@@ -10,10 +10,12 @@ non-integer or empty masks, and CT/mask pairs that do not share a grid.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,15 +71,11 @@ def _short(exc: BaseException, path: Path) -> str:
     return " ".join(text.split())
 
 
-def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(path)
-    if not path.exists():
-        raise input_error(path, f"{what} file not found")
-    if not path.is_file():
-        raise input_error(path, f"{what} path is not a file")
+@contextlib.contextmanager
+def _file_errors(path: Path, what: str) -> Iterator[None]:
+    """Failures to read a NIfTI file as one-line InputErrors naming it."""
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        yield
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise input_error(path, f"corrupt or truncated gzip data ({_short(exc, path)})") from exc
     except nib.filebasedimages.ImageFileError as exc:
@@ -85,6 +83,25 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # any other failure to decode (header errors, memory) is the file's
         problem = f"unreadable {what} file ({type(exc).__name__}: {_short(exc, path)})"
         raise input_error(path, problem) from exc
+
+
+def read_header(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialImage:
+    """The image of ``path`` with its header read and its data not decoded (InputError naming the
+    file when it is missing, not a file, or not a readable NIfTI image)."""
+    path = Path(path)
+    if not path.exists():
+        raise input_error(path, f"{what} file not found")
+    if not path.is_file():
+        raise input_error(path, f"{what} path is not a file")
+    with _file_errors(path, what):
+        return nib.load(str(path))
+
+
+def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(path)
+    img = read_header(path, what)
+    with _file_errors(path, what):
+        data = np.asanyarray(img.dataobj)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -281,7 +281,7 @@ def rhlv_row(
     # Genant's semi-quantitative grade of the largest regional loss (20 / 25 / 40 % boundaries):
     # a grade for scans with no graded training data; the SVM grading learns its own boundaries
     row["genant_from_rhlv"] = genant_grade(float(np.nanmax(regional))) if np.isfinite(regional).any() else ""
-    missing = [region for i, region in enumerate(REGIONS, start=1) if not np.isfinite(loss[i])]
+    missing = [region for region, value in zip(REGIONS, regional, strict=True) if not np.isfinite(value)]
     if missing and not note:  # the height definition left a region (or the whole body) unmeasured
         note = f"height not measurable: {', '.join(missing)}"
     row["note"] = note

@@ -381,6 +381,31 @@ def test_crops_unlike_the_runs_training_crops_are_warned_about(dataset, tmp_path
     assert "train_crops.json: not a list of crop grids" in capsys.readouterr().out
 
 
+def test_test_script_warns_about_crops_unlike_the_training_crops(dataset, tmp_path, capsys):
+    """test.py checks the run's train_crops.json against its split's crops, as the synthesis does."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "test_script", Path(synth_cli.__file__).with_name("test.py")
+    )
+    test_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_script)
+    root, checkpoints, _ = dataset
+    runs = tmp_path / "runs"
+    shutil.copytree(checkpoints / "real_sagittal", runs / "real_sagittal")
+    here = CropStore(root / "straightened").geometry("p1_20")
+    other = CropGeometry(tuple(2 * n for n in here.shape), here.spacing_mm)
+    write_json(runs / "real_sagittal" / "train_crops.json", {"geometries": [{**other.as_dict(), "crops": 5}]})
+    argv = ["--dataroot", str(root / "straightened"), "--vertebra_json", str(root / "vertebra_data.json")]
+    argv += ["--name", "real_sagittal", "--checkpoints_dir", str(runs), "--model", "healthivert"]
+    argv += ["--dataset_mode", "aligned_sagittal", "--results_dir", str(tmp_path / "results")]
+    argv += ["--phase", "train", "--gpu_ids", "-1", "--num_test", "1"]
+    assert test_script.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"warning: 2 crop(s) here are {here.describe()}; run 'real_sagittal' was trained on" in out
+
+
 def test_cam_folder_and_batch_size_give_the_same_volumes(dataset, tmp_path):
     root, checkpoints, _ = dataset
     outputs = []
