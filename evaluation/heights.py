@@ -10,11 +10,13 @@ Definition (DESIGN.md), applied by :func:`measure_body` to a binary body mask:
    normals. The anterior-posterior axis is the short in-plane principal axis of the body's
    cross-section (the long one is left-right), pointing the crop's way (anterior to posterior);
    a near-round cross-section, or a short axis more than 45° from the crop's AP axis, keeps the
-   crop's AP axis. The mask is resampled (linear, 0.5
-   threshold) on that frame at its finest voxel size; two rounds. ``tilt_deg`` is the angle
-   between the height axis and the crop's axis 0 (the curve's tangent).
+   crop's AP axis. The mask is resampled (linear; the body is where the result is at least 0.5)
+   on that frame at its finest voxel size; two rounds. ``tilt_deg`` is the angle between the
+   height axis and the crop's axis 0 (the curve's tangent).
 2. **Columns.** On the central 40 % of the body's left-right extent, each sagittal plane is cut
-   into columns; a column's height is the body's extent along the height axis. A column the body
+   into columns; a column's height is the body's extent along the height axis, each end where
+   the resampled mask crosses 0.5 between two samples (:func:`column_heights`; whole voxels on
+   the crop's own grid). A column the body
    fills over less than ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the
    lips of osteophytes at both endplates with nothing between, in front of the wall).
 3. **Rim rule.** On each plane, a straight line fitted to the column heights of the inner half
@@ -201,17 +203,35 @@ def heights_from_columns(
 
 
 def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarray:
-    """Each (AP, LR) column's extent along axis 0 in mm (first to last foreground voxel); NaN if
-    empty or hollow (filled over less than ``MIN_COLUMN_FILL`` of that extent)."""
-    mask = np.asarray(body_mask, dtype=bool)
-    if mask.ndim != 3:
-        raise ValueError(f"body mask must be 3D, got shape {mask.shape}")
+    """Each (AP, LR) column's extent along axis 0 in mm; NaN if empty or hollow (filled over less
+    than ``MIN_COLUMN_FILL`` of that extent).
+
+    ``body_mask`` is a binary mask, or a field in [0, 1] (a mask resampled by linear
+    interpolation) whose 0.5 level is the body's boundary. Each end of a column lies where the
+    samples on either side of it, interpolated linearly, cross 0.5: half-way between them for a
+    binary mask (first to last foreground voxel, whole voxels), and below a sample where the
+    field is fractional, so a resampled mask keeps what its interpolation knows of the boundary.
+    """
+    field = np.asarray(body_mask)
+    if field.ndim != 3:
+        raise ValueError(f"body mask must be 3D, got shape {field.shape}")
+    field = field.astype(np.float32) if field.dtype == bool else np.clip(field.astype(np.float32), 0.0, 1.0)
+    mask = field >= 0.5
     n = mask.shape[0]
     first = np.argmax(mask, axis=0)
     last = n - 1 - np.argmax(mask[::-1], axis=0)
-    extent = last - first + 1
+    count = last - first + 1
+    # the samples outside each end (0 beyond the array); a binary mask puts each end half-way
+    padded = np.pad(field, ((1, 1), (0, 0), (0, 0)))
+    ap, lr = np.indices(first.shape)
+    inside_lo, outside_lo = padded[first + 1, ap, lr], padded[first, ap, lr]
+    inside_hi, outside_hi = padded[last + 1, ap, lr], padded[last + 2, ap, lr]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = (inside_lo - 0.5) / (inside_lo - outside_lo)
+        above = (inside_hi - 0.5) / (inside_hi - outside_hi)
+    extent = count - 1 + np.nan_to_num(below, nan=0.5) + np.nan_to_num(above, nan=0.5)
     # a column the body hardly fills (two osteophyte lips, nothing between) is no body column
-    body = mask.any(axis=0) & (mask.sum(axis=0) >= MIN_COLUMN_FILL * extent)
+    body = mask.any(axis=0) & (mask.sum(axis=0) >= MIN_COLUMN_FILL * count)
     return np.where(body, extent * float(height_spacing_mm), np.nan)
 
 
@@ -307,7 +327,8 @@ def body_frame(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
 
 
 def _resample_body(mask: np.ndarray, spacing_mm: np.ndarray, frame: np.ndarray, step_mm: float) -> np.ndarray:
-    """The mask resampled (linear, 0.5 threshold) on a grid with ``frame`` axes and ``step_mm`` voxels."""
+    """The mask resampled (linear, values in [0, 1]; the body is >= 0.5) on a grid with ``frame``
+    axes and ``step_mm`` voxels."""
     points = np.argwhere(mask) * spacing_mm
     centre = np.rint(points.mean(axis=0) / spacing_mm) * spacing_mm  # on a voxel: an identity frame copies
     local = (points - centre) @ frame.T
@@ -320,7 +341,7 @@ def _resample_body(mask: np.ndarray, spacing_mm: np.ndarray, frame: np.ndarray, 
     out = ndimage.affine_transform(
         mask.astype(np.float32), matrix, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0
     )
-    return out >= 0.5
+    return np.clip(out, 0.0, 1.0)
 
 
 def measure_body(
@@ -354,7 +375,7 @@ def measure_body(
     if align:
         grid, grid_spacing = mask, spacing
         for _ in range(2):
-            local = body_frame(grid, grid_spacing)
+            local = body_frame(grid >= 0.5, grid_spacing)
             frame = local @ frame
             grid = _resample_body(mask, spacing, frame, step)
             grid_spacing = np.full(3, step)

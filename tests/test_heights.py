@@ -38,10 +38,58 @@ def test_wedge_thirds_take_medians_of_their_columns():
     assert hts.anterior == pytest.approx(np.median(cols[:10]))
     assert hts.middle == pytest.approx(np.median(cols[10:20]))
     assert hts.posterior == pytest.approx(np.median(cols[20:]))
-    # in its own frame (the bisector of its endplates, tilted by half the wedge) within 1 mm
+    # its own frame is the bisector of its endplates, tilted by half the wedge (22.5 deg)
     own = measure_body(m, 1.0)
-    assert own.heights.as_array() == pytest.approx(hts.as_array(), abs=1.0)
     assert 5 < own.tilt_deg < 17
+
+
+def smooth_wedge(voxel_mm: float) -> np.ndarray:
+    """A wedge 30 mm long (AP) and 10 mm wide whose height rises linearly from 12 to 24 mm, with its
+    flat endplate 4 mm above the array's end, drawn at ``voxel_mm`` (voxel centres inside)."""
+    n = round(1 / voxel_mm)
+    depth = (np.arange(34 * n) + 0.5) / n
+    ap = (np.arange(30 * n) + 0.5) / n
+    height = 12 + 12 * ap / 30
+    inside = (depth[:, None] >= 30 - height[None, :]) & (depth[:, None] < 30)
+    return np.repeat(inside[:, :, None], 10 * n, axis=2)
+
+
+def test_tilted_heights_do_not_step_with_the_voxel_size():
+    # In the wedge's own frame (tilted 11 deg) every column crosses the voxel grid obliquely: its
+    # ends come from the resampled mask's 0.5 level, not whole resampled voxels, so 1 mm voxels
+    # measure what voxels a third as big do (whole voxels were 0.8 mm short anteriorly).
+    fine = measure_body(smooth_wedge(1 / 3), 1 / 3)
+    coarse = measure_body(smooth_wedge(1.0), 1.0)
+    assert fine.tilt_deg == pytest.approx(coarse.tilt_deg, abs=0.5)
+    assert coarse.heights.as_array() == pytest.approx(fine.heights.as_array(), abs=0.3)
+
+
+def test_a_box_whose_ap_axis_turns_keeps_its_height():
+    # A 20 mm box (10 voxels of 2 mm) with a skewed cross-section: its AP axis turns, its height
+    # axis does not. Resampled on that frame, samples fall on the box's faces at exactly 0.5;
+    # counting them as voxels made the box 22 mm, whatever the rounding of the voxel size.
+    m = np.zeros((16, 40, 30), bool)
+    for k in range(4, 26):
+        shift = round((k - 4) * 0.15)
+        m[3:13, 5 + shift : 25 + shift, k] = True
+    for spacing in [(2.0, 2.0, 2.0), (1.99999996, 2.0, 1.99999999), (2.00000004, 2.0, 2.0)]:
+        measured = measure_body(m, spacing)
+        assert abs(measured.frame[1, 0]) < 1e-9 and abs(measured.frame[1, 1]) < 0.99  # the AP axis turned
+        assert measured.tilt_deg == pytest.approx(0.0, abs=1e-6)
+        assert measured.heights.as_array() == pytest.approx([20.0, 20.0, 20.0], abs=1e-6)
+
+
+def test_column_ends_cross_half_between_samples():
+    # a binary column: first to last voxel
+    m = np.zeros((8, 1, 1), bool)
+    m[2:6] = True
+    assert column_heights(m, 2.0)[0, 0] == pytest.approx(8.0)
+    # a resampled field: the lower end at its sample of exactly 0.5, the upper one half-way
+    # between 0.9 and 0.1; 3.5 samples of 2 mm
+    field = np.array([0, 0.5, 1, 1, 0.9, 0.1, 0], np.float32)[:, None, None]
+    assert column_heights(field, 2.0)[0, 0] == pytest.approx(7.0)
+    # the same crossings seen the other way up
+    assert column_heights(field[::-1], 2.0)[0, 0] == pytest.approx(7.0)
 
 
 def test_only_the_central_lr_planes_count():
