@@ -202,37 +202,52 @@ def heights_from_columns(
     return BodyHeights(*out)
 
 
+def _as_field(body_mask: np.ndarray) -> np.ndarray:
+    """A binary mask as 0/1, or a resampled field clipped to [0, 1] (float32, 3D)."""
+    field = np.asarray(body_mask)
+    if field.ndim != 3:
+        raise ValueError(f"body mask must be 3D, got shape {field.shape}")
+    return field.astype(np.float32) if field.dtype == bool else np.clip(field.astype(np.float32), 0.0, 1.0)
+
+
+def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each (AP, LR) column of a field in [0, 1] enters and leaves the body along axis 0, in
+    samples (continuous; sample ``i`` is at ``i``), and the column's body samples (>= 0.5).
+
+    Each end lies where the sample inside it and the one outside it, interpolated linearly, cross
+    0.5: half-way between them for a binary mask (the outer faces of the first and last voxel),
+    below a sample where the field is fractional. Columns without a body sample give garbage ends;
+    mask them with ``inside.any(axis=0)``.
+    """
+    inside = field >= 0.5
+    n = inside.shape[0]
+    first = np.argmax(inside, axis=0)
+    last = n - 1 - np.argmax(inside[::-1], axis=0)
+    padded = np.pad(field, ((1, 1), (0, 0), (0, 0)))  # 0 beyond the array
+    ap, lr = np.indices(first.shape)
+    inside_lo, outside_lo = padded[first + 1, ap, lr], padded[first, ap, lr]
+    inside_hi, outside_hi = padded[last + 1, ap, lr], padded[last + 2, ap, lr]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = np.nan_to_num((inside_lo - 0.5) / (inside_lo - outside_lo), nan=0.5, posinf=0.5, neginf=0.5)
+        above = np.nan_to_num((inside_hi - 0.5) / (inside_hi - outside_hi), nan=0.5, posinf=0.5, neginf=0.5)
+    return first - below, last + above, inside
+
+
 def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarray:
     """Each (AP, LR) column's extent along axis 0 in mm; NaN if empty or hollow (filled over less
     than ``MIN_COLUMN_FILL`` of that extent).
 
     ``body_mask`` is a binary mask, or a field in [0, 1] (a mask resampled by linear
-    interpolation) whose 0.5 level is the body's boundary. Each end of a column lies where the
-    samples on either side of it, interpolated linearly, cross 0.5: half-way between them for a
-    binary mask (first to last foreground voxel, whole voxels), and below a sample where the
-    field is fractional, so a resampled mask keeps what its interpolation knows of the boundary.
+    interpolation) whose 0.5 level is the body's boundary; :func:`column_ends` places each end, so
+    a binary mask measures whole voxels and a resampled one keeps what its interpolation knows of
+    the boundary.
     """
-    field = np.asarray(body_mask)
-    if field.ndim != 3:
-        raise ValueError(f"body mask must be 3D, got shape {field.shape}")
-    field = field.astype(np.float32) if field.dtype == bool else np.clip(field.astype(np.float32), 0.0, 1.0)
-    mask = field >= 0.5
-    n = mask.shape[0]
-    first = np.argmax(mask, axis=0)
-    last = n - 1 - np.argmax(mask[::-1], axis=0)
-    count = last - first + 1
-    # the samples outside each end (0 beyond the array); a binary mask puts each end half-way
-    padded = np.pad(field, ((1, 1), (0, 0), (0, 0)))
-    ap, lr = np.indices(first.shape)
-    inside_lo, outside_lo = padded[first + 1, ap, lr], padded[first, ap, lr]
-    inside_hi, outside_hi = padded[last + 1, ap, lr], padded[last + 2, ap, lr]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        below = (inside_lo - 0.5) / (inside_lo - outside_lo)
-        above = (inside_hi - 0.5) / (inside_hi - outside_hi)
-    extent = count - 1 + np.nan_to_num(below, nan=0.5) + np.nan_to_num(above, nan=0.5)
+    lo, hi, inside = column_ends(_as_field(body_mask))
+    n = inside.shape[0]
+    count = (n - np.argmax(inside[::-1], axis=0)) - np.argmax(inside, axis=0)
     # a column the body hardly fills (two osteophyte lips, nothing between) is no body column
-    body = mask.any(axis=0) & (mask.sum(axis=0) >= MIN_COLUMN_FILL * count)
-    return np.where(body, extent * float(height_spacing_mm), np.nan)
+    body = inside.any(axis=0) & (inside.sum(axis=0) >= MIN_COLUMN_FILL * count)
+    return np.where(body, (hi - lo) * float(height_spacing_mm), np.nan)
 
 
 def _plane_normal(points: np.ndarray) -> np.ndarray | None:
@@ -282,20 +297,15 @@ def endplate_normal(
 
 def endplate_axis(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
     """Height axis (unit, crop mm coordinates (h, ap, lr), towards +axis 0) normal to the endplates
-    of a mask (:func:`endplate_normal` on its surfaces: the first and last voxel of each axis-0
-    column), or axis 0 when the mask has too few columns."""
-    has = mask.any(axis=0)
+    of a mask or resampled field (:func:`endplate_normal` on its surfaces: where each axis-0 column
+    enters and leaves the body, :func:`column_ends`), or axis 0 when it has too few columns."""
+    lo, hi, inside = column_ends(_as_field(mask))
+    has = inside.any(axis=0)
     if has.sum() < 6:
         return np.array([1.0, 0.0, 0.0])
-    n = mask.shape[0]
-    first = np.argmax(mask, axis=0).astype(np.float64)
-    last = (n - 1 - np.argmax(mask[::-1], axis=0)).astype(np.float64)
     jj, kk = np.nonzero(has)
     return endplate_normal(
-        (first[jj, kk] - 0.5) * spacing_mm[0],
-        (last[jj, kk] + 0.5) * spacing_mm[0],
-        jj * spacing_mm[1],
-        kk * spacing_mm[2],
+        lo[jj, kk] * spacing_mm[0], hi[jj, kk] * spacing_mm[0], jj * spacing_mm[1], kk * spacing_mm[2]
     )
 
 
