@@ -15,8 +15,8 @@ Definition (DESIGN.md), applied by :func:`measure_body` to a binary body mask:
    height axis and the crop's axis 0 (the curve's tangent).
 2. **Columns.** On the central 40 % of the body's left-right extent, each sagittal plane is cut
    into columns; a column's height is the body's extent along the height axis, each end where
-   the resampled mask crosses 0.5 between two samples (:func:`column_heights`; whole voxels on
-   the crop's own grid). A column the body
+   the resampled mask crosses 0.5 between two samples (:func:`column_heights`; whole voxels when
+   the frame is the crop's own and the voxels are cubes, where the mask is not resampled). A column the body
    fills over less than ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the
    lips of osteophytes at both endplates with nothing between, in front of the wall).
 3. **Rim rule.** On each plane, a straight line fitted to the column heights of the inner half
@@ -214,10 +214,11 @@ def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each (AP, LR) column of a field in [0, 1] enters and leaves the body along axis 0, in
     samples (continuous; sample ``i`` is at ``i``), and the column's body samples (>= 0.5).
 
-    Each end lies where the sample inside it and the one outside it, interpolated linearly, cross
-    0.5: half-way between them for a binary mask (the outer faces of the first and last voxel),
-    below a sample where the field is fractional. Columns without a body sample give garbage ends;
-    mask them with ``inside.any(axis=0)``.
+    Each end lies where the sample inside it (value ``v_in``) and the one outside it (``v_out``,
+    0 beyond the array), interpolated linearly, cross 0.5: ``(v_in - 0.5) / (v_in - v_out)`` of a
+    sample out from the inside one. For a binary mask that is half-way (the outer faces of the
+    first and last voxel). Columns without a body sample give meaningless ends; mask them with
+    ``inside.any(axis=0)``.
     """
     inside = field >= 0.5
     n = inside.shape[0]
@@ -377,9 +378,10 @@ def measure_body(
         raise ValueError(f"body mask must be 3D, got shape {mask.shape}")
     if not mask.any():
         raise ValueError("the body mask is empty")
+    # two empty voxels round the body on every side, also where it touches the array's end:
+    # resampling reaches its outer faces only through background voxels beyond them
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    pad = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
-    mask = mask[pad]
+    mask = np.pad(mask[box], 2)
     frame = np.eye(3)
     step = float(spacing.min())
     if align:

@@ -79,6 +79,17 @@ def test_a_box_whose_ap_axis_turns_keeps_its_height():
         assert measured.heights.as_array() == pytest.approx([20.0, 20.0, 20.0], abs=1e-6)
 
 
+def test_a_body_touching_the_array_end_keeps_its_height():
+    # resampling reaches a face only through a background voxel beyond it; at the array's end
+    # there was none, and a 7-voxel body lost half a voxel there (or a whole one with 2 mm rows)
+    m = np.zeros((10, 20, 20), bool)
+    m[3:10, 3:17, 2:18] = True
+    for spacing, height in [(1.0, 7.0), ((2.0, 1.0, 1.0), 14.0), ((0.7, 1.3, 0.9), 4.9)]:
+        measured = measure_body(m, spacing)
+        assert measured.heights.as_array() == pytest.approx([height] * 3, abs=1e-6)
+        assert measured.tilt_deg == pytest.approx(0.0, abs=1e-6)
+
+
 def test_column_ends_cross_half_between_samples():
     # a binary column: first to last voxel
     m = np.zeros((8, 1, 1), bool)
