@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.nifti_io import _read, read_header, voxel_sizes
+from data.nifti_io import _read, read_header, spatial_shape, voxel_sizes
 from util.atomic import read_json, write_json
 from util.errors import InputError, input_error, one_line
 
@@ -152,13 +152,11 @@ class CropStore:
         """The grid of crop ``key`` from its label's header (nothing decoded)."""
         _, label_path = self.paths(key)
         img = read_header(label_path, "label crop")
-        shape, affine = list(img.shape), img.affine
-        while len(shape) > 3 and shape[-1] == 1:
-            shape.pop()
-        spacing = tuple(round(float(v), 4) for v in voxel_sizes(affine))
+        shape = spatial_shape(img.shape)
+        spacing = tuple(round(float(v), 4) for v in voxel_sizes(img.affine))
         if len(shape) != 3 or min(shape) < 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
             raise input_error(label_path, f"not a 3D crop: shape {tuple(shape)}, voxel size {spacing} mm")
-        return CropGeometry(tuple(int(n) for n in shape), spacing)
+        return CropGeometry(shape, spacing)
 
     def release(self, key: str) -> None:
         """Forget a decoded crop (a reader that visits each crop once keeps its memory flat)."""

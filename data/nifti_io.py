@@ -97,13 +97,20 @@ def read_header(path: str | os.PathLike, what: str) -> nib.spatialimages.Spatial
         return nib.load(str(path))
 
 
+def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An image shape without trailing axes of length 1 beyond the third (a 3D volume saved 4D)."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     img = read_header(path, what)
     with _file_errors(path, what):
         data = np.asanyarray(img.dataobj)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = data.reshape(spatial_shape(data.shape))
     if data.ndim != 3:
         raise input_error(path, f"expected a 3D {what}, got shape {data.shape}")
     affine = np.asarray(img.affine, dtype=np.float64)

@@ -210,9 +210,10 @@ def _as_field(body_mask: np.ndarray) -> np.ndarray:
     return field.astype(np.float32) if field.dtype == bool else np.clip(field.astype(np.float32), 0.0, 1.0)
 
 
-def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Where each (AP, LR) column of a field in [0, 1] enters and leaves the body along axis 0, in
-    samples (continuous; sample ``i`` is at ``i``), and the column's body samples (>= 0.5).
+    samples (continuous; sample ``i`` is at ``i``), the samples from its first body sample (>= 0.5)
+    to its last, and the body samples: ``(lo, hi, count, inside)``.
 
     Each end lies where the sample inside it (value ``v_in``) and the one outside it (``v_out``,
     0 beyond the array), interpolated linearly, cross 0.5: ``(v_in - 0.5) / (v_in - v_out)`` of a
@@ -231,7 +232,7 @@ def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         below = np.nan_to_num((inside_lo - 0.5) / (inside_lo - outside_lo), nan=0.5, posinf=0.5, neginf=0.5)
         above = np.nan_to_num((inside_hi - 0.5) / (inside_hi - outside_hi), nan=0.5, posinf=0.5, neginf=0.5)
-    return first - below, last + above, inside
+    return first - below, last + above, last - first + 1, inside
 
 
 def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarray:
@@ -243,9 +244,7 @@ def column_heights(body_mask: np.ndarray, height_spacing_mm: float) -> np.ndarra
     a binary mask measures whole voxels and a resampled one keeps what its interpolation knows of
     the boundary.
     """
-    lo, hi, inside = column_ends(_as_field(body_mask))
-    n = inside.shape[0]
-    count = (n - np.argmax(inside[::-1], axis=0)) - np.argmax(inside, axis=0)
+    lo, hi, count, inside = column_ends(_as_field(body_mask))
     # a column the body hardly fills (two osteophyte lips, nothing between) is no body column
     body = inside.any(axis=0) & (inside.sum(axis=0) >= MIN_COLUMN_FILL * count)
     return np.where(body, (hi - lo) * float(height_spacing_mm), np.nan)
@@ -300,7 +299,7 @@ def endplate_axis(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
     """Height axis (unit, crop mm coordinates (h, ap, lr), towards +axis 0) normal to the endplates
     of a mask or resampled field (:func:`endplate_normal` on its surfaces: where each axis-0 column
     enters and leaves the body, :func:`column_ends`), or axis 0 when it has too few columns."""
-    lo, hi, inside = column_ends(_as_field(mask))
+    lo, hi, _, inside = column_ends(_as_field(mask))
     has = inside.any(axis=0)
     if has.sum() < 6:
         return np.array([1.0, 0.0, 0.0])
