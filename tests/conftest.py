@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +13,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HEALTHIVERT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@functools.cache
+def test_script():
+    """The project's ``test.py`` as a module, loaded by its path: the name ``test`` is also the
+    standard library's test package."""
+    spec = importlib.util.spec_from_file_location(
+        "test_script", Path(__file__).resolve().parents[1] / "test.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared(relative: str) -> Path:

@@ -16,6 +16,7 @@ import eval_3d_sagittal_twostage as synth_cli
 from data.crops import CropGeometry, CropStore
 from models.synthesis import SynthesisSettings, auto_batch_slices, fuse_planes, step_order, synthesise_crop
 from options.base_options import save_options
+from tests import conftest
 from tests.conftest import write_nifti
 from tests.fixtures.synth_model import SynthModel
 from util.atomic import write_json
@@ -383,14 +384,7 @@ def test_crops_unlike_the_runs_training_crops_are_warned_about(dataset, tmp_path
 
 def test_test_script_warns_about_crops_unlike_the_training_crops(dataset, tmp_path, capsys):
     """test.py checks the run's train_crops.json against its split's crops, as the synthesis does."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "test_script", Path(synth_cli.__file__).with_name("test.py")
-    )
-    test_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_script)
+    test_script = conftest.test_script()
     root, checkpoints, _ = dataset
     runs = tmp_path / "runs"
     shutil.copytree(checkpoints / "real_sagittal", runs / "real_sagittal")

@@ -1,19 +1,15 @@
 """train.py then test.py for healthivert and pix2pix, and exact resume (2 + 2 iterations = 4)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from tests import conftest
 from util.checkpoint import load_checkpoint
 
-# test.py by its path: the name "test" is also the standard library's test package
-_spec = importlib.util.spec_from_file_location("test_script", Path(__file__).resolve().parents[1] / "test.py")
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
+test_script = conftest.test_script()
 
 DATA = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--crop_size", "32", "--gpu_ids", "-1"]
 
