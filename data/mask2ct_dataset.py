@@ -35,7 +35,7 @@ from scipy import ndimage
 from data.base_dataset import BaseDataset
 from data.intensity import CT_WINDOW_HU, ct_to_unit
 from data.layout import list_patients, raw_case
-from data.nifti_io import Volume, check_same_grid, load_ct, reorient, resample
+from data.nifti_io import Volume, check_same_grid, load_ct, read_labels, reorient, resample
 from util.atomic import read_json
 from util.errors import input_error
 
@@ -71,12 +71,9 @@ def one_hot_labels(labels: np.ndarray, subset: list[int]) -> np.ndarray:
 
 
 def load_labels(path: str | os.PathLike) -> Volume:
-    """An integer label map of any label set (not only vertebrae)."""
-    volume = load_ct(path)
-    rounded = np.rint(volume.array)
-    if np.abs(volume.array - rounded).max(initial=0.0) > 1e-3 or rounded.min(initial=0) < 0:
-        raise input_error(path, "mask must hold non-negative integer labels")
-    return Volume(rounded.astype(np.int16), volume.affine, volume.path)
+    """An integer label map of any label set (not only vertebrae), ids kept exactly
+    (:func:`data.nifti_io.read_labels`: never wrapped to int16 nor rounded through float32)."""
+    return read_labels(path)
 
 
 def load_pair(ct_path: Path, mask_path: Path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray, Volume]:
@@ -85,7 +82,7 @@ def load_pair(ct_path: Path, mask_path: Path, spacing_mm: float) -> tuple[np.nda
     check_same_grid(ct, mask)
     ct, mask = reorient(ct), reorient(mask)
     ct, mask = resample(ct, spacing_mm, order=1), resample(mask, spacing_mm, order=0)
-    return ct.array.astype(np.float32), mask.array.astype(np.int16), ct
+    return ct.array.astype(np.float32), mask.array, ct
 
 
 def augment_pair(

@@ -129,13 +129,12 @@ def load_ct(path: str | os.PathLike) -> Volume:
     return Volume(ct, affine, Path(path))
 
 
-def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
-    """Load a vertebra mask as uint8 VerSe ids.
+def read_labels(path: str | os.PathLike) -> Volume:
+    """Load an integer label map of any label set, ids kept exactly.
 
-    Float masks are rounded to integers (they must hold integers); ids are mapped from
-    ``label_scheme``; ids the scheme does not know are set to background with a warning naming
-    them, or refused when another scheme explains them (``--label_scheme`` is wrong). Any id up
-    to 2**63 is handled without a table of that size.
+    Float masks are rounded to integers (they must hold integers, and are never read through
+    float32, which rounds ids above 2**24); negative, NaN and non-integer values are refused,
+    naming the file. The ids come back as uint8 when they fit, else int64.
     """
     data, affine = _read(path, "mask")
     if np.issubdtype(data.dtype, np.floating):
@@ -151,7 +150,20 @@ def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
         raise input_error(path, "mask holds negative labels")
     if data.max(initial=0) > np.iinfo(np.int64).max:
         raise input_error(path, f"mask holds a label too large to be an id ({data.max():.4g})")
-    labels = data.astype(np.int64 if data.max(initial=0) > 255 else np.uint8)
+    labels = np.asarray(data).astype(np.int64 if data.max(initial=0) > 255 else np.uint8)
+    return Volume(labels, affine, Path(path))
+
+
+def load_mask(path: str | os.PathLike, label_scheme: str = "verse") -> Volume:
+    """Load a vertebra mask as uint8 VerSe ids.
+
+    The ids are read by :func:`read_labels`, then mapped from ``label_scheme``; ids the scheme
+    does not know are set to background with a warning naming them, or refused when another
+    scheme explains them (``--label_scheme`` is wrong). Any id up to 2**63 is handled without a
+    table of that size.
+    """
+    volume = read_labels(path)
+    labels, affine = volume.array, volume.affine
     try:
         mapped = label_schemes.to_verse(labels, label_scheme)
     except KeyError as exc:

@@ -124,3 +124,34 @@ def test_cuda_smoke(heart_root, tmp_path):
     argv += ["--checkpoints_dir", str(tmp_path), "--n_epochs", "1", "--n_epochs_decay", "0"]
     argv += ["--batch_size", "2"]
     assert train.main([*argv, "--max_dataset_size", "4", "--gpu_ids", "0", *TINY]) == 0
+
+
+@pytest.mark.parametrize("label", [32768, 40000, 65536, 2**24 + 1])
+def test_label_ids_beyond_int16_survive_loading(tmp_path, label):
+    """load_labels cast ids to int16: 40000 became -25536 and 65536 became 0 (background), so the
+    label's mask2ct channel was empty and the unaligned shape target lost it; 2**24 + 1 went through
+    float32 and became 2**24 (then 0)."""
+    from data.mask2ct_dataset import load_labels
+    from data.unaligned_dataset import load_domain_volume
+
+    labels = np.zeros((32, 32, 6), np.int64)  # RAS: every axial slice (fixed axis 2) is the same
+    labels[10:20, 10:20] = label
+    labels[22:26, 5:9] = 3
+    dtype = np.uint16 if label < 2**16 else np.int32
+    mask = tmp_path / "raw" / "c" / "c_msk.nii.gz"
+    mask.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(labels.astype(dtype), np.eye(4)), str(mask))
+    ct = np.where(labels > 0, 200.0, -800.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(mask.parent / "c.nii.gz"))
+
+    assert set(np.unique(load_labels(mask).array).tolist()) == {0, 3, label}
+    opt = argparse.Namespace(
+        dataroot=str(tmp_path), labels=f"0,{label},3", config=None, phase="val", crop_size=32,
+        spacing_mm=1.0, slice_axis=0, hu_min=-1024.0, hu_max=2048.0, holdout_fraction=0.5,
+        holdout_gap_mm=0.0, no_augment=True, intensity_aug=0.0,
+    )  # fmt: skip
+    item = Mask2ctDataset(opt)[0]
+    assert item["A"].shape == (3, 32, 32)
+    assert int(item["A"][1].sum()) == 100 and int(item["A"][2].sum()) == 16
+    _, shape = load_domain_volume(mask.parent / "c.nii.gz", "ct", 1.0, (-1024.0, 2048.0), mask)
+    assert int(shape.sum()) == 6 * (100 + 16)
