@@ -226,6 +226,7 @@ class BaseModel(ABC):
         torchrun every rank must call this (it gathers each rank's random state into ``rng_ranks``
         and ``epoch_start`` into ``epoch_start_ranks``); rank 0 writes."""
         rng_ranks = distributed.all_gather_objects(rng_state())
+        extra_ranks = distributed.all_gather_objects(self.extra_train_state())
         start_ranks = distributed.all_gather_objects(epoch_start) if batches_done else None
         if not distributed.is_main():
             return
@@ -237,6 +238,7 @@ class BaseModel(ABC):
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": rng_ranks[0],
             "rng_ranks": rng_ranks,
+            "extra_ranks": extra_ranks,
             "options": {
                 k: v for k, v in vars(self.opt).items() if isinstance(v, str | int | float | bool | list)
             },
@@ -244,6 +246,15 @@ class BaseModel(ABC):
         if start_ranks is not None:
             state["epoch_start_ranks"] = start_ranks
         save_checkpoint(state, self.save_dir / f"{epoch}_train_state.pth")
+
+    def extra_train_state(self) -> dict:
+        """A model's own training state beyond optimisers, schedulers and random state (e.g.
+        CycleGAN's image pools), saved per rank in the train state; empty by default."""
+        return {}
+
+    def load_extra_train_state(self, state: dict | None) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`extra_train_state` returned (this rank's, or rank 0's under another
+        world size); None for a train state saved without it."""
 
     def load_train_state(self, epoch: int | str) -> dict:
         """Restore optimisers, schedulers and random state; returns the saved counters:
@@ -265,6 +276,7 @@ class BaseModel(ABC):
             return ranks[distributed.rank()] if len(ranks) == distributed.world_size() else ranks[0]
 
         set_rng_state(own(state.get("rng_ranks") or [state["rng"]]))
+        self.load_extra_train_state(own(state["extra_ranks"]) if state.get("extra_ranks") else None)
         batches_done = int(state.get("batches_done", 0))
         self.resume_state = {
             "epoch": state["epoch"],

@@ -25,6 +25,7 @@ targets (masks or thresholded body masks from the dataset), one step per iterati
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ from models.networks.shape_extractor import ShapeExtractor, segmentation_loss
 from util.checkpoint import load_checkpoint, state_mismatch
 from util.errors import input_error
 from util.image_pool import ImagePool
+
+log = logging.getLogger(__name__)
 
 
 def load_shape_extractor(path: str, device: torch.device) -> ShapeExtractor:
@@ -148,6 +151,14 @@ class CycleGanModel(BaseModel):
             self.model_names += ["S", "D_S"]
             if opt.shape_extractor:
                 self.netS = load_shape_extractor(opt.shape_extractor, self.device)
+                channels = {opt.input_nc, opt.output_nc}  # S sees the images of both domains
+                if channels != {self.netS.input_nc}:
+                    raise input_error(
+                        opt.shape_extractor,
+                        f"the shape extractor takes {self.netS.input_nc}-channel images, but the "
+                        f"images have {' and '.join(map(str, sorted(channels)))} channels "
+                        "(--input_nc/--output_nc)",
+                    )
             else:
                 self.train_S = True
                 self.loss_names.append("S_seg")
@@ -172,6 +183,21 @@ class CycleGanModel(BaseModel):
         if self.train_S:
             self.optimizer_S = torch.optim.Adam(self.netS.parameters(), lr=opt.lr, betas=betas)
             self.optimizers.append(self.optimizer_S)
+
+    # --- the image pools are training state ----------------------------------------------------
+    def extra_train_state(self) -> dict:
+        if not self.isTrain:
+            return {}
+        return {"fake_A_pool": self.fake_A_pool.state_dict(), "fake_B_pool": self.fake_B_pool.state_dict()}
+
+    def load_extra_train_state(self, state: dict | None) -> None:
+        if not self.isTrain or self.opt.pool_size <= 0:
+            return
+        if not state or "fake_A_pool" not in state:
+            log.warning("the train state holds no image pools: they start empty (the resume is not exact)")
+            return
+        self.fake_A_pool.load_state_dict(state["fake_A_pool"], self.device)
+        self.fake_B_pool.load_state_dict(state["fake_B_pool"], self.device)
 
     def set_input(self, input: dict) -> None:
         a_to_b = self.opt.direction == "AtoB"

@@ -1,5 +1,8 @@
 """A buffer of previously generated images (Shrivastava et al.): discriminators see a history of
-fakes, not only the latest, which steadies adversarial training (CycleGAN uses 50)."""
+fakes, not only the latest, which steadies adversarial training (CycleGAN uses 50).
+
+The buffer is training state: :meth:`ImagePool.state_dict` and :meth:`ImagePool.load_state_dict`
+let a resumed run start with the images the interrupted one held."""
 
 from __future__ import annotations
 
@@ -31,3 +34,12 @@ class ImagePool:
             else:
                 out.append(image)
         return torch.cat(out, 0)
+
+    def state_dict(self) -> dict:
+        """The stored images (on the CPU) and the pool size."""
+        return {"pool_size": self.pool_size, "images": [image.detach().cpu() for image in self.images]}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        """Restore what :meth:`state_dict` returned (images moved to ``device``); a smaller pool
+        keeps the first ``pool_size`` of them."""
+        self.images = [image.to(device) for image in list(state["images"])[: self.pool_size]]
