@@ -87,6 +87,13 @@ def open_store(label_folder: str) -> CropStore:
     store = CropStore(root, need_ct=False)
     if not len(store):
         raise input_error(folder, "no label crops (<pid>_<vid>.nii.gz) here")
+    for key in store.keys():
+        try:
+            split_key(key)
+        except ValueError:
+            raise input_error(
+                store.paths(key)[1], "not a label crop: its name is not '<pid>_<vertebra id>.nii.gz'"
+            ) from None
     return store
 
 
@@ -231,17 +238,19 @@ def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
     entries = entries_of(store, opt.json_path)
     measurer = Measurer(store, opt.height_definition)
     result = Path(opt.result_folder)
-    rows, skipped = [], {"no crop": 0, "no synthesis": 0, "no target in crop": 0}
+    rows, skipped = [], {"no crop": 0, "no synthesis": 0}
     loss_maps = []  # (loss map, spacing) of each row, drawn once everything is measured
     for entry in tqdm(entries, desc=f"RHLV ({opt.method})", unit="vertebra"):
         key, pid, vid, grade, split = entry.key, entry.pid, entry.vid, entry.grade, entry.split
         if key not in store:
             skipped["no crop"] += 1
             continue
+        label_path = store.paths(key)[1]
+        if not label_schemes.is_vertebra(vid):
+            raise input_error(label_path, f"{vid} is not a VerSe vertebra id")
         crop = store.load(key)
         if not measurer.target(crop).any():
-            skipped["no target in crop"] += 1
-            continue
+            raise input_error(label_path, f"the crop holds no voxel of its vertebra {vid}")
         if opt.method == "gan":
             if not (Path(opt.output_folder) / "label_fake" / f"{key}.nii.gz").exists():
                 skipped["no synthesis"] += 1

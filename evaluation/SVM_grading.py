@@ -152,7 +152,18 @@ def save_confusion(path: Path, matrix: list[list[int]], labels: list[int], title
     plt.close(fig)
 
 
+def table_source(opt: argparse.Namespace) -> str:
+    """The rhlv.csv file(s) the table of ``--features`` comes from, for error messages."""
+    sagittal = Path(opt.rhlv_folder) / "rhlv.csv"
+    if opt.features == "sagittal" or not opt.rhlv_folder_coronal:
+        return str(sagittal)
+    coronal = Path(opt.rhlv_folder_coronal) / "rhlv.csv"
+    return str(coronal) if opt.features == "coronal" else f"{sagittal} + {coronal}"
+
+
 def run(opt: argparse.Namespace) -> dict:
+    if not (np.isfinite(opt.c) and opt.c > 0):
+        raise input_error(None, f"--C must be a finite number > 0, got {opt.c}")
     table, features = load_table(opt)
     fit_splits = [s.strip() for s in opt.fit_splits.split(",") if s.strip()]
     unknown = sorted(set(fit_splits + [opt.test_split]) - set(SPLITS))
@@ -160,7 +171,7 @@ def run(opt: argparse.Namespace) -> dict:
         raise input_error(None, f"--fit-splits/--test-split must be distinct splits of {SPLITS}")
     keys_fit = [k for k, r in table.items() if r["split"] in fit_splits]
     keys_test = [k for k, r in table.items() if r["split"] == opt.test_split]
-    source = Path(opt.rhlv_folder) / "rhlv.csv"
+    source = table_source(opt)
     if not keys_fit:
         raise input_error(source, f"no graded vertebrae in the development split(s) {', '.join(fit_splits)}")
     if not keys_test:

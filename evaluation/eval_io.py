@@ -100,6 +100,12 @@ def load_fake(output_folder: str | os.PathLike, kind: str, crop: Crop) -> np.nda
     arr = np.asarray(data, dtype=np.float64)
     if not np.isfinite(arr).all():
         raise input_error(path, f"{kind} contains NaN or infinite values")
+    if kind == "CT_fake" and arr.size and (arr.min() < -0.5 or arr.max() > 255.5):
+        raise input_error(
+            path,
+            f"values outside 0-255 ({arr.min():.4g}..{arr.max():.4g}); a CT_fake is windowed like its "
+            "crop (uint8 0-255)",
+        )
     return arr
 
 

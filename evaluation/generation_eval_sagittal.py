@@ -214,6 +214,8 @@ def run(opt: argparse.Namespace) -> dict:
         raise input_error(None, f"--grades must be a comma list of 0-3, got {opt.grades!r}") from None
     if not 0 < opt.central_fraction <= 1:
         raise input_error(None, f"--central-fraction must be in (0, 1], got {opt.central_fraction}")
+    if not (np.isfinite(opt.min_area_mm2) and opt.min_area_mm2 >= 0):
+        raise input_error(None, f"--min-area-mm2 must be a finite area >= 0, got {opt.min_area_mm2}")
     entries = split_entries(json_path, phases)
     truth = TruthCache(Path(opt.truth), store.folder.parent) if opt.truth else None
     eval_rows, truth_rows = [], []
@@ -230,6 +232,8 @@ def run(opt: argparse.Namespace) -> dict:
             missing += 1
             continue
         crop = store.load(e.key)
+        if not (crop.label == crop.vid).any():
+            raise input_error(store.paths(e.key)[1], f"the crop holds no voxel of its vertebra {crop.vid}")
         fake_ct = load_fake(opt.output_folder, "CT_fake", crop)
         fake_target = target_of(load_fake(opt.output_folder, "label_fake", crop), e.vid)
         min_area_px = int(opt.min_area_mm2 / float(np.prod(np.delete(crop.spacing_mm, gm.PLANES[opt.plane]))))
