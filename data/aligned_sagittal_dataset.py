@@ -41,7 +41,7 @@ import torch
 
 from data import vertebra_sample as vs
 from data.base_dataset import BaseDataset, read_split, split_key
-from data.crops import Crop, CropStore, read_cam
+from data.crops import Crop, CropStore, read_cam, source_tag
 from data.label_schemes import is_vertebra, neighbours
 from util.errors import InputError, input_error
 
@@ -289,9 +289,11 @@ class AlignedSagittalDataset(BaseDataset):
 
     def _load_cam(self, key: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
         cache = self.store.cache_dir
-        npy = cache / f"{key}_cam.npy" if cache is not None else None
         path = self._cam_path(key)
-        if npy is not None and npy.exists() and npy.stat().st_mtime >= path.stat().st_mtime:
+        # named after the map's file (path, size, time): another --cam_folder's map, or one
+        # rewritten since, is never served from the cache
+        npy = cache / f"{key}_{source_tag(path)}_cam.npy" if cache is not None else None
+        if npy is not None and npy.exists():
             return np.load(npy, mmap_mode="r")
         cam = read_cam(path, shape, affine).astype(np.float16)
         if npy is not None:

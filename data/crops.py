@@ -10,6 +10,7 @@ that are memory-mapped (for datasets larger than memory).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -188,11 +189,15 @@ class CropStore:
         return Crop(key, pid, int(vid), label, ct, affine)
 
     def _cache_files(self, key: str) -> tuple[Path, Path, Path]:
+        """The cache files of ``key``, named after the very files they are decoded from (their
+        path, size and modification time): a crop rewritten since (its CT or its label), or the
+        same name in another dataset sharing the cache folder, never gets another's arrays."""
         assert self.cache_dir is not None
+        tag = source_tag(*reversed(self.paths(key)))
         return (
-            self.cache_dir / f"{key}_label.npy",
-            self.cache_dir / f"{key}_ct.npy",
-            self.cache_dir / f"{key}_affine.npy",
+            self.cache_dir / f"{key}_{tag}_label.npy",
+            self.cache_dir / f"{key}_{tag}_ct.npy",
+            self.cache_dir / f"{key}_{tag}_affine.npy",
         )
 
     def _from_disk_cache(self, key: str):
@@ -201,9 +206,6 @@ class CropStore:
         label_f, ct_f, aff_f = self._cache_files(key)
         if not (label_f.exists() and aff_f.exists()):
             return None
-        _, label_path = self.paths(key)
-        if label_f.stat().st_mtime < label_path.stat().st_mtime:
-            return None  # the crop was rewritten after it was cached
         ct = np.load(ct_f, mmap_mode="r") if ct_f.exists() else None
         if self.need_ct and ct is None:
             return None
@@ -221,6 +223,21 @@ class CropStore:
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
+
+
+def source_tag(*paths: str | os.PathLike) -> str:
+    """A short digest of files' resolved paths, sizes and modification times (an absent file
+    counts as absent): the name under which a cache keeps what was decoded from them."""
+    digest = hashlib.sha1()
+    for path in paths:
+        path = Path(path)
+        digest.update(str(path.resolve()).encode())
+        try:
+            st = path.stat()
+            digest.update(f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            digest.update(b"|absent\n")
+    return digest.hexdigest()[:16]
 
 
 def _as_uint8(data: np.ndarray, path: Path) -> np.ndarray:
@@ -330,5 +347,6 @@ __all__ = [
     "read_cam",
     "record_grids",
     "save_like",
+    "source_tag",
     "straightened_dir",
 ]
