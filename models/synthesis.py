@@ -274,6 +274,9 @@ def synthesise_crop(
     for step_vid in step_order(vid, present):
         min_area = settings.min_area_px if step_vid != vid else 0  # the target: every slice
         stack, prob, done, passes = synthesis_step(stack, step_vid, synthesise, settings, min_area)
+        for part in (stack.ct, stack.label, stack.cam):  # padding stays padding (CT 0 -> -1, maps 0),
+            part[..., :c0] = 0  # as in training: the generated rows span the model's whole width
+            part[..., c1:] = 0
         result.steps[step_vid] = done
         result.forward_passes += passes
         log.debug("vertebra %s: %d slices synthesised in %d passes", step_vid, done, passes)

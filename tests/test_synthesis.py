@@ -14,6 +14,7 @@ import torch
 
 import eval_3d_sagittal_twostage as synth_cli
 from data.crops import CropGeometry, CropStore
+from models.composite import compose
 from models.synthesis import SynthesisSettings, auto_batch_slices, fuse_planes, step_order, synthesise_crop
 from options.base_options import save_options
 from tests import conftest
@@ -503,3 +504,46 @@ def test_default_slices_per_pass():
     assert auto_batch_slices("cpu", 512 * 512) == 1
     assert auto_batch_slices("cpu", 128 * 128) == 4
     assert auto_batch_slices("cpu", 96 * 64) == 10
+
+
+# --- coronal synthesis: the padding columns stay padding --------------------------------------
+PAD_SHAPE = (64, 32, 16)  # rows (2 mm), AP, LR: coronal slices are 16 wide, padded to 32
+PAD_BODIES = {19: (15, 25), 20: (28, 38), 21: (41, 51)}
+
+
+def _padded_phantom():
+    label = np.zeros(PAD_SHAPE, np.uint8)
+    for vid, (r0, r1) in PAD_BODIES.items():
+        label[r0:r1, 8:24, 3:13] = vid
+    ct = (np.arange(PAD_SHAPE[0])[:, None, None] * 3 + 20 + np.zeros(PAD_SHAPE, int)).astype(np.uint8)
+    return ct, label
+
+
+def test_coronal_synthesis_keeps_padding_columns_as_in_training():
+    """Each step's input must look like a training sample: the columns padded onto a coronal
+    slice are -1 in the CT image and 0 in the maps. A model writes its generated rows across
+    the whole width; those rows must not carry into the next step's padding."""
+    ct, label = _padded_phantom()
+    cam = np.full(PAD_SHAPE, 0.5, np.float32)
+    calls = []
+
+    def model(batch):
+        calls.append({k: v.clone() for k, v in batch.items()})
+        x1, x2 = batch["x1"].reshape(-1), batch["x2"].reshape(-1)
+        rows = x2 - x1 + 2  # a little taller than observed
+        image = torch.full_like(batch["ct"], 0.6)  # generated everywhere, padding included
+        out_ct = compose(image, batch["ct"], x1, x2, rows, -1.0)
+        seg = compose(torch.ones_like(image), torch.zeros_like(image), x1, x2, rows, 0.0)
+        return {"ct": out_ct, "seg": seg, "rows": rows, "top": (x1 + x2) // 2 - rows // 2}
+
+    settings = SynthesisSettings(hole_rows=20, min_area_px=50, min_component_px=12, width=PAD_SHAPE[1])
+    synthesise_crop(ct, label, cam, 20, "coronal", model, settings)
+    assert len(calls) == 3  # upper, lower, target
+    c0, c1 = 8, 24  # 16 columns centred in 32
+    for step, batch in enumerate(calls):
+        pad = torch.ones(PAD_SHAPE[1], dtype=torch.bool)
+        pad[c0:c1] = False
+        assert torch.all(batch["ct_masked"][..., pad] == -1), f"step {step}: CT padding is not -1"
+        assert torch.all(batch["ct"][..., pad] == -1), f"step {step}: CT padding is not -1"
+        assert torch.all(batch["cam"][..., pad] == 0), f"step {step}: CAM padding is not 0"
+        assert torch.all(batch["neighbour_mask"][..., pad] == 0), f"step {step}: label padding is not 0"
