@@ -131,6 +131,19 @@ class SEResNet2d(nn.Module):
         """The layer whose activations Grad-CAM++ weighs: the last block."""
         return self.stages[-1][-1]
 
+    @property
+    def cam_stride(self) -> int:
+        """Input pixels per cell of :attr:`cam_layer`: cell ``i`` is centred on pixel ``cam_stride * i``.
+
+        Every downsampling layer (3x3 convolutions and max pooling with padding 1, 1x1 shortcuts
+        with padding 0, all of stride 2) centres its output ``j`` on its input ``2 j``; the cells
+        therefore sit at the top-left corners of their ``cam_stride`` blocks, not at the blocks'
+        centres, and there are ``ceil(H / cam_stride)`` of them."""
+        stride = 4  # the stem's convolution and max pooling
+        for s in self.STRIDES:
+            stride *= s
+        return stride
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
 

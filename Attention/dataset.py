@@ -51,6 +51,16 @@ def split_examples(
     return {crop_key(*split_key(k)): t for k, t in targets.items()}
 
 
+def patients_shared(split_file: str | os.PathLike, phase: str, other: str = "train") -> list[str]:
+    """Patients with vertebrae in both split ``phase`` and split ``other`` (sorted)."""
+    data = read_split(split_file)
+
+    def pids(name: str) -> set[str]:
+        return {split_key(k)[0] for k in data.get(name) or {}}
+
+    return sorted(pids(phase) & pids(other))
+
+
 @dataclass
 class SliceBank:
     """Slices of many vertebrae: ``images`` (N, H, W), ``targets`` (N,), ``owner`` (N,) indexes ``keys``."""
@@ -134,4 +144,4 @@ def binary_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float = 0
     }
 
 
-__all__ = ["SliceBank", "binary_metrics", "binary_targets", "split_examples"]
+__all__ = ["SliceBank", "binary_metrics", "binary_targets", "patients_shared", "split_examples"]

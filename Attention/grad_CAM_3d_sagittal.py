@@ -7,10 +7,16 @@
 For every crop ``D/straightened/CT/<pid>_<vid>.nii.gz`` writes ``D/heatmap/<pid>_<vid>.nii.gz`` on
 the crop's grid and affine (float32): on every slice of ``--plane`` that cuts the target
 vertebra, the ``grad-cam`` package's Grad-CAM++ map for class 1 (fractured) from the last block
-of the classifier, min-max normalised per slice to [0, 1] and resized to the slice; zero on the
-other slices. ``--cam_input unmasked`` (default) feeds the slice as it is, as the reference code
-did; ``masked`` first removes the target's height band (its rows set to 0), as the paper's
+of the classifier, min-max normalised per slice to [0, 1] and interpolated onto the slice with
+each feature cell on the pixel its receptive field is centred on; zero on the other slices.
+``--cam_input unmasked`` (default) feeds the slice as it is, as the reference code did;
+``masked`` first removes the target's height band (its rows set to 0), as the paper's
 figure shows. ``D/heatmap/png/<pid>_<vid>.png`` overlays the map on the centre slice.
+
+Reruns skip finished maps unless ``--overwrite``: a map counts as finished when it is not older
+than its crop, and ``D/heatmap/cam_maps.json`` records the classifier (a hash of its weights), the
+plane and ``--cam_input`` the folder's maps were made with; a rerun with another of these is
+refused before any work (exit 2) unless ``--overwrite``.
 
 With a split file (``--vertebra_json``, default ``D/vertebra_data.json`` when present) the
 summary line also gives, over the fractured vertebrae (grade >= the classifier's
@@ -21,6 +27,7 @@ outside it (on the slices through the target).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -49,9 +56,14 @@ from data.base_dataset import read_split, split_key
 from data.crops import Crop, CropStore, crop_key, save_like
 from data.layout import shard
 from options.base_options import device_of, parse_gpu_ids
+from util.atomic import read_json, write_json
 from util.errors import InputError, input_error
 
 log = logging.getLogger(__name__)
+
+# In the output folder: what made its maps (classifier weights, plane, input), so that a rerun
+# never takes a map made by another classifier or with other options for a finished one.
+MAPS_RECORD = "cam_maps.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,25 +93,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cell_weights(n_pixels: int, n_cells: int, stride: int) -> np.ndarray:
+    """(n_pixels, n_cells) linear interpolation weights that put cell ``i`` on pixel ``stride * i``
+    (the centre of its receptive field), constant beyond the first and last cells."""
+    pos = np.clip(np.arange(n_pixels) / stride, 0, n_cells - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_cells - 1)
+    frac = pos - lo
+    weights = np.zeros((n_pixels, n_cells))
+    np.add.at(weights, (np.arange(n_pixels), lo), 1 - frac)
+    np.add.at(weights, (np.arange(n_pixels), hi), frac)
+    return weights
+
+
 class CamMaker:
-    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) maps of class 1 for batches of slices."""
+    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) maps of class 1 for batches of slices.
+
+    The package's maps are computed on the cells of the target layer and min-max normalised per
+    slice there; the package would then resize the cell grid to the image as if each cell covered
+    its own ``stride`` block, which puts every cell half a block (7.5 pixels at stride 16) below
+    and behind the pixel its receptive field is centred on. The cells are instead placed on the
+    pixels they are centred on (:attr:`SEResNet2d.cam_stride`) and interpolated linearly between.
+    """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int = 32):
         from pytorch_grad_cam import GradCAMPlusPlus
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        self.cam = GradCAMPlusPlus(model=model, target_layers=[model.cam_layer])
+        class CellGradCAMPlusPlus(GradCAMPlusPlus):
+            def get_target_width_height(self, input_tensor):  # keep the maps on the cells
+                return None
+
+        self.cam = CellGradCAMPlusPlus(model=model, target_layers=[model.cam_layer])
         self.target = ClassifierOutputTarget(1)
+        self.stride = int(getattr(model, "cam_stride", 16))
         self.device = device
         self.batch_size = batch_size
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(n, H, W) float images in [0, 1] -> (n, H, W) float32 maps in [0, 1]."""
         maps = []
+        height, width = images.shape[1:]
         for start in range(0, len(images), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             x = x.unsqueeze(1).to(self.device)
-            maps.append(self.cam(input_tensor=x, targets=[self.target] * len(x)))
+            cells = self.cam(input_tensor=x, targets=[self.target] * len(x))
+            rows = cell_weights(height, cells.shape[1], self.stride)
+            cols = cell_weights(width, cells.shape[2], self.stride)
+            maps.append(np.einsum("Hh,nhw,Ww->nHW", rows, cells, cols))
         return np.clip(np.concatenate(maps).astype(np.float32), 0.0, 1.0)
 
 
@@ -163,6 +204,43 @@ def write_problem(exc: OSError, target: Path) -> str:
     return f"{named}: {reason}" if named is not None and named.parent != target.parent else reason
 
 
+def maps_record(checkpoint: Path, plane: str, cam_input: str) -> dict:
+    """What a folder's maps depend on besides their crops: the classifier's weights, plane and input."""
+    try:
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise input_error(checkpoint, f"unreadable classifier checkpoint ({exc.strerror})") from exc
+    return {"classifier_sha256": digest, "plane": plane, "cam_input": cam_input}
+
+
+def record_problem(out: Path, record: dict) -> str | None:
+    """Why the maps already in ``out`` are not those this run would make, or None."""
+    path = out / MAPS_RECORD
+    if not path.exists():
+        return None
+    old = read_json(path, "maps record")
+    old = old if isinstance(old, dict) else {}
+    what = {"classifier_sha256": "another classifier", "plane": "--plane", "cam_input": "--cam_input"}
+    differ = []
+    for name, value in record.items():
+        if old.get(name) != value:
+            differ.append(what[name] if name == "classifier_sha256" else f"{what[name]} {old.get(name)}")
+    if not differ:
+        return None
+    return (
+        f"the maps here were made with {' and '.join(differ)}; pass --overwrite to make them again "
+        f"({record['plane']}, --cam_input {record['cam_input']}, this classifier), or choose another --out"
+    )
+
+
+def is_finished(path: Path, sources: tuple[Path, ...]) -> bool:
+    """A map exists and is not older than the crop files it was made from."""
+    if not path.exists():
+        return False
+    made = path.stat().st_mtime
+    return all(not src.exists() or src.stat().st_mtime <= made for src in sources)
+
+
 def run(opt: argparse.Namespace) -> int:
     device = device_of(opt)
     out = Path(opt.out or Path(opt.dataroot) / "heatmap")
@@ -189,6 +267,14 @@ def run(opt: argparse.Namespace) -> int:
         raise input_error(None, str(exc)) from None
     if not keys:
         raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
+    record = maps_record(checkpoint, plane, opt.cam_input)
+    problem = None if opt.overwrite else record_problem(out, record)
+    if problem:
+        raise input_error(out / MAPS_RECORD, problem)
+    unrecorded = not (out / MAPS_RECORD).exists() and any(out.glob("*.nii.gz"))
+    if unrecorded and not opt.overwrite:
+        log.warning("%s: maps without a record of what made them are kept (--overwrite redoes them)", out)
+    pending_record = opt.overwrite or not unrecorded  # written with the first map
     cam = CamMaker(model, device, opt.batch_size)
 
     start = time.perf_counter()
@@ -196,7 +282,7 @@ def run(opt: argparse.Namespace) -> int:
     with tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra") as bar:  # closed before an error line
         for key in bar:
             path = out / f"{key}.nii.gz"
-            if path.exists() and not opt.overwrite:
+            if not opt.overwrite and is_finished(path, store.paths(key)):
                 skipped += 1
                 continue
             try:
@@ -222,6 +308,13 @@ def run(opt: argparse.Namespace) -> int:
                 if target != path:
                     path.unlink(missing_ok=True)  # no map without its overlay (a rerun would skip it)
                 raise input_error(target, f"cannot write: {write_problem(exc, target)}") from exc
+            if pending_record:
+                target = out / MAPS_RECORD
+                try:
+                    write_json(target, record)
+                except OSError as exc:
+                    raise input_error(target, f"cannot write: {write_problem(exc, target)}") from exc
+                pending_record = False
             written += 1
             if key in fractured:
                 inside, outside = inside_outside_means(heatmap, crop.label == crop.vid, idx, plane)

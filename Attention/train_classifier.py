@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from Attention.classifier import ClassifierConfig, build_classifier, config_path, parameter_count
-from Attention.dataset import SliceBank, binary_metrics, split_examples
+from Attention.dataset import SliceBank, binary_metrics, patients_shared, split_examples
 from Attention.slices import PLANE_AXIS
 from data.base_dataset import read_split
 from data.crops import CropStore
@@ -182,6 +182,17 @@ def train(opt: argparse.Namespace) -> int:
         f"{len(train_ex)} train vertebrae ({len(train_bank)} {opt.plane} slices, "
         f"{int(train_bank.targets.sum())} fractured), {len(val_ex)} val vertebrae"
     )
+    # a patient's vertebrae share anatomy, scanner and windowing: metrics on a split that holds
+    # train patients measure memory, not generalisation; say so, and record it with the metrics
+    shared = {name: patients_shared(split_file, name) for name in ("val", "test")[: 2 if has_test else 1]}
+    shared = {name: pids for name, pids in shared.items() if pids}
+    for name, pids in shared.items():
+        print(
+            f"warning: {split_file}: split {name!r} shares {len(pids)} patient(s) with 'train' "
+            f"({', '.join(pids[:3])}{', ...' if len(pids) > 3 else ''}); its metrics are not an "
+            "independent estimate",
+            file=sys.stderr,
+        )
 
     start = time.perf_counter()
     history = []
@@ -223,6 +234,7 @@ def train(opt: argparse.Namespace) -> int:
         "history": history,
         "val": history[-1] if history else {},
         "test": test,
+        "patients_shared_with_train": shared,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(state, checkpoint)
