@@ -50,6 +50,10 @@ MIN_CUT_CONTACT_MM2 = 20.0
 MIN_LABEL_CONTACT_FRACTION = 0.5
 # Labels smaller than this fraction of the median vertebra are fragments: not used for the curve.
 MIN_CURVE_VOLUME_FRACTION = 0.1
+# An end vertebra whose centroid step to its neighbour lies within this angle (degrees) of the
+# anterior-posterior axis is its posterior elements left by the scan's edge (on 0007 cut through
+# its posterior elements: 16-21 deg; steps between whole vertebrae: 74-81 deg).
+MAX_END_STEP_AP_DEG = 45.0
 
 
 def vertebra_labels(mask: np.ndarray) -> list[int]:
@@ -164,14 +168,42 @@ def _face_direction(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray)
     return "/".join(dict.fromkeys(name for _, name in found)) or "unknown"
 
 
-def curve_labels(volumes_mm3: dict[int, float]) -> list[int]:
-    """The vertebrae large enough to steer a spine curve (not fragments at the scan's edge), in order."""
+def curve_labels(volumes_mm3: dict[int, float], centres_mm: dict[int, np.ndarray] | None = None) -> list[int]:
+    """The vertebrae large enough to steer a spine curve (not fragments at the scan's edge), in order.
+
+    With ``centres_mm`` (world centroids), an end vertebra whose step to its neighbour runs more
+    along the anterior-posterior axis than across it (within ``MAX_END_STEP_AP_DEG``) is left out
+    too, while three or more remain: what the scan's edge left of it is its posterior elements,
+    behind its neighbour, not a vertebra stacked on the spine, and a curve through it would run
+    along the AP axis (refused as a wrong orientation).
+    """
     if not volumes_mm3:
         return []
     typical = float(np.median(list(volumes_mm3.values())))
-    return label_schemes.sort_spine_order(
+    order = label_schemes.sort_spine_order(
         v for v, vol in volumes_mm3.items() if vol >= MIN_CURVE_VOLUME_FRACTION * typical
     )
+    if centres_mm is not None:
+        order = [v for v in order if v in centres_mm]
+        while len(order) >= 3 and _runs_along_ap(centres_mm[order[0]], centres_mm[order[1]]):
+            order = order[1:]
+        while len(order) >= 3 and _runs_along_ap(centres_mm[order[-1]], centres_mm[order[-2]]):
+            order = order[:-1]
+    return order
+
+
+def _runs_along_ap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the step from world point ``a`` to ``b`` lies within ``MAX_END_STEP_AP_DEG`` of the
+    anterior-posterior (world y) axis."""
+    step = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    norm = float(np.linalg.norm(step))
+    return norm > 0 and abs(step[1]) / norm > np.cos(np.deg2rad(MAX_END_STEP_AP_DEG))
+
+
+def world_centroids(mask: np.ndarray, affine: np.ndarray, labels: list[int]) -> dict[int, np.ndarray]:
+    """World centroid (mm) of the largest part of each of ``labels``."""
+    centres = label_centroids(mask, labels)
+    return {v: voxel_to_world(affine, c) for v, c in centres.items()}
 
 
 @dataclass
@@ -181,7 +213,7 @@ class StraightenedBodies:
 
     labels: np.ndarray  # (rows, n, n) straightened labels
     bodies: np.ndarray  # the same, each vertebra reduced to its body
-    on_face: np.ndarray  # True where the source voxel lies on a face of the array
+    on_face: np.ndarray  # True on body voxels with their own label on a face of the array within a step
     curve: object
     step_mm: float
 
@@ -222,9 +254,77 @@ def straightened_bodies(
         )
     n = int(round(COMPLETENESS_PLANE_MM / step))
     along = straighten(mask, affine, curve, (n, n), order=0)
-    edge = edge_distance_mm(mask.shape, spacing)
-    on_face = straighten(edge, affine, curve, (n, n), order=0, cval=-1.0) == 0
-    return StraightenedBodies(along, depedicle(along, step), on_face, curve, step)
+    bodies = depedicle(along, step)
+    # a body voxel is on a face when its own label lies on a face of the array within one step of
+    # it: its centre sample alone misses a face whose layer of source voxels (thinner than a step)
+    # falls between its row and the next one, outside the array
+    idx = np.argwhere(bodies > 0)
+    rows = idx[:, 0]
+    points = (
+        curve.points[rows]
+        + ((idx[:, 1] - n // 2) * step)[:, None] * curve.ap[rows]
+        + ((idx[:, 2] - n // 2) * step)[:, None] * curve.lr[rows]
+    )
+    axes = np.stack([curve.tangent[rows], curve.ap[rows], curve.lr[rows]], axis=1)
+    on_face = np.zeros(along.shape, dtype=bool)
+    hit = own_label_on_face(points, axes, bodies[tuple(idx.T)], mask, affine, step)
+    on_face[tuple(idx[hit].T)] = True
+    return StraightenedBodies(along, bodies, on_face, curve, step)
+
+
+def face_labels(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
+    """``mask`` on the faces of the array, 0 inside."""
+    return np.where(edge_distance_mm(mask.shape, spacing_mm) == 0, mask, 0).astype(mask.dtype)
+
+
+def subvoxel_offsets(step_mm: float, source_mm: float) -> np.ndarray:
+    """Offsets (k, 3) in mm along the three axes of a grid of ``step_mm`` voxels, out to the next
+    voxel centre along each axis and at most ``source_mm`` apart, so that a layer of source voxels
+    ``source_mm`` thick between two voxel centres is never missed."""
+    k = max(1, int(np.ceil(step_mm / source_mm)))
+    along = [j * step_mm / k for j in range(-k, k + 1) if j != 0]
+    out = [np.zeros(3)]
+    for axis in range(3):
+        for d in along:
+            o = np.zeros(3)
+            o[axis] = d
+            out.append(o)
+    return np.array(out)
+
+
+def own_label_on_face(
+    points_mm: np.ndarray,
+    axes: np.ndarray,
+    labels: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    step_mm: float,
+) -> np.ndarray:
+    """For samples (k, 3 world mm) of a grid of ``step_mm`` voxels with unit axes ``axes`` ((k, 3, 3)
+    or (3, 3), one axis per row) holding ``labels``, whether their own label lies on a face of
+    ``mask``'s array within one step of them along an axis."""
+    from data.nifti_io import sample_world
+
+    spacing = voxel_sizes(affine)
+    faces = face_labels(mask, spacing)
+    hit = np.zeros(len(points_mm), dtype=bool)
+    for offset in subvoxel_offsets(step_mm, float(spacing.min())):
+        moved = points_mm + np.einsum("j,...jd->...d", offset, axes)
+        hit |= sample_world(faces, affine, moved, order=0) == labels
+    return hit & (labels > 0)
+
+
+def snap_to_face(ijk: np.ndarray, shape: tuple[int, ...], spacing_mm: np.ndarray) -> np.ndarray:
+    """Voxel indices moved onto the nearest face of the array (mm), clipped into it."""
+    ijk = np.clip(np.asarray(ijk, dtype=np.int64), 0, np.asarray(shape) - 1)
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    dist = np.concatenate([ijk * sp, (np.asarray(shape) - 1 - ijk) * sp], axis=1)  # (k, 6)
+    face = np.argmin(dist, axis=1)
+    out = ijk.copy()
+    rows = np.arange(len(out))
+    axis = face % 3
+    out[rows, axis] = np.where(face < 3, 0, np.asarray(shape)[axis] - 1)
+    return out
 
 
 def body_cut_by_fov(
@@ -254,10 +354,16 @@ def body_cut_by_fov(
     out: dict[int, str] = {}
     volumes = label_volumes_mm3(mask, float(np.prod(spacing)), labels)
     typical = float(np.median(list(volumes.values())))
-    steering = curve_labels(volumes)
+    steering = curve_labels(volumes, world_centroids(mask, affine, labels))
+    big = set(curve_labels(volumes))
     for v in labels:  # a sliver: its centroid would bend the curve, and it has no body to measure
-        if v not in steering:
+        if v not in steering and v not in big:
             out[v] = f"only a fragment is in the scan ({volumes[v]:.0f} mm3, median {typical:.0f} mm3)"
+        elif v not in steering:
+            out[v] = (
+                f"only a fragment is in the scan ({volumes[v]:.0f} mm3, its posterior elements: its "
+                "centroid lies behind its neighbour's, not above or below it)"
+            )
     labels = [v for v in labels if v not in out]
     if len(labels) < 2:
         edge = edge_distance_mm(mask.shape, spacing)
@@ -274,7 +380,7 @@ def body_cut_by_fov(
             if not body_cut_in_own_frame(mask, affine, v, sb, min_voxels):
                 log.info("label %d: its body reaches the scan's edge only in the curve's frame", v)
                 continue
-            ijk = sb.to_voxels(np.argwhere(contact), affine)
+            ijk = snap_to_face(sb.to_voxels(np.argwhere(contact), affine), mask.shape, spacing)
             out[v] = f"body cut by the scan's {_face_direction(ijk, mask.shape, affine)} edge"
     return out
 
@@ -303,9 +409,11 @@ def body_cut_in_own_frame(
     shape = tuple(max(1, int(round(b / sb.step_mm))) for b in AP_BOX_MM)
     box = crop_affine(sb.curve, row, shape, found.ap, sb.step_mm)
     body = body_mask(resample_to_grid(mask, affine, box, shape, 0) == vid, sb.step_mm)
-    edge = edge_distance_mm(mask.shape, voxel_sizes(affine))
-    on_face = resample_to_grid(edge, affine, box, shape, 0, cval=-1.0) == 0
-    return int((body & on_face).sum()) >= min_voxels
+    idx = np.argwhere(body)
+    points = idx @ box[:3, :3].T + box[:3, 3]
+    axes = box[:3, :3].T / sb.step_mm
+    touching = own_label_on_face(points, axes, np.full(len(idx), vid), mask, affine, sb.step_mm)
+    return int(touching.sum()) >= min_voxels
 
 
 def body_cut_by_label(
@@ -365,7 +473,7 @@ def vertebra_completeness(
     for v in volumes:
         if v not in kept:
             out[v] = Completeness(False, f"end vertebra of {volumes[v]:.0f} mm3, below the volume threshold")
-    steering = curve_labels(volumes)
+    steering = curve_labels(volumes, world_centroids(mask, affine, list(volumes)))
     sb = straightened_bodies(mask, affine, steering) if len(steering) >= 2 else None
     if sb is not None and min_label_contact_fraction > 0:
         for v, reason in body_cut_by_label(sb, steering, min_label_contact_fraction).items():

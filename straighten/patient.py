@@ -408,13 +408,13 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
     }
     measured = [v for v in order if v not in not_measurable]
     # fragments at the scan's edge would bend the curve; cut vertebrae of real size steer it
-    steering = curve_labels(label_volumes_mm3(mask.array, float(np.prod(mask.spacing)), order))
+    world = {v: voxel_to_world(mask.affine, centroids[v]) for v in order}
+    steering = curve_labels(label_volumes_mm3(mask.array, float(np.prod(mask.spacing)), order), world)
     steering = [v for v in order if v in steering or v in measured]
     if len(steering) < 2:
         raise input_error(mask.path, f"straightening needs two vertebrae of real size, found {len(steering)}")
     if not measured:
         log.warning("%s: no complete vertebra (%s)", pid, "; ".join(not_measurable.values()))
-    world = {v: voxel_to_world(mask.affine, centroids[v]) for v in order}
 
     n_rows, n_ap, n_lr = opt.crop_shape
     plane = (n_ap, n_lr)
