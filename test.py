@@ -14,6 +14,7 @@ Crops of another grid than the run was trained on (its ``train_crops.json``) are
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from models import create_model
 from options.base_options import load_options
 from options.test_options import TestOptions
 from util.atomic import atomic_dir
+from util.checkpoint import seed_everything
 from util.errors import InputError, failure_line, input_error, one_line
 from util.html import HTML
 from util.registry import RegistryError
@@ -35,14 +37,22 @@ TEST_KEYS += ("serial_batches", "num_threads", "batch_size", "no_flip", "gpu_ids
 
 def test_options(argv: list[str]):
     """Test options: the saved training options, overridden by test-only flags and by every flag
-    that this command line sets to a non-default value."""
+    that this command line names (at its default value too) or that has a non-default value."""
     options = TestOptions()
     opt = options.parse(argv)
     saved_path = Path(opt.checkpoints_dir) / opt.name / "opt.json"
     if not saved_path.exists():
         return opt
     parser = options.parser_
-    given = {k: v for k, v in vars(opt).items() if k in TEST_KEYS or v != parser.get_default(k)}
+    # the flags this command line names, even at their default value (argparse leaves the
+    # attributes a namespace already has alone unless the command line sets them)
+    unset = object()
+    named = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    given = {
+        k: v
+        for k, v in vars(opt).items()
+        if k in TEST_KEYS or getattr(named, k, unset) is not unset or v != parser.get_default(k)
+    }
     given["checkpoints_dir"] = opt.checkpoints_dir
     merged = load_options(saved_path, **given)
     merged.continue_train = False
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opt = test_options(argv)
+        seed_everything(opt.seed)  # models that sample at test time (pix2pix's dropout) follow --seed
         dataset = create_dataset(opt)
         crops = dataset_crops(dataset.dataset)
         if crops is not None:

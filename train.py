@@ -53,12 +53,12 @@ from tqdm import tqdm
 from data import create_dataset
 from data.crops import dataset_crops, record_grids
 from models import create_model
-from options.base_options import setup
+from options.base_options import save_options, setup
 from options.train_options import TrainOptions
 from util import distributed
 from util.atomic import read_json, write_json
 from util.checkpoint import rng_state, seed_everything, set_rng_state
-from util.errors import InputError
+from util.errors import InputError, failure_line, one_line
 from util.registry import RegistryError
 from util.visualizer import Visualizer
 
@@ -112,7 +112,7 @@ def validate(model, dataset) -> dict[str, float]:
     state = rng_state()
     model.eval()
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}
     try:
         with torch.no_grad():
             for data in dataset:
@@ -120,12 +120,13 @@ def validate(model, dataset) -> dict[str, float]:
                 model.forward()
                 for name, values in model.validation_metrics().items():
                     values = values.detach().float().reshape(-1)
-                    sums[name] = sums.get(name, 0.0) + float(values[torch.isfinite(values)].sum())
-                count += int(data["ct"].shape[0]) if "ct" in data else 1
+                    finite = values[torch.isfinite(values)]  # each entry is a sample's; NaNs left out
+                    sums[name] = sums.get(name, 0.0) + float(finite.sum())
+                    counts[name] = counts.get(name, 0) + int(finite.numel())
     finally:
         model.train()
         set_rng_state(state)
-    return {name: total / max(count, 1) for name, total in sums.items()}
+    return {name: total / max(counts[name], 1) for name, total in sums.items()}
 
 
 def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float], log_name: Path) -> str:
@@ -166,17 +167,24 @@ def main(argv: list[str] | None = None) -> int:
 def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
     """The training loop (every rank runs it; rank 0 writes)."""
     main_rank, world = distributed.is_main(), distributed.world_size()
+    run_dir = Path(opt.checkpoints_dir) / opt.name
     try:
-        setup(opt, options.parser_, save=main_rank)
+        # opt.json is written once the run is built: a command that fails leaves no run folder
+        # behind and never overwrites the options an earlier run of this name was trained with
+        setup(opt, options.parser_, save=False)
         if joined:  # each rank its own augmentation stream; DDP copies rank 0's initial weights
             seed_everything(opt.seed + distributed.rank())
         dataset = create_dataset(opt)
-        if main_rank:
-            record_crop_geometry(dataset.dataset, Path(opt.checkpoints_dir) / opt.name)
         model = create_model(opt)
-        model.setup(opt)
-    except (RegistryError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        model.setup(opt)  # an unknown --norm, --gan_mode, --lr_policy ... is a ValueError
+        if main_rank:
+            save_options(opt, run_dir / "opt.json")
+            record_crop_geometry(dataset.dataset, run_dir)
+    except (RegistryError, ValueError) as exc:  # InputError is a ValueError
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable --checkpoints_dir
+        print(f"error: {failure_line(exc, run_dir)}", file=sys.stderr)
         return 2
     if joined:
         print(f"DistributedDataParallel: {world} processes, batch {opt.batch_size} per process")
@@ -203,6 +211,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             iter(loader)
             set_rng_state(state)
             loader_started = True
+    if opt.continue_train and resume:
+        visualizer.resume_history(total_iters)  # the loss curve up to the train state resumed
     last_epoch = opt.n_epochs + opt.n_epochs_decay
     step = opt.batch_size * world  # samples per iteration over all ranks
     start = time.time()
@@ -251,7 +261,7 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
                 losses = model.get_current_losses()
                 t_comp = (time.time() - iter_start) / opt.batch_size
                 visualizer.print_current_losses(epoch, epoch_iter, losses, t_comp, t_data)
-                visualizer.plot_current_losses(epoch, epoch_iter / max(len(dataset), 1), losses)
+                visualizer.plot_current_losses(epoch, epoch_iter / max(len(dataset), 1), losses, total_iters)
                 printed = True
             if crossed(total_iters, step, opt.save_latest_freq):
                 tag = f"iter_{total_iters}" if opt.save_by_iter else "latest"
@@ -268,7 +278,7 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         if trained and not printed:
             losses = model.get_current_losses()
             visualizer.print_current_losses(epoch, epoch_iter, losses, 0.0, 0.0)
-            visualizer.plot_current_losses(epoch, 1.0, losses)
+            visualizer.plot_current_losses(epoch, 1.0, losses, total_iters)
         lr = model.update_learning_rate()
         if val_dataset is not None and (epoch % opt.val_freq == 0 or epoch == last_epoch):
             metrics = validate(model, val_dataset)

@@ -11,6 +11,7 @@ ranks every method is a no-op, so training code calls them unconditionally.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import socket
 import time
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from util import distributed
-from util.atomic import atomic_path
+from util.atomic import atomic_path, write_text
 from util.html import HTML
 from util.plotting import save_loss_curves
 
@@ -68,6 +69,8 @@ class Visualizer:
         self.img_dir = self.web_dir / "images"
         self.log_name = self.run_dir / "loss_log.txt"
         self.curve_path = self.run_dir / "loss_curve.png"
+        # the curve's points, one JSON line each (appended), so a resumed run draws the whole curve
+        self.history_path = self.run_dir / "loss_history.jsonl"
         self.history: dict[str, list[tuple[float, float]]] = {}
         self.saved = False
         self.vis = None
@@ -75,6 +78,8 @@ class Visualizer:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not getattr(opt, "continue_train", False):
+            self.history_path.unlink(missing_ok=True)  # a new run's curve starts empty
         with open(self.log_name, "a") as f:
             f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
         if self.display_id > 0:
@@ -158,13 +163,43 @@ class Visualizer:
             page.add_images(paths, present, paths, width=self.win_size)
         page.save()
 
-    def plot_current_losses(self, epoch: int, counter_ratio: float, losses: OrderedDict) -> None:
-        """Record losses at fractional epoch ``epoch + counter_ratio``; redraw the loss-curve PNG."""
+    def resume_history(self, total_iters: int) -> None:
+        """Take back the loss curve's points of a resumed run up to ``total_iters`` samples (those of
+        the train state it resumes from; later points belong to the run it replaces, and leave the
+        file)."""
+        if not self.enabled or not self.history_path.exists():
+            return
+        kept = []
+        for line in self.history_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                if int(record["total_iters"]) <= total_iters:
+                    kept.append(record)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interrupted run
+        write_text(self.history_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.history = {}
+        for record in kept:
+            for name, value in record["losses"].items():
+                self.history.setdefault(name, []).append((record["x"], value))
+
+    def plot_current_losses(
+        self, epoch: int, counter_ratio: float, losses: OrderedDict, total_iters: int | None = None
+    ) -> None:
+        """Record losses at fractional epoch ``epoch + counter_ratio``; redraw the loss-curve PNG.
+
+        With ``total_iters`` (samples trained so far) the point is also appended to
+        ``loss_history.jsonl``, so a resumed run (:meth:`resume_history`) draws the whole curve."""
         if not self.enabled:
             return
         x = epoch + counter_ratio
         for name, value in losses.items():
             self.history.setdefault(name, []).append((x, float(value)))
+        if total_iters is not None:
+            values = {name: float(value) for name, value in losses.items()}
+            record = {"total_iters": int(total_iters), "x": x, "losses": values}
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         save_loss_curves(self.history, self.curve_path, title=self.name)
         if self.vis is not None:
             names = list(self.history)
