@@ -141,12 +141,34 @@ def add_sample_to_device(batch: dict, device: torch.device, keys=SAMPLE_TENSORS)
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
-def composite_rows(sample: dict) -> tuple[int, int]:
-    """The rows any composite of the batch can take from the generated image, whatever height is
-    predicted: the band of ``rows`` in [0, hole_rows] ends at ``c + ceil(rows / 2)`` (``c`` the
-    target's middle row), so the full hole's band holds every smaller one."""
+def generator_shift(sample: dict) -> torch.Tensor:
+    """(B,) rows from the composite's frame to the generator's: ``band_top`` minus the hole's
+    unclipped top ``(x1 + x2) // 2 - hole_rows // 2``. Zero unless the dataset shifted the hole to
+    keep it inside the image (a target within half a hole of the top or bottom row)."""
     hole = sample["hole_rows"].reshape(-1).long()
     top = compose_top(sample["x1"].reshape(-1), sample["x2"].reshape(-1), hole)
+    if "band_top" not in sample:
+        return torch.zeros_like(top)
+    return sample["band_top"].reshape(-1).long() - top
+
+
+def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill: float) -> torch.Tensor:
+    """Row ``r`` of sample ``b`` <- row ``r + shift_b`` of ``x`` (B, C, H, W); ``fill`` where that
+    row is outside the image. Differentiable with respect to ``x``."""
+    b, c, h, w = x.shape
+    src = torch.arange(h, device=x.device).reshape(1, h) + shift.to(x.device).reshape(b, 1)
+    valid = ((src >= 0) & (src < h)).reshape(b, 1, h, 1)
+    out = torch.gather(x, 2, src.clamp(0, h - 1).reshape(b, 1, h, 1).expand(b, c, h, w))
+    return torch.where(valid, out, torch.full_like(out, fill))
+
+
+def composite_rows(sample: dict) -> tuple[int, int]:
+    """The rows of the generated image any composite of the batch can take, whatever height is
+    predicted: the band of ``rows`` in [0, hole_rows] ends at ``c + ceil(rows / 2)`` (``c`` the
+    target's middle row), so the full hole's band holds every smaller one; in the generator's
+    frame (:func:`generator_shift`) that band is the hole itself."""
+    hole = sample["hole_rows"].reshape(-1).long()
+    top = compose_top(sample["x1"].reshape(-1), sample["x2"].reshape(-1), hole) + generator_shift(sample)
     return int(top.min()), int((top + hole).max())
 
 
@@ -299,6 +321,16 @@ class HealthiVertModel(BaseModel):
         s = self.sample
         with self.autocast():
             out = self.netG(s["ct_masked"], s["hole"], s["slice_ratio"], s["cam"], rows=rows)
+        # the composite centres the band on the target's middle row; where the dataset shifted the
+        # hole to keep it inside the image, the generator drew it centred in the shifted hole: move
+        # its outputs by that shift so the same input always gives the same inserted rows
+        shift = generator_shift(s)
+        if bool(shift.any()):
+            out = out._replace(
+                coarse_image=shift_rows(out.coarse_image, shift, -1.0),
+                fine_image=shift_rows(out.fine_image, shift, -1.0),
+                fine_seg=shift_rows(out.fine_seg, shift, 0.0),
+            )
         self.out = out
         rounding = getattr(self.opt, "height_rounding", "ceil")
         self.rows_coarse = predicted_rows(out.coarse_height, s["hole_rows"], rounding)
