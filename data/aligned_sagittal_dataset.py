@@ -115,7 +115,9 @@ class AlignedSagittalDataset(BaseDataset):
         super().__init__(opt)
         self.plane = self.PLANE
         if getattr(opt, "plane", self.plane) != self.plane:
-            log.info("--plane %s ignored: aligned_%s slices %s", opt.plane, self.plane, self.plane)
+            log.warning("--plane %s ignored: aligned_%s slices %s", opt.plane, self.plane, self.plane)
+        # the run's opt.json records the plane its slices were cut in (the 3D synthesis reads it)
+        opt.plane = self.plane
         if not opt.dataroot:
             raise InputError("--dataroot is required (the folder holding CT/ and label/, or its root)")
         self.store = CropStore(opt.dataroot, need_ct=True, cache_dir=getattr(opt, "crop_cache_dir", None))

@@ -257,3 +257,14 @@ def test_straightened_phantom_samples_in_both_planes(phantom_2mm, tmp_path):
                     # the slice's row extent (largest over its columns, tilt included) is at least the
                     # median column height and at most 3 voxels more
                     assert -2.0 <= float(s["height"]) * 2.0 - healthy <= 6.0, s["key"]
+
+
+def test_the_options_record_the_plane_the_slices_are_cut_in(root):
+    """--plane coronal with aligned_sagittal trains on sagittal slices: opt.json must say sagittal,
+    or the 3D synthesis would run the run's generator on coronal slices."""
+    opt = _opt(root, plane="coronal")
+    AlignedSagittalDataset(opt)
+    assert opt.plane == "sagittal"
+    opt = _opt(root, plane="sagittal")
+    AlignedCoronalDataset(opt)
+    assert opt.plane == "coronal"
