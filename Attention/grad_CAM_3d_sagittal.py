@@ -27,7 +27,6 @@ outside it (on the slices through the target).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -57,6 +56,7 @@ from data.crops import Crop, CropStore, crop_key, save_like
 from data.layout import shard
 from options.base_options import device_of, parse_gpu_ids
 from util.atomic import read_json, write_json
+from util.checkpoint import file_sha256
 from util.errors import InputError, input_error
 
 log = logging.getLogger(__name__)
@@ -206,11 +206,7 @@ def write_problem(exc: OSError, target: Path) -> str:
 
 def maps_record(checkpoint: Path, plane: str, cam_input: str) -> dict:
     """What a folder's maps depend on besides their crops: the classifier's weights, plane and input."""
-    try:
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise input_error(checkpoint, f"unreadable classifier checkpoint ({exc.strerror})") from exc
-    return {"classifier_sha256": digest, "plane": plane, "cam_input": cam_input}
+    return {"classifier_sha256": file_sha256(checkpoint), "plane": plane, "cam_input": cam_input}
 
 
 def record_problem(out: Path, record: dict) -> str | None:

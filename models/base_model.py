@@ -29,7 +29,14 @@ from torch import nn
 from models.schedulers import LinearDecay, get_scheduler
 from options.base_options import device_of
 from util import distributed
-from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, state_mismatch
+from util.checkpoint import (
+    file_sha256,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_mismatch,
+)
 from util.errors import input_error
 
 
@@ -245,7 +252,15 @@ class BaseModel(ABC):
         }
         if start_ranks is not None:
             state["epoch_start_ranks"] = start_ranks
+        # the set of files a resume loads: a save interrupted between them leaves networks of
+        # another iteration beside this state, which load_train_state then refuses
+        state["network_sha256"] = {
+            name: file_sha256(path) for name, path in self._network_files(epoch).items() if path.exists()
+        }
         save_checkpoint(state, self.save_dir / f"{epoch}_train_state.pth")
+
+    def _network_files(self, epoch: int | str) -> dict[str, Path]:
+        return {name: self.save_dir / f"{epoch}_net_{name}.pth" for name in self.networks()}
 
     def extra_train_state(self) -> dict:
         """A model's own training state beyond optimisers, schedulers and random state (e.g.
@@ -261,7 +276,16 @@ class BaseModel(ABC):
         ``epoch`` (last finished), ``total_iters``, ``batches_done`` (of the next epoch, 0 at an
         epoch's end) and ``epoch_start`` (this rank's ``epoch_start`` of that save, or None)."""
         # on the CPU: random states must be CPU byte tensors; Adam's state follows its parameters
-        state = load_checkpoint(self.save_dir / f"{epoch}_train_state.pth", map_location="cpu")
+        state_path = self.save_dir / f"{epoch}_train_state.pth"
+        state = load_checkpoint(state_path, map_location="cpu")
+        for name, digest in (state.get("network_sha256") or {}).items():
+            path = self._network_files(epoch).get(name)
+            if path is not None and path.exists() and file_sha256(path) != digest:
+                raise input_error(
+                    path,
+                    f"not the network {state_path.name} was saved with (a save interrupted between "
+                    "the two?); resume from another --epoch",
+                )
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):

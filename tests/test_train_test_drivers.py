@@ -184,6 +184,19 @@ def test_a_test_flag_given_at_its_default_value_is_not_ignored(trained_pix2pix, 
         path.write_text(json.dumps(saved))
 
 
+def test_a_resume_refuses_networks_of_another_save_than_its_train_state(tmp_path, capsys):
+    """Each checkpoint file is written atomically, but not the set: a save interrupted after the
+    networks and before the train state leaves weights of another iteration beside it."""
+    ckpt = tmp_path / "ckpt"
+    assert train.main(tiny_args(ckpt)) == 0
+    run = ckpt / "run"
+    (run / "latest_net_G.pth").write_bytes((run / "1_net_G.pth").read_bytes())
+    assert train.main(tiny_args(ckpt, "run", "--continue_train", "--epoch", "latest")) == 2
+    err = capsys.readouterr().err
+    assert "latest_net_G.pth: not the network latest_train_state.pth was saved with" in err
+    assert train.main(tiny_args(ckpt, "run", "--continue_train", "--epoch", "1")) == 0  # a whole set
+
+
 # --- the loss curve of a resumed run --------------------------------------------------------------
 
 

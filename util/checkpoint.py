@@ -5,6 +5,7 @@ Random-number state is stored as plain tensors and lists so it survives ``weight
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Mapping
@@ -16,6 +17,19 @@ import torch
 
 from util.atomic import atomic_path
 from util.errors import input_error
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (a checkpoint's identity, wherever it was copied); an unreadable
+    file raises an InputError naming it."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise input_error(path, f"unreadable checkpoint ({exc.strerror})") from exc
+    return digest.hexdigest()
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
