@@ -279,6 +279,7 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             losses = model.get_current_losses()
             visualizer.print_current_losses(epoch, epoch_iter, losses, 0.0, 0.0)
             visualizer.plot_current_losses(epoch, 1.0, losses, total_iters)
+        lr_used = model.optimizers[0].param_groups[0]["lr"] if model.optimizers else 0.0
         lr = model.update_learning_rate()
         if val_dataset is not None and (epoch % opt.val_freq == 0 or epoch == last_epoch):
             metrics = validate(model, val_dataset)
@@ -291,7 +292,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         seconds = time.time() - epoch_start
         print(
             f"end of epoch {epoch} / {last_epoch}, {seconds:.1f} s "
-            f"(data loading {100 * data_time / max(seconds, 1e-9):.1f} %), learning rate {lr:.7f}"
+            f"(data loading {100 * data_time / max(seconds, 1e-9):.1f} %), "
+            f"learning rate {lr_used:.7f} -> {lr:.7f}"
         )
     print(
         f"trained {opt.model} for epochs {first_epoch}-{last_epoch} ({total_iters} samples) "
