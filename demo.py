@@ -256,6 +256,9 @@ class Pipeline:
         self.checkpoints = out / "checkpoints"
         self.synthesis = out / "synthesis" / PLANE
         self.times: list[tuple[str, float]] = []
+        # set once a stage made new results (a classifier or a HealthiVert run trained in this
+        # process): what later stages finished before was made from the old ones, so they redo it
+        self.redo = False
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
         print(f"== {name}", flush=True)
@@ -264,7 +267,7 @@ class Pipeline:
         self.times.append((name, time.perf_counter() - start))
 
     def call(self, script, argv: list[str]) -> int:
-        argv = [*argv, "--overwrite"] if self.opt.overwrite else argv
+        argv = [*argv, "--overwrite"] if self.opt.overwrite or self.redo else argv
         return script.main(argv)
 
     def check(self, script, argv: list[str]) -> None:
@@ -300,6 +303,7 @@ class Pipeline:
         # only both mark a finished classifier; maps of an earlier classifier are stale
         finished = weights.exists() and config_path(weights).exists()
         self.check(train_classifier, argv if finished else [*argv, "--overwrite"])
+        self.redo = self.redo or not finished
         argv = ["--dataroot", root, "--checkpoint", str(weights)]
         self.check(grad_CAM_3d_sagittal, argv if finished else [*argv, "--overwrite"])
 
@@ -310,7 +314,8 @@ class Pipeline:
         run = self.checkpoints / "healthivert"
         s = self.s
         epochs = s.train_epochs + s.train_decay_epochs
-        progress = None if self.opt.overwrite else train_progress(run)
+        # a run trained on maps made before this process's classifier starts over
+        progress = None if self.opt.overwrite or self.redo else train_progress(run)
         if progress == (epochs, 0):
             print(f"{run}: trained run exists, reused (its train state: all {epochs} epochs done)")
             return
@@ -327,6 +332,7 @@ class Pipeline:
             epoch, batches = progress
             print(f"{run}: unfinished training ({epoch}/{epochs} epochs, {batches} batches more), resumed")
             argv += ["--continue_train", "--epoch", "latest"]
+        self.redo = True  # from here on, what the old weights gave is stale
         if train.main(argv) != 0:  # train.py has no --overwrite: without --continue_train it starts over
             raise StageError("train.py " + " ".join(argv))
 

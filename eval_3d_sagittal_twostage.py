@@ -13,7 +13,12 @@ in one on a GPU; on the CPU about 65k pixels per pass, which runs faster there; 
 fuses their target probabilities (2.5D). The runs are rebuilt from their saved ``opt.json`` and
 checkpoint. Writes ``O/CT_fake/<pid>_<vid>.nii.gz`` (uint8 0-255) and
 ``O/label_fake/<pid>_<vid>.nii.gz`` (VerSe ids) on the crop's grid and affine; slices not
-through the target are the input's. Finished crops are skipped unless ``--overwrite``.
+through the target are the input's. Each output's header names the synthesis that made it (a
+digest of the plane, the runs' weights and hole options, the attention maps and the thresholds):
+a crop is finished, and skipped unless ``--overwrite``, when both its outputs carry this
+synthesis's digest; one of the pair alone (an interrupted write) is redone, and outputs of another
+synthesis (another run, epoch, plane or weights) stop the script before any work (pass
+``--overwrite`` or another ``--output_dir``).
 
 Several processes: under ``torchrun --nproc_per_node N`` (or any launcher exporting RANK and
 WORLD_SIZE) rank r synthesises crops r, r + N, ... of the selection (after ``--shard``), each on
@@ -24,6 +29,8 @@ Without a launcher, ``--shard i/n`` splits by patient across separate jobs (a SL
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -34,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from data.base_dataset import SPLITS, read_split, split_key
-from data.crops import Crop, CropStore, grid_warnings, read_cam, save_like
+from data.crops import Crop, CropStore, grid_warnings, read_cam
 from data.layout import shard
+from data.nifti_io import read_header, save_nifti
 from data.vertebra_sample import rows_for_mm
 from evaluation.rhlv import synthesis_problem
 from models import create_model
@@ -51,6 +59,7 @@ from models.synthesis import (
 )
 from options.base_options import load_options, parse_gpu_ids
 from util import distributed
+from util.checkpoint import file_sha256
 from util.errors import InputError, input_error
 from util.registry import RegistryError
 
@@ -232,6 +241,61 @@ def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt
     return next(iter(results.values()))
 
 
+DESCRIP_PREFIX = "healthivert synthesis "
+
+
+def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: str | None) -> str:
+    """What decides a synthesis's outputs, as a short digest: the plane, each run's weights (file
+    contents) and hole options, the attention maps' folder and the area thresholds."""
+    record = {
+        "plane": opt.plane,
+        "runs": {
+            plane: {
+                "weights": {
+                    net: file_sha256(Path(opt.checkpoints_dir) / run.name / f"{opt.epoch}_net_{net}.pth")
+                    for net in sorted(run.model.networks())
+                },
+                **{
+                    k: getattr(run.opt, k, None) for k in ("mask_height_mm", "hole_margin_mm", "min_area_mm2")
+                },
+            }
+            for plane, run in sorted(runs.items())
+        },
+        "cam_folder": str(Path(cam_folder).resolve()) if cam_folder else "",
+        "min_neighbour_area_mm2": opt.min_neighbour_area_mm2,
+        "min_component_mm2": opt.min_component_mm2,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def made_by(path: Path) -> str | None:
+    """The synthesis digest in an output's header; None when the file is absent, "" when it names
+    no synthesis (an older or foreign file)."""
+    if not path.exists():
+        return None
+    try:
+        descrip = read_header(path, "synthesised volume").header["descrip"].tobytes().split(b"\0")[0]
+    except InputError:
+        return ""
+    text = descrip.decode(errors="replace")
+    return text[len(DESCRIP_PREFIX) :] if text.startswith(DESCRIP_PREFIX) else ""
+
+
+def finished_and_foreign(keys: list[str], out: Path, digest: str) -> tuple[set[str], list[Path]]:
+    """(crops whose two outputs are both this synthesis's, outputs of another synthesis that a
+    crop not yet finished would overwrite). A crop with one output of this synthesis is this
+    synthesis's interrupted write: it is redone, whatever its partner holds."""
+    finished, foreign = set(), []
+    for key in keys:
+        paths = [out / sub / f"{key}.nii.gz" for sub in ("CT_fake", "label_fake")]
+        tags = [made_by(p) for p in paths]
+        if all(t == digest for t in tags):
+            finished.add(key)
+        elif digest not in tags:
+            foreign += [p for p, t in zip(paths, tags, strict=True) if t is not None]
+    return finished, foreign
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(opt.output_dir)
@@ -267,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = {run.name: Path(opt.checkpoints_dir) / run.name for run in runs.values()}
         for line in grid_warnings(store, keys, run_dirs):
             print(line)
+        digest = synthesis_digest(runs, opt, cam_folder)
+        finished, foreign = (set(), []) if opt.overwrite else finished_and_foreign(keys, out, digest)
+        if foreign:
+            raise input_error(
+                foreign[0],
+                f"made by another synthesis (another run, epoch, plane, weights, attention maps or "
+                f"thresholds; {len(foreign)} such outputs here); pass --overwrite to redo them, or "
+                "another --output_dir",
+            )
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -278,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(keys, desc=f"synthesis ({opt.plane})", unit="vertebra")
     for key in bar:
         ct_path, label_path = ct_dir / f"{key}.nii.gz", label_dir / f"{key}.nii.gz"
-        if ct_path.exists() and label_path.exists() and not opt.overwrite:
+        if key in finished:
             skipped += 1
             continue
         try:
@@ -297,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 implausible += 1
                 bar.write(f"warning: {key}: {problem}")
-        save_like(ct_path, to_uint8(result.ct), crop.affine)
-        save_like(label_path, result.label.astype(np.uint8), crop.affine)
+        # the old pair goes first, so an interruption leaves one new file (redone on a rerun),
+        # never a new CT beside an old label
+        label_path.unlink(missing_ok=True)
+        ct_path.unlink(missing_ok=True)
+        descrip = DESCRIP_PREFIX + digest
+        save_nifti(ct_path, to_uint8(result.ct), crop.affine, dtype=np.uint8, descrip=descrip)
+        save_nifti(label_path, result.label.astype(np.uint8), crop.affine, dtype=np.uint8, descrip=descrip)
         store.release(key)
         done += 1
         passes += result.forward_passes

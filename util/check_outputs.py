@@ -7,7 +7,8 @@
 ``straighten``: every patient under ``D/raw`` has its curve json and every crop it lists
 (:func:`straighten.patient.is_done`, the test the straightening script uses to skip a patient).
 ``synthesis``: every straightened crop (those of ``--phase``'s split with ``--phase``) has
-``O/CT_fake/<key>.nii.gz`` and ``O/label_fake/<key>.nii.gz``, each a readable NIfTI header.
+``O/CT_fake/<key>.nii.gz`` and ``O/label_fake/<key>.nii.gz``, each a NIfTI whose data read to
+the end (a file cut short counts as missing) on the crop's grid (shape and affine).
 Prints one summary line, then the missing items (at most ``--show``); exit status 0 when complete,
 1 when something is missing (rerun the same jobs: finished items are skipped), 2 on bad input.
 """
@@ -19,10 +20,12 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 
 from data.base_dataset import read_split
 from data.crops import CropStore
 from data.layout import list_patients
+from data.nifti_io import read_header
 from util.errors import InputError
 
 
@@ -34,31 +37,41 @@ def missing_patients(root: str | Path, labels_only: bool = False) -> tuple[list[
     return [p for p in pids if not is_done(Path(root), p, labels_only)], len(pids)
 
 
-def readable_nifti(path: Path) -> bool:
-    """True if ``path`` exists and its NIfTI header reads (a file cut short by a killed job fails)."""
+def readable_nifti(
+    path: Path, shape: tuple[int, ...] | None = None, affine: np.ndarray | None = None
+) -> bool:
+    """True if ``path`` exists and reads whole (a file cut short by a killed job fails: its header
+    alone still reads), and, when given, has ``shape`` and ``affine`` (the crop's grid)."""
     try:
-        nib.load(str(path)).header  # noqa: B018 (reading the header is the check)
+        img = nib.load(str(path))
+        np.asanyarray(img.dataobj)  # decompress to the end
     except Exception:  # any unreadable file counts as missing
         return False
-    return True
+    if shape is not None and tuple(img.shape[:3]) != tuple(shape):
+        return False
+    return affine is None or bool(np.allclose(img.affine, affine, atol=1e-3))
 
 
 def missing_synthesis(
     dataroot: str | Path, output_dir: str | Path, vertebra_json: str | None = None, phase: str | None = None
 ) -> tuple[list[str], int]:
     """(crop keys without both synthesised volumes, number of crops expected)."""
-    keys = CropStore(dataroot, need_ct=True).keys()
+    store = CropStore(dataroot, need_ct=True)
+    keys = store.keys()
     if phase:
         if not vertebra_json:
             raise InputError("--phase needs --vertebra_json")
         split = read_split(vertebra_json, phase)
         keys = [k for k in keys if k in split]
     out = Path(output_dir)
-    missing = [
-        k
-        for k in keys
-        if not all(readable_nifti(out / sub / f"{k}.nii.gz") for sub in ("CT_fake", "label_fake"))
-    ]
+    missing = []
+    for k in keys:
+        crop = read_header(store.paths(k)[1], "label crop")
+        if not all(
+            readable_nifti(out / sub / f"{k}.nii.gz", crop.shape[:3], crop.affine)
+            for sub in ("CT_fake", "label_fake")
+        ):
+            missing.append(k)
     return missing, len(keys)
 
 
