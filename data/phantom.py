@@ -133,7 +133,9 @@ class Quirks:
             last full level's body, ``lateral`` to ``LATERAL_FOV_MM`` around the spine. A full
             level whose true body mask loses voxels to a cut is incomplete in the truth.
         slice_mm: slices this thick along the scanner's z (e.g. 3 for 1 x 1 x 3 mm): CT averaged
-            over the slab, labels from its middle slice; a multiple of the spacing.
+            over the slab, labels from its middle slice; a multiple of the spacing (an even
+            multiple averages one slice more, the two end ones at half weight, so that the slab
+            has a middle slice).
         bevel_mm: bevelled anterior rims: each endplate drops up to this much (mm) over the last
             4-7 mm before the anterior wall.
         tilt_deg: each body tilted (sagittal) by up to this much relative to the spine curve.
@@ -708,6 +710,15 @@ def _paint_vertebra(canvas: _Canvas, s: VertebraShape, fractured: bool, posterio
         scale0 = s.waist_scale(h, top0, bot0)
         healthy_body &= s.cross_section(a / scale0, r / scale0) <= 1.0
         lost = healthy_body & ~inside
+        # the posterior elements (pedicle bases in the body's corner) do not collapse: where the
+        # healthy body covered them they are posterior elements again, drawn as in the healthy pass
+        post = s.posterior(h, a, r)
+        kept = lost & post
+        if kept.any():
+            core = ndimage.binary_erosion(post, iterations=max(1, int(round(1.2 / canvas.p.spacing))))
+            hu[kept] = np.where(core, ints["posterior"], ints["cortical"] * 0.85)[kept]
+            body[kept] = False
+        lost &= ~post
         hu[lost] = (70.0 + 30.0 * rho)[lost]
         lab[lost] = 0
         body[lost] = False
@@ -932,7 +943,7 @@ def apply_fov_quirks(
     out = {k: v[window] for k, v in vols.items()}
     aff[:3, 3] += aff[:3, :3] @ np.array([sl.start for sl in keep], dtype=np.float64)
     k = int(round(quirks.slice_mm / patient.spacing)) if quirks.slice_mm > 0 else 1
-    if k > 1:
+    if k > 1 and k % 2:
         n = out["mask"].shape[2] // k * k
         for name, vol in out.items():
             blocks = vol[:, :, :n].reshape(*vol.shape[:2], n // k, k)
@@ -941,6 +952,20 @@ def apply_fov_quirks(
             else:
                 out[name] = np.ascontiguousarray(blocks[..., k // 2])
         aff[:3, 3] += aff[:3, 2] * (k - 1) / 2
+        aff[:3, 2] *= k
+    elif k > 1:
+        # An even slab has no middle slice: the CT takes k + 1 slices, the two end ones at half
+        # weight (the same thickness), so the slab is centred on slice k / 2, where its label is
+        # taken and where the affine puts it.
+        weights = np.r_[0.5, np.ones(k - 1), 0.5] / k
+        starts = np.arange((out["mask"].shape[2] - 1) // k) * k
+        for name, vol in out.items():
+            if name.endswith("ct"):
+                acc = sum(w * vol[:, :, starts + i].astype(np.float64) for i, w in enumerate(weights))
+                out[name] = np.rint(acc).astype(vol.dtype)
+            else:
+                out[name] = np.ascontiguousarray(vol[:, :, starts + k // 2])
+        aff[:3, 3] += aff[:3, 2] * (k // 2)
         aff[:3, 2] *= k
     return out, aff, cut
 
