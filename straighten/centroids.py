@@ -54,6 +54,9 @@ MIN_CURVE_VOLUME_FRACTION = 0.1
 # anterior-posterior axis is its posterior elements left by the scan's edge (on 0007 cut through
 # its posterior elements: 16-21 deg; steps between whole vertebrae: 74-81 deg).
 MAX_END_STEP_AP_DEG = 45.0
+# ... and holds under this fraction of the median vertebra's volume: posterior elements alone are a
+# part of a vertebra, so a whole one (an extreme lordosis or listhesis) keeps steering the curve.
+MAX_REMNANT_VOLUME_FRACTION = 0.6
 
 
 def vertebra_labels(mask: np.ndarray) -> list[int]:
@@ -171,11 +174,12 @@ def _face_direction(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray)
 def curve_labels(volumes_mm3: dict[int, float], centres_mm: dict[int, np.ndarray] | None = None) -> list[int]:
     """The vertebrae large enough to steer a spine curve (not fragments at the scan's edge), in order.
 
-    With ``centres_mm`` (world centroids), an end vertebra whose step to its neighbour runs more
-    along the anterior-posterior axis than across it (within ``MAX_END_STEP_AP_DEG``) is left out
-    too, while three or more remain: what the scan's edge left of it is its posterior elements,
-    behind its neighbour, not a vertebra stacked on the spine, and a curve through it would run
-    along the AP axis (refused as a wrong orientation).
+    With ``centres_mm`` (world centroids), an end vertebra under ``MAX_REMNANT_VOLUME_FRACTION``
+    of the median volume whose step to its neighbour runs more along the anterior-posterior axis
+    than across it (within ``MAX_END_STEP_AP_DEG``) is left out too, while three or more remain:
+    what the scan's edge left of it is its posterior elements, behind its neighbour, not a vertebra
+    stacked on the spine, and a curve through it would run along the AP axis (refused as a wrong
+    orientation).
     """
     if not volumes_mm3:
         return []
@@ -185,9 +189,14 @@ def curve_labels(volumes_mm3: dict[int, float], centres_mm: dict[int, np.ndarray
     )
     if centres_mm is not None:
         order = [v for v in order if v in centres_mm]
-        while len(order) >= 3 and _runs_along_ap(centres_mm[order[0]], centres_mm[order[1]]):
+
+        def remnant(end: int, neighbour: int) -> bool:
+            small = volumes_mm3[end] < MAX_REMNANT_VOLUME_FRACTION * typical
+            return small and _runs_along_ap(centres_mm[end], centres_mm[neighbour])
+
+        while len(order) >= 3 and remnant(order[0], order[1]):
             order = order[1:]
-        while len(order) >= 3 and _runs_along_ap(centres_mm[order[-1]], centres_mm[order[-2]]):
+        while len(order) >= 3 and remnant(order[-1], order[-2]):
             order = order[:-1]
     return order
 

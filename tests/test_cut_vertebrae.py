@@ -177,3 +177,7 @@ def test_end_vertebrae_behind_their_neighbour_do_not_steer_the_curve():
     }
     assert curve_labels(volumes) == [20, 21, 22, 23, 24]
     assert curve_labels(volumes, centres) == [21, 22, 23, 24]
+    # a whole L5 slipped 50 deg from S-I (a listhesis) is no remnant: it keeps steering the curve
+    slipped = dict(centres)
+    slipped[24] = centres[23] + 30.0 * np.array([0.0, np.sin(np.radians(50)), -np.cos(np.radians(50))])
+    assert curve_labels(volumes, slipped) == [21, 22, 23, 24]
