@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HEALTHIVERT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -49,3 +50,12 @@ def phantom_2mm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom_2mm")
     generate(out, patients=3, seed=7, spacing_mm=2.0, fracture_fraction=0.4, progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (a 2-core machine shared with other jobs); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

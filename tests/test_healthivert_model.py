@@ -27,13 +27,7 @@ from tests.fixtures.synthetic_vertebra import synthetic_sample
 DATA = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--gpu_ids", "-1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against each other; one is faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(tmp_path, *extra, size=32):

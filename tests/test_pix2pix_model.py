@@ -13,12 +13,7 @@ ARGS = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--model", "pix2p
 ARGS += ["--ngf", "8", "--ndf", "8", "--netG", "unet_128"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("size", [32, 48])

@@ -9,7 +9,6 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 import demo
 import eval_3d_sagittal_twostage as synth_cli
@@ -18,13 +17,7 @@ from tests.test_demo import quick_opt, save_train_state
 from tests.test_synthesis import SHAPE, cli_args, write_dataset, write_run
 from util import check_outputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

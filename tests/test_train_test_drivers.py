@@ -10,48 +10,22 @@ import torch
 
 import train
 from tests import conftest
+from tests.test_framework import tiny_args as framework_args
 
 test_script = conftest.test_script()
 
-TINY = ["--model", "tests.fixtures.tiny_model", "--dataset_mode", "tests.fixtures.tiny_dataset"]
 SYNTH = ["--dataset_mode", "tests.fixtures.synthetic_vertebra", "--crop_size", "32", "--gpu_ids", "-1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(ckpt, name="run", *extra):
-    return [
-        *TINY,
-        "--checkpoints_dir",
-        str(ckpt),
-        "--name",
-        name,
-        "--batch_size",
-        "2",
-        "--num_threads",
-        "0",
-        "--gpu_ids",
-        "-1",
-        "--print_freq",
-        "4",
-        "--display_freq",
-        "4",
-        "--n_epochs",
-        "2",
-        "--n_epochs_decay",
-        "1",
-        "--save_epoch_freq",
-        "1",
-        "--lr",
-        "0.01",
-        *extra,
-    ]
+    """test_framework's tiny run, in checkpoints folder ``ckpt`` under ``name``."""
+    args = framework_args(ckpt.parent, *extra)
+    args[args.index("--checkpoints_dir") + 1] = str(ckpt)
+    args[args.index("--name") + 1] = name
+    return args
 
 
 def pix2pix_args(ckpt, name="run", *extra):
