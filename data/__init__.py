@@ -58,8 +58,15 @@ class DatasetLoader:
             self.world = self.sampler.num_replicas
             shuffle = False
         share = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        loaded = self.dataset
+        limit = opt.max_dataset_size
+        in_order = self.sampler is None and not shuffle
+        if not getattr(opt, "isTrain", False) and in_order and limit < len(loaded):
+            # an evaluation pass in order takes exactly the first --max_dataset_size samples (the
+            # training loop's limit counts whole batches, as pix2pix's does)
+            loaded = torch.utils.data.Subset(self.dataset, range(int(limit)))
         self.dataloader = torch.utils.data.DataLoader(
-            self.dataset,
+            loaded,
             batch_size=opt.batch_size,
             shuffle=shuffle,
             sampler=self.sampler,

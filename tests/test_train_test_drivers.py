@@ -219,3 +219,18 @@ def test_validation_means_are_per_sample_whatever_the_batch_keys(tmp_path, monke
     # the tiny samples have no "ct" entry: the mean must still be over samples, not batches, and a
     # NaN left out of the mean is left out of its count too
     assert history == [{"epoch": 1, "one": 1.0, "one_or_nan": 1.0}]
+
+
+def test_an_evaluation_pass_takes_exactly_max_dataset_size_samples():
+    """Validation promises at most --max_val_samples samples; whole batches used to overshoot
+    (5 of 8 samples at batch 2 for a limit of 5 gave 6)."""
+    import argparse
+
+    from data import create_dataset
+
+    base = dict(dataset_mode="tests.fixtures.tiny_dataset", dataroot=".", batch_size=2, serial_batches=True)
+    base["num_threads"] = 0
+    for limit, expected in ((5, 5), (8, 8), (float("inf"), 8)):
+        opt = argparse.Namespace(**base, isTrain=False, max_dataset_size=limit, phase="val")
+        paths = [p for batch in create_dataset(opt) for p in batch["path"]]
+        assert paths == [f"sample{i}.png" for i in range(expected)]
