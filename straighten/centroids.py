@@ -281,11 +281,6 @@ def straightened_bodies(
     return StraightenedBodies(along, bodies, on_face, curve, step)
 
 
-def face_labels(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
-    """``mask`` on the faces of the array, 0 inside."""
-    return np.where(edge_distance_mm(mask.shape, spacing_mm) == 0, mask, 0).astype(mask.dtype)
-
-
 def subvoxel_offsets(step_mm: float, source_mm: float) -> np.ndarray:
     """Offsets (k, 3) in mm along the three axes of a grid of ``step_mm`` voxels, out to the next
     voxel centre along each axis and at most ``source_mm`` apart, so that a layer of source voxels
@@ -311,15 +306,18 @@ def own_label_on_face(
 ) -> np.ndarray:
     """For samples (k, 3 world mm) of a grid of ``step_mm`` voxels with unit axes ``axes`` ((k, 3, 3)
     or (3, 3), one axis per row) holding ``labels``, whether their own label lies on a face of
-    ``mask``'s array within one step of them along an axis."""
-    from data.nifti_io import sample_world
-
+    ``mask``'s array within one step of them along an axis (the nearest voxel to a moved sample is
+    on the array's first or last index along some axis and holds that label)."""
     spacing = voxel_sizes(affine)
-    faces = face_labels(mask, spacing)
+    last = np.asarray(mask.shape) - 1
     hit = np.zeros(len(points_mm), dtype=bool)
     for offset in subvoxel_offsets(step_mm, float(spacing.min())):
         moved = points_mm + np.einsum("j,...jd->...d", offset, axes)
-        hit |= sample_world(faces, affine, moved, order=0) == labels
+        ijk = np.floor(world_to_voxel(affine, moved.reshape(-1, 3)) + 0.5).astype(np.int64)
+        inside = np.all((ijk >= 0) & (ijk <= last), axis=1)
+        on_face = inside & np.any((ijk == 0) | (ijk == last), axis=1)
+        at = ijk[on_face]
+        hit[on_face] |= mask[at[:, 0], at[:, 1], at[:, 2]] == labels[on_face]
     return hit & (labels > 0)
 
 
