@@ -300,6 +300,10 @@ class HealthiVertModel(BaseModel):
             if name in s:  # cam_target: only the loss needs it (synthesis batches may leave it out)
                 s[name] = self.memory_format(s[name].float())
         self.sample = s
+        # rows from the composite's frame to the generator's, found on the batch as loaded (no
+        # device sync in the training step); None when no hole was shifted, the usual case
+        shift = generator_shift(input)
+        self.shift = shift.to(self.device) if bool(shift.any()) else None
         if self.checkpoint_mode == "auto":
             big = s["ct"].numel() >= AUTO_CHECKPOINT_PIXELS
             self.netG.checkpointing = self.device.type == "cpu" and big
@@ -324,12 +328,11 @@ class HealthiVertModel(BaseModel):
         # the composite centres the band on the target's middle row; where the dataset shifted the
         # hole to keep it inside the image, the generator drew it centred in the shifted hole: move
         # its outputs by that shift so the same input always gives the same inserted rows
-        shift = generator_shift(s)
-        if bool(shift.any()):
+        if self.shift is not None:
             out = out._replace(
-                coarse_image=shift_rows(out.coarse_image, shift, -1.0),
-                fine_image=shift_rows(out.fine_image, shift, -1.0),
-                fine_seg=shift_rows(out.fine_seg, shift, 0.0),
+                coarse_image=shift_rows(out.coarse_image, self.shift, -1.0),
+                fine_image=shift_rows(out.fine_image, self.shift, -1.0),
+                fine_seg=shift_rows(out.fine_seg, self.shift, 0.0),
             )
         self.out = out
         rounding = getattr(self.opt, "height_rounding", "ceil")
