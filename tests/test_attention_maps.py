@@ -107,12 +107,17 @@ def _redone_or_refused(capsys, rc: int, before: np.ndarray, after: np.ndarray) -
         assert np.array_equal(before, after)
 
 
-def test_rerun_after_a_new_classifier_does_not_keep_the_old_maps(crops, capsys):
+def _first_maps(crops):
+    """Maps of a classifier (seed 0) written into ``crops``: the run's arguments, checkpoint and map."""
     ckpt = crops / "cls" / "classifier.pth"
     _save_classifier(ckpt, seed=0)
     args = ["--dataroot", str(crops), "--checkpoint", str(ckpt), "--gpu_ids", "-1", "--no_png"]
     assert grad_CAM_3d_sagittal.main(args) == 0
-    before = _map(crops)
+    return args, ckpt, _map(crops)
+
+
+def test_rerun_after_a_new_classifier_does_not_keep_the_old_maps(crops, capsys):
+    args, ckpt, before = _first_maps(crops)
     _save_classifier(ckpt, seed=1)  # what train_classifier.py --overwrite does to the same path
     capsys.readouterr()
     rc = grad_CAM_3d_sagittal.main(args)
@@ -120,11 +125,7 @@ def test_rerun_after_a_new_classifier_does_not_keep_the_old_maps(crops, capsys):
 
 
 def test_rerun_with_the_other_cam_input_does_not_keep_the_old_maps(crops, capsys):
-    ckpt = crops / "cls" / "classifier.pth"
-    _save_classifier(ckpt, seed=0)
-    args = ["--dataroot", str(crops), "--checkpoint", str(ckpt), "--gpu_ids", "-1", "--no_png"]
-    assert grad_CAM_3d_sagittal.main(args) == 0
-    before = _map(crops)
+    args, _, before = _first_maps(crops)
     capsys.readouterr()
     rc = grad_CAM_3d_sagittal.main(args + ["--cam_input", "masked"])
     _redone_or_refused(capsys, rc, before, _map(crops))

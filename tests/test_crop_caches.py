@@ -3,7 +3,6 @@ decoded from: not a crop rewritten since, nor the same name in another dataset o
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from data.aligned_sagittal_dataset import AlignedSagittalDataset
 from data.crops import CropStore
 from tests.conftest import write_nifti
+from tests.test_aligned_dataset import _opt as dataset_opt
 from util.atomic import write_json
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])
@@ -75,19 +75,10 @@ def test_cam_cache_shared_by_two_cam_folders_keeps_their_maps_apart(tmp_path):
     _age(tmp_path / "cams_b" / "p1_20.nii.gz")
 
     def dataset(cams):
-        opt = argparse.Namespace(
-            dataroot=str(tmp_path / "straightened"),
-            vertebra_json=None,
-            cam_folder=str(tmp_path / cams),
-            vert_class="normal",
-            normal_max_grade=0,
-            mask_height_mm=32.0,
-            phase="train",
-            isTrain=False,
-            seed=0,
-            crop_cache_dir=str(tmp_path / "cache"),
+        cache = str(tmp_path / "cache")
+        return AlignedSagittalDataset(
+            dataset_opt(tmp_path, cam_folder=str(tmp_path / cams), crop_cache_dir=cache)
         )
-        return AlignedSagittalDataset(opt)
 
     assert float(dataset("cams_a")[0]["cam_target"].max()) == pytest.approx(0.25)
     assert float(dataset("cams_b")[0]["cam_target"].max()) == pytest.approx(0.75)  # not cams_a's map

@@ -12,7 +12,8 @@ import pytest
 from data.nifti_io import save_nifti
 from evaluation import RHLV_quantification, SVM_grading
 from evaluation import generation_eval_sagittal as gen_eval
-from tests.test_grading import separable, write_rhlv
+from tests import test_grading
+from tests.test_grading import write_rhlv
 
 SHAPE = (48, 48, 48)  # height, AP, LR
 AFFINE = np.eye(4)
@@ -100,7 +101,7 @@ def test_rhlv_a_crop_of_an_unknown_vertebra_id_is_one_error_and_leaves_no_files(
 @pytest.mark.parametrize("method", ["gan", "neighbors"])
 def test_rhlv_a_crop_without_its_vertebra_is_one_error(tmp_path, capsys, method):
     """DESIGN: a vertebra absent is bad input, one clear error naming the file (the synthesis
-    script refuses such a crop with exit 2). RHLV dropped the graded vertebra from rhlv.csv
+    script refuses such a crop with exit 2). RHLV dropped the rhlv_folder vertebra from rhlv.csv
     without naming it (exit 0), so the grading silently lost a test vertebra."""
     spine(tmp_path)
     broken = np.zeros(SHAPE, np.uint8)
@@ -158,30 +159,24 @@ def test_generation_eval_bad_min_area_is_one_error(tmp_path, capsys, value):
 
 
 # --- SVM_grading.py ---------------------------------------------------------------------------
-@pytest.fixture
-def graded(tmp_path):
-    x, y = separable(10)
-    xt, yt = separable(4, seed=3)
-    splits = ["train" if i % 2 else "val" for i in range(len(y))] + ["test"] * len(yt)
-    write_rhlv(tmp_path / "Q", np.r_[x, xt], np.r_[y, yt], splits)
-    return tmp_path
+rhlv_folder = test_grading.rhlv_folder  # the graded rhlv.csv the grading tests use
 
 
 @pytest.mark.parametrize("c", ["0", "-1", "nan"])
-def test_svm_bad_c_is_one_error(graded, capsys, c):
+def test_svm_bad_c_is_one_error(rhlv_folder, capsys, c):
     """--C 0 reached sklearn's InvalidParameterError (a traceback) after the csv was read."""
-    args = ["--rhlv-folder", str(graded / "Q"), "--output-folder", str(graded / "S"), "--C", c]
+    args = ["--rhlv-folder", str(rhlv_folder / "Q"), "--output-folder", str(rhlv_folder / "S"), "--C", c]
     assert SVM_grading.main(args) == 2
     assert "--C" in one_error_line(capsys)
-    assert not (graded / "S" / "metrics.json").exists()
+    assert not (rhlv_folder / "S" / "metrics.json").exists()
 
 
-def test_svm_coronal_error_names_the_csv_it_read(graded, capsys):
+def test_svm_coronal_error_names_the_csv_it_read(rhlv_folder, capsys):
     """With --features coronal the table comes from --rhlv-folder-coronal; an error about it
     named the sagittal rhlv.csv, which was fine, instead of the coronal one."""
-    write_rhlv(graded / "QC", np.zeros((12, 3)), [0] * 12, ["train"] * 6 + ["test"] * 6)  # one class
-    args = ["--rhlv-folder", str(graded / "Q"), "--rhlv-folder-coronal", str(graded / "QC")]
-    args += ["--output-folder", str(graded / "S"), "--features", "coronal"]
+    write_rhlv(rhlv_folder / "QC", np.zeros((12, 3)), [0] * 12, ["train"] * 6 + ["test"] * 6)  # one class
+    args = ["--rhlv-folder", str(rhlv_folder / "Q"), "--rhlv-folder-coronal", str(rhlv_folder / "QC")]
+    args += ["--output-folder", str(rhlv_folder / "S"), "--features", "coronal"]
     assert SVM_grading.main(args) == 2
     line = one_error_line(capsys)
-    assert str(graded / "QC" / "rhlv.csv") in line and "one class" in line
+    assert str(rhlv_folder / "QC" / "rhlv.csv") in line and "one class" in line
