@@ -41,7 +41,7 @@ import torch
 
 from data import vertebra_sample as vs
 from data.base_dataset import BaseDataset, read_split, split_key
-from data.crops import Crop, CropStore, read_cam, source_tag
+from data.crops import Crop, CropStore, prune_cache, read_cam, source_tag
 from data.label_schemes import is_vertebra, neighbours
 from util.errors import InputError, input_error
 
@@ -294,7 +294,8 @@ class AlignedSagittalDataset(BaseDataset):
         path = self._cam_path(key)
         # named after the map's file (path, size, time): another --cam_folder's map, or one
         # rewritten since, is never served from the cache
-        npy = cache / f"{key}_{source_tag(path)}_cam.npy" if cache is not None else None
+        tag = source_tag(path)
+        npy = cache / f"{key}_{tag}_cam.npy" if cache is not None else None
         if npy is not None and npy.exists():
             return np.load(npy, mmap_mode="r")
         cam = read_cam(path, shape, affine).astype(np.float16)
@@ -304,6 +305,7 @@ class AlignedSagittalDataset(BaseDataset):
             npy.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(npy) as tmp, open(tmp, "wb") as f:
                 np.save(f, cam)
+            prune_cache(cache, key, tag, ("cam",))  # the map's versions before it was rewritten
         return cam
 
     # --- samples ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ that are memory-mapped (for datasets larger than memory).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import logging
 import os
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 CROP_SUFFIX = ".nii.gz"
 # Written by train.py into a run's folder: the grids of the crops it was trained on.
 TRAIN_CROPS_FILE = "train_crops.json"
+CROP_CACHE_SUFFIXES = ("label", "ct", "affine")  # the .npy files the disk cache keeps per crop
 
 
 @dataclass(frozen=True)
@@ -188,17 +191,17 @@ class CropStore:
             self._to_disk_cache(key, label, ct, affine)
         return Crop(key, pid, int(vid), label, ct, affine)
 
-    def _cache_files(self, key: str) -> tuple[Path, Path, Path]:
-        """The cache files of ``key``, named after the very files they are decoded from (their
-        path, size and modification time): a crop rewritten since (its CT or its label), or the
-        same name in another dataset sharing the cache folder, never gets another's arrays."""
+    def _cache_tag(self, key: str) -> str:
+        """The name of ``key``'s cache files: a digest of the very files they are decoded from
+        (their path, size and modification time), so a crop rewritten since (its CT or its label),
+        or the same name in another dataset sharing the cache folder, never gets another's arrays."""
+        return source_tag(*reversed(self.paths(key)))
+
+    def _cache_files(self, key: str) -> tuple[Path, ...]:
+        """``key``'s cache files, one per :data:`CROP_CACHE_SUFFIXES`."""
         assert self.cache_dir is not None
-        tag = source_tag(*reversed(self.paths(key)))
-        return (
-            self.cache_dir / f"{key}_{tag}_label.npy",
-            self.cache_dir / f"{key}_{tag}_ct.npy",
-            self.cache_dir / f"{key}_{tag}_affine.npy",
-        )
+        tag = self._cache_tag(key)
+        return tuple(self.cache_dir / f"{key}_{tag}_{suffix}.npy" for suffix in CROP_CACHE_SUFFIXES)
 
     def _from_disk_cache(self, key: str):
         if self.cache_dir is None:
@@ -223,21 +226,47 @@ class CropStore:
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
+        # what the cache held of this crop's files before they were rewritten
+        prune_cache(self.cache_dir, key, self._cache_tag(key), CROP_CACHE_SUFFIXES)
 
 
 def source_tag(*paths: str | os.PathLike) -> str:
     """A short digest of files' resolved paths, sizes and modification times (an absent file
-    counts as absent): the name under which a cache keeps what was decoded from them."""
-    digest = hashlib.sha1()
+    counts as absent): the name under which a cache keeps what was decoded from them.
+
+    16 hex digits: the first 8 digest the paths alone (:func:`cache_siblings` finds by them what
+    a cache holds of older versions of the same files), the last 8 their sizes and times."""
+    where, when = hashlib.sha1(), hashlib.sha1()
     for path in paths:
         path = Path(path)
-        digest.update(str(path.resolve()).encode())
+        where.update(str(path.resolve()).encode() + b"\n")
         try:
             st = path.stat()
-            digest.update(f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            when.update(f"{st.st_size}|{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
-            digest.update(b"|absent\n")
-    return digest.hexdigest()[:16]
+            when.update(b"absent\n")
+    return where.hexdigest()[:8] + when.hexdigest()[:8]
+
+
+def cache_siblings(folder: Path, key: str, tag: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The cache files ``<key>_<tag'>_<suffix>.npy`` in ``folder`` decoded from the same files as
+    ``tag`` (same paths) in another version (other sizes or times): what a rewrite of a crop or
+    map leaves behind. Entries of other datasets sharing the folder (other paths) are not among
+    them."""
+    stale = []
+    pattern = f"{glob.escape(key)}_{tag[:8]}{'?' * 8}_*.npy"
+    for path in folder.glob(pattern):
+        rest = path.name[len(key) + 1 :]
+        if rest[:16] != tag and rest[16:] in {f"_{s}.npy" for s in suffixes}:
+            stale.append(path)
+    return stale
+
+
+def prune_cache(folder: Path, key: str, tag: str, suffixes: tuple[str, ...]) -> None:
+    """Delete :func:`cache_siblings` (a reader holding one memory-mapped keeps its data)."""
+    for path in cache_siblings(folder, key, tag, suffixes):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _as_uint8(data: np.ndarray, path: Path) -> np.ndarray:
@@ -346,6 +375,7 @@ __all__ = [
     "grid_warnings",
     "read_cam",
     "record_grids",
+    "prune_cache",
     "save_like",
     "source_tag",
     "straightened_dir",

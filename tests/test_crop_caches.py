@@ -4,6 +4,7 @@ decoded from: not a crop rewritten since, nor the same name in another dataset o
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -82,3 +83,63 @@ def test_cam_cache_shared_by_two_cam_folders_keeps_their_maps_apart(tmp_path):
 
     assert float(dataset("cams_a")[0]["cam_target"].max()) == pytest.approx(0.25)
     assert float(dataset("cams_b")[0]["cam_target"].max()) == pytest.approx(0.75)  # not cams_a's map
+
+
+# --- what a rewrite leaves behind --------------------------------------------------------------
+def _cache_files(cache, key):
+    """The cache files of crop ``key`` (``<key>_<16 hex digits>_<what>.npy``)."""
+    return sorted(
+        p.name for p in cache.glob("*.npy") if re.fullmatch(rf"{key}_[0-9a-f]{{16}}_\w+\.npy", p.name)
+    )
+
+
+def test_crop_cache_of_a_rewritten_crop_replaces_the_old_files(tmp_path):
+    shape = (48, 20, 12)
+    _crop_pair(tmp_path, "p1_20", shape, ct_offset=0)
+    _crop_pair(tmp_path, "p1_2", shape, ct_offset=3)  # a key that prefixes the other
+    for f in (tmp_path / "straightened").rglob("*.nii.gz"):
+        _age(f)
+    cache = tmp_path / "cache"
+    CropStore(tmp_path, cache_dir=str(cache)).load("p1_20")
+    CropStore(tmp_path, cache_dir=str(cache)).load("p1_2")
+    before = _cache_files(cache, "p1_20")
+    assert len(before) == 3
+    _, new_ct = _crop_pair(tmp_path, "p1_20", shape, ct_offset=7)  # rewritten: new times
+    crop = CropStore(tmp_path, cache_dir=str(cache)).load("p1_20")
+    np.testing.assert_array_equal(crop.ct, new_ct)
+    after = _cache_files(cache, "p1_20")
+    assert len(after) == 3 and not set(after) & set(before)  # the old version is gone
+    assert len(_cache_files(cache, "p1_2")) == 3  # the other crop's files stay
+
+
+def test_crop_cache_keeps_another_datasets_entry_of_the_same_name(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _crop_pair(a, "p1_20", (48, 20, 12), ct_offset=0)
+    _crop_pair(b, "p1_20", (40, 20, 12), ct_offset=9)
+    cache = tmp_path / "cache"
+    CropStore(a, cache_dir=str(cache)).load("p1_20")
+    CropStore(b, cache_dir=str(cache)).load("p1_20")
+    assert len(_cache_files(cache, "p1_20")) == 6  # both datasets' arrays, none pruned
+    crop = CropStore(a, cache_dir=str(cache)).load("p1_20")  # served, not re-decoded
+    assert crop.label.shape == (48, 20, 12)
+
+
+def test_cam_cache_of_a_rewritten_map_replaces_the_old_file(tmp_path):
+    shape = (48, 20, 12)
+    _crop_pair(tmp_path, "p1_20", shape, ct_offset=0)
+    write_json(tmp_path / "vertebra_data.json", {"train": {"p1_20": 0}})
+    cam_path = tmp_path / "cams" / "p1_20.nii.gz"
+    write_nifti(cam_path, np.full(shape, 0.25, np.float32), AFFINE)
+    _age(cam_path)
+    cache = tmp_path / "cache"
+
+    def first_cam():
+        opt = dataset_opt(tmp_path, cam_folder=str(tmp_path / "cams"), crop_cache_dir=str(cache))
+        return float(AlignedSagittalDataset(opt)[0]["cam_target"].max())
+
+    assert first_cam() == pytest.approx(0.25)
+    old = sorted(p.name for p in cache.glob("p1_20_*_cam.npy"))
+    write_nifti(cam_path, np.full(shape, 0.75, np.float32), AFFINE)
+    assert first_cam() == pytest.approx(0.75)
+    new = sorted(p.name for p in cache.glob("p1_20_*_cam.npy"))
+    assert len(old) == len(new) == 1 and old != new
