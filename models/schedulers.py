@@ -1,10 +1,19 @@
-"""Learning-rate schedules: linear (constant, then linear decay to zero), step, plateau, cosine."""
+"""Learning-rate schedules: linear (constant, then linear decay to zero), step, plateau, cosine.
+
+The plateau policy watches ``--plateau_metric``: by default ``loss_G``, the epoch's mean generator
+training loss (:meth:`models.base_model.BaseModel.generator_loss_names` says which logged losses
+that sums), or a validation metric of the model, stepped only on the epochs that validate.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from torch.optim import Optimizer, lr_scheduler
+
+#: ``--plateau_metric``'s default: the epoch's mean of the generator's total training loss
+TRAINING_LOSS = "loss_G"
 
 
 class LinearDecay(lr_scheduler.LambdaLR):
@@ -34,14 +43,31 @@ class LinearDecay(lr_scheduler.LambdaLR):
         self.n_epochs, self.n_epochs_decay = length
 
 
-def get_scheduler(optimizer: Optimizer, opt: argparse.Namespace):
-    """The scheduler ``opt.lr_policy`` names, stepped once per epoch."""
+class Plateau(lr_scheduler.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose relative threshold is taken of the best value's magnitude.
+
+    PyTorch's ``rel`` mode counts ``a < best * (1 - threshold)`` as better (mode min): for a negative
+    best (a hinge or WGAN generator loss) that accepts values up to 1 % worse, so the rate would
+    never fall. Here a value is better when it beats ``best`` by ``threshold * |best|``; for positive
+    values this is PyTorch's rule exactly. The state dict is ReduceLROnPlateau's.
+    """
+
+    def _is_better(self, a: float, best: float) -> bool:  # type: ignore[override]
+        if not math.isfinite(best) or self.threshold_mode != "rel":
+            return super()._is_better(a, best)
+        margin = self.threshold * abs(best)
+        return a < best - margin if self.mode == "min" else a > best + margin
+
+
+def get_scheduler(optimizer: Optimizer, opt: argparse.Namespace, plateau_mode: str = "min"):
+    """The scheduler ``opt.lr_policy`` names, stepped once per epoch; ``plateau_mode`` is the
+    plateau metric's direction: ``min`` (a loss, an error) or ``max`` (SSIM, PSNR, Dice)."""
     if opt.lr_policy == "linear":
         return LinearDecay(optimizer, opt.epoch_count, opt.n_epochs, opt.n_epochs_decay)
     if opt.lr_policy == "step":
         return lr_scheduler.StepLR(optimizer, step_size=opt.lr_decay_iters, gamma=0.1)
     if opt.lr_policy == "plateau":
-        return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.2, threshold=0.01, patience=5)
+        return Plateau(optimizer, mode=plateau_mode, factor=0.2, threshold=0.01, patience=5)
     if opt.lr_policy == "cosine":
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt.n_epochs, eta_min=0)
     raise ValueError(f"unknown lr_policy {opt.lr_policy!r}; use linear | step | plateau | cosine")
