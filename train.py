@@ -18,6 +18,12 @@ Validation: every ``--val_freq`` epochs (and after the last one) the model runs 
 and, if it has ``validation_metrics()``, the means are printed, appended to ``loss_log.txt`` and
 to ``val_metrics.json``. For HealthiVert: masked-region SSIM/PSNR (a coronal slice's padding
 columns left out), Dice and height error in mm.
+
+Learning rate: stepped once per epoch, after validation. ``--lr_policy plateau`` cuts it by 0.2
+when ``--plateau_metric`` has not improved by 1 % for 6 steps: ``loss_G`` (default) is the mean of
+the generator's training loss over all the epoch's iterations (and all ranks), a validation metric
+is stepped on only in the epochs that validate (its patience counts validations; it needs
+``--val_freq > 0``). An unknown name is an error before the first epoch.
 The end of each epoch also refreshes the HTML page and the loss log if the frequencies did not
 fall in it (short runs still write them). On CUDA the models run under bf16 autocast with
 channels_last unless ``--no_amp``. Trained on straightened crops, the run also records their grid
@@ -129,6 +135,52 @@ def validate(model, dataset) -> dict[str, float]:
     return {name: total / max(counts[name], 1) for name, total in sums.items()}
 
 
+def validation_dataset(opt: argparse.Namespace, model):
+    """The ``--val_phase`` dataset, or None: validation off (``--val_freq 0``), a model without
+    ``validation_metrics()``, or a split that cannot be read (a warning; an InputError when the
+    plateau policy watches a validation metric, which cannot do without it)."""
+    if opt.val_freq <= 0 or not hasattr(model, "validation_metrics"):
+        return None
+    try:
+        return create_dataset(validation_options(opt))
+    except (InputError, ValueError) as exc:
+        if model.plateau_watches_validation():
+            raise InputError(f"{exc} (--plateau_metric {opt.plateau_metric} needs validation)") from None
+        print(f"warning: no validation ({exc})", file=sys.stderr)
+        return None
+
+
+class EpochLoss:
+    """The plateau policy's ``loss_G``: the mean of the generator loss over an epoch's iterations
+    (every one, not only the printed ones), summed on the model's device without a sync per step.
+
+    Under torchrun :meth:`mean` is the mean over every rank's iterations, so all ranks step their
+    schedulers alike. :meth:`state` and :meth:`reset` carry a partial sum through a mid-epoch
+    save, so a resumed epoch's mean is the straight run's."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self, state: dict | None = None) -> None:
+        state = state or {"sum": 0.0, "count": 0}
+        self.sum = torch.tensor(state["sum"], dtype=torch.float64, device=self.device)
+        self.count = int(state["count"])
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+        self.count += 1
+
+    def state(self) -> dict:
+        return {"sum": float(self.sum), "count": self.count}
+
+    def mean(self) -> float | None:
+        """The mean over all ranks' iterations of this epoch (None if there were none)."""
+        ranks = distributed.all_gather_objects(self.state())
+        count = sum(r["count"] for r in ranks)
+        return sum(r["sum"] for r in ranks) / count if count else None
+
+
 def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float], log_name: Path) -> str:
     """Print the metrics, append them to the loss log and to ``val_metrics.json``."""
     line = f"(validation epoch: {epoch}) " + " ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
@@ -176,7 +228,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             seed_everything(opt.seed + distributed.rank())
         dataset = create_dataset(opt)
         model = create_model(opt)
-        model.setup(opt)  # an unknown --norm, --gan_mode, --lr_policy ... is a ValueError
+        model.setup(opt)  # an unknown --norm, --gan_mode, --lr_policy, --plateau_metric ... is a ValueError
+        val_dataset = validation_dataset(opt, model)
         if main_rank:
             save_options(opt, run_dir / "opt.json")
             record_crop_geometry(dataset.dataset, run_dir)
@@ -189,12 +242,12 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
     if joined:
         print(f"DistributedDataParallel: {world} processes, batch {opt.batch_size} per process")
     visualizer = Visualizer(opt)
-    val_dataset = None
-    if opt.val_freq > 0 and hasattr(model, "validation_metrics"):
-        try:
-            val_dataset = create_dataset(validation_options(opt))
-        except (InputError, ValueError) as exc:
-            print(f"warning: no validation ({exc})", file=sys.stderr)
+    # the plateau policy on the training loss: the epoch's mean of the generator loss
+    epoch_loss = (
+        EpochLoss(model.device)
+        if opt.lr_policy == "plateau" and not model.plateau_watches_validation()
+        else None
+    )
     total_iters, first_epoch, skip, replay = 0, opt.epoch_count, 0, None
     loader = dataset.dataloader
     # persistent loader workers draw their seed from the random state once, in the first epoch
@@ -232,8 +285,12 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             epoch_iter = step * sum(1 for _ in itertools.islice(batches, skip))
             set_rng_state(state)
             print(f"resuming epoch {epoch} after {epoch_iter} samples")
+            if epoch_loss is not None:  # the skipped batches' losses, as the save summed them
+                epoch_loss.reset(replay.get("plateau_loss"))
         else:  # this epoch's shuffle is drawn from this random state (kept for mid-epoch saves)
             replay = {"rng": rng_state(), "loader_started": loader_started}
+            if epoch_loss is not None:
+                epoch_loss.reset()
         loader_started, skipped = True, epoch_iter
         bar = tqdm(
             batches,
@@ -252,6 +309,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             epoch_iter += step
             model.set_input(data)
             model.optimize_parameters()
+            if epoch_loss is not None:
+                epoch_loss.add(model.generator_loss())
             if crossed(total_iters, step, opt.display_freq):
                 model.compute_visuals()
                 visualizer.display_current_results(
@@ -268,7 +327,8 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
                 print(f"saving the latest model (epoch {epoch}, total_iters {total_iters})")
                 model.save_networks(tag)
                 # epoch - 1 finished, epoch_iter / step batches of this one (a resume skips them)
-                model.save_train_state(tag, epoch - 1, total_iters, epoch_iter // step, replay)
+                start_state = replay if epoch_loss is None else {**replay, "plateau_loss": epoch_loss.state()}
+                model.save_train_state(tag, epoch - 1, total_iters, epoch_iter // step, start_state)
             iter_data_time = time.time()
         bar.close()
         trained = epoch_iter > skipped  # a resume may find the epoch's batches all trained
@@ -279,12 +339,18 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             losses = model.get_current_losses()
             visualizer.print_current_losses(epoch, epoch_iter, losses, 0.0, 0.0)
             visualizer.plot_current_losses(epoch, 1.0, losses, total_iters)
-        lr_used = model.optimizers[0].param_groups[0]["lr"] if model.optimizers else 0.0
-        lr = model.update_learning_rate()
+        metrics = None  # validation first: the plateau policy may watch one of its metrics
         if val_dataset is not None and (epoch % opt.val_freq == 0 or epoch == last_epoch):
             metrics = validate(model, val_dataset)
             if main_rank:
                 record_validation(visualizer.run_dir, epoch, metrics, visualizer.log_name)
+        plateau = None
+        if epoch_loss is not None:
+            plateau = epoch_loss.mean()
+        elif opt.lr_policy == "plateau" and metrics is not None:
+            plateau = metrics[opt.plateau_metric]
+        lr_used = model.optimizers[0].param_groups[0]["lr"] if model.optimizers else 0.0
+        lr = model.update_learning_rate(plateau)
         if epoch % opt.save_epoch_freq == 0 or epoch == last_epoch:
             for tag in ("latest", epoch):
                 model.save_networks(tag)
@@ -294,6 +360,7 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             f"end of epoch {epoch} / {last_epoch}, {seconds:.1f} s "
             f"(data loading {100 * data_time / max(seconds, 1e-9):.1f} %), "
             f"learning rate {lr_used:.7f} -> {lr:.7f}"
+            + (f", plateau {opt.plateau_metric} {plateau:.6g}" if plateau is not None else "")
         )
     print(
         f"trained {opt.model} for epochs {first_epoch}-{last_epoch} ({total_iters} samples) "

@@ -9,6 +9,12 @@ and ``<epoch>_train_state.pth`` holds the optimisers, schedulers, epoch, iterati
 and options, so ``--continue_train`` resumes exactly. Everything is written atomically and read
 with ``torch.load(weights_only=True)``.
 
+The ``plateau`` learning-rate policy watches ``--plateau_metric`` (:meth:`BaseModel.plateau_mode`):
+``loss_G``, the epoch's mean of :meth:`BaseModel.generator_loss` (the sum of the logged losses
+:meth:`BaseModel.generator_loss_names` lists), or one of the model's validation metrics, declared
+with their direction in ``validation_higher_is_better``. ``train.py`` measures it and hands it to
+:meth:`BaseModel.update_learning_rate`.
+
 Under torchrun (:mod:`util.distributed`) :meth:`BaseModel.setup` wraps every training network of
 ``model_names`` in DistributedDataParallel after loading, so models need no code of their own:
 ``self.netG(x)`` goes through DDP, which averages gradients over the ranks in ``backward``. Only
@@ -25,8 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
-from models.schedulers import LinearDecay, get_scheduler
+from models.schedulers import TRAINING_LOSS, LinearDecay, get_scheduler
 from options.base_options import device_of
 from util import distributed
 from util.checkpoint import (
@@ -81,6 +88,10 @@ def distribute(net: nn.Module, **ddp_kwargs) -> nn.Module:
 class BaseModel(ABC):
     """Base class of every model."""
 
+    #: each entry of ``validation_metrics()`` (for a model that has it) and whether more is better
+    #: (SSIM, PSNR, Dice: True) or less (an error: False); ``--plateau_metric`` may name any of them
+    validation_higher_is_better: dict[str, bool] = {}
+
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
         self.gpu_ids = list(getattr(opt, "gpu_ids", []))
@@ -95,7 +106,6 @@ class BaseModel(ABC):
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list = []
         self.image_paths: list[str] = []
-        self.metric = 0.0  # for the plateau policy
 
     @staticmethod
     def modify_commandline_options(
@@ -120,7 +130,8 @@ class BaseModel(ABC):
     def setup(self, opt: argparse.Namespace) -> None:
         """Create schedulers; load networks when testing or resuming; print the networks."""
         if self.isTrain:
-            self.schedulers = [get_scheduler(optimizer, opt) for optimizer in self.optimizers]
+            mode = self.plateau_mode()  # an unknown --plateau_metric fails here, before any epoch
+            self.schedulers = [get_scheduler(optimizer, opt, mode) for optimizer in self.optimizers]
         if not self.isTrain or getattr(opt, "continue_train", False):
             suffix = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
             self.load_networks(suffix)
@@ -177,13 +188,61 @@ class BaseModel(ABC):
     def get_image_paths(self) -> list[str]:
         return self.image_paths
 
-    def update_learning_rate(self) -> float:
-        """Step every scheduler once (per epoch); returns the new learning rate."""
+    # --- the learning-rate schedule -------------------------------------------------------
+    def generator_loss_names(self) -> list[str]:
+        """The entries of ``loss_names`` whose sum is the generator's objective (the plateau
+        policy's ``loss_G``): by default those whose name starts with ``G``. A model whose
+        generator has other terms (HealthiVert's Dice, edge and height losses, CycleGAN's cycle
+        and identity losses) overrides it; discriminator losses never belong here."""
+        return [name for name in self.loss_names if name.startswith("G")]
+
+    def generator_loss(self) -> torch.Tensor:
+        """The last iteration's generator loss: the sum of :meth:`generator_loss_names`, detached,
+        in fp32 on the model's device (adding it up per iteration needs no device sync)."""
+        total = torch.zeros((), device=self.device)
+        for name in self.generator_loss_names():
+            value = torch.as_tensor(getattr(self, f"loss_{name}"), device=self.device)
+            total = total + value.detach().float()
+        return total
+
+    def plateau_mode(self) -> str:
+        """The direction in which ``--plateau_metric`` improves: ``min`` for ``loss_G`` and errors,
+        ``max`` for validation metrics where more is better.
+
+        Raises:
+            ValueError: a name that is neither ``loss_G`` nor in ``validation_higher_is_better``,
+                or (with ``--lr_policy plateau``) a validation metric without validation
+                (``--val_freq 0``)."""
+        name = getattr(self.opt, "plateau_metric", TRAINING_LOSS)
+        if name == TRAINING_LOSS:
+            return "min"
+        if name not in self.validation_higher_is_better:
+            validation = " | ".join(self.validation_higher_is_better)
+            raise ValueError(
+                f"unknown --plateau_metric {name!r} for --model {self.opt.model}; use {TRAINING_LOSS} "
+                "(the epoch's mean generator training loss)"
+                + (f" or a validation metric: {validation}" if validation else "")
+            )
+        if self.opt.lr_policy == "plateau" and getattr(self.opt, "val_freq", 0) <= 0:
+            raise ValueError(f"--plateau_metric {name} is a validation metric: it needs --val_freq > 0")
+        return "max" if self.validation_higher_is_better[name] else "min"
+
+    def plateau_watches_validation(self) -> bool:
+        """True when the plateau policy is on and watches a validation metric (it then steps only on
+        the epochs that validate: its patience counts validations)."""
+        name = getattr(self.opt, "plateau_metric", TRAINING_LOSS)
+        return self.opt.lr_policy == "plateau" and name != TRAINING_LOSS
+
+    def update_learning_rate(self, metric: float | None = None) -> float:
+        """Step every scheduler once (per epoch); returns the new learning rate.
+
+        The plateau policy steps on ``metric``, this epoch's value of ``--plateau_metric``, and not
+        at all without one (an epoch that did not validate, when it watches a validation metric)."""
         for scheduler in self.schedulers:
-            if self.opt.lr_policy == "plateau":
-                scheduler.step(self.metric)
-            else:
+            if self.opt.lr_policy != "plateau":
                 scheduler.step()
+            elif metric is not None:
+                scheduler.step(metric)
         return self.optimizers[0].param_groups[0]["lr"] if self.optimizers else 0.0
 
     def get_current_visuals(self) -> OrderedDict:
@@ -229,7 +288,8 @@ class BaseModel(ABC):
         (``--save_latest_freq``) also gives ``batches_done``, the batches of that epoch already
         trained, and ``epoch_start``, what ``train.py`` needs to replay that epoch's shuffle (the
         random state at its start, ``rng``, and whether the data loader's workers were already
-        running, ``loader_started``), so a resume can skip those batches and go on exactly. Under
+        running, ``loader_started``; with the plateau policy on ``loss_G`` also the epoch's running
+        loss sum, ``plateau_loss``), so a resume can skip those batches and go on exactly. Under
         torchrun every rank must call this (it gathers each rank's random state into ``rng_ranks``
         and ``epoch_start`` into ``epoch_start_ranks``); rank 0 writes."""
         rng_ranks = distributed.all_gather_objects(rng_state())
@@ -288,7 +348,24 @@ class BaseModel(ABC):
                 )
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        watched = getattr(self.opt, "plateau_metric", TRAINING_LOSS)
+        saved_watch = (state.get("options") or {}).get("plateau_metric")
+        # a plateau record of another metric (or, saved before --plateau_metric existed, of the
+        # constant 0 the policy was fed then) is no record of this one: the rate stays, the record
+        # starts afresh
+        stale = saved_watch != watched and any(
+            isinstance(s, lr_scheduler.ReduceLROnPlateau) for s in self.schedulers
+        )
+        if stale:
+            logging.getLogger(__name__).warning(
+                "%s: its plateau scheduler watched %s, this run watches %s; the plateau record starts afresh",
+                state_path.name,
+                saved_watch or "nothing (a constant 0)",
+                watched,
+            )
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            if stale and isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                continue
             scheduler.load_state_dict(saved)
             if isinstance(scheduler, LinearDecay) and "epoch_count" not in saved:
                 # a state saved before the scheduler kept its first epoch: the epoch after the

@@ -230,6 +230,11 @@ class CycleGanModel(BaseModel):
         self.optimizer_S.step()
         self.set_requires_grad(self.netS, False)
 
+    def generator_loss_names(self) -> list[str]:
+        """The terms :meth:`backward_G` sums: adversarial, cycle, identity, correlation and shape
+        losses (not the discriminators', nor the jointly trained extractor's ``S_seg``)."""
+        return [name for name in self.loss_names if not name.startswith("D_") and name != "S_seg"]
+
     def backward_G(self) -> None:
         opt = self.opt
         with self.autocast():

@@ -173,6 +173,14 @@ def composite_rows(sample: dict) -> tuple[int, int]:
 
 
 class HealthiVertModel(BaseModel):
+    validation_higher_is_better = {
+        "ssim": True,
+        "psnr": True,
+        "dice": True,
+        "coarse_dice": True,
+        "height_error_mm": False,
+    }
+
     @staticmethod
     def modify_commandline_options(
         parser: argparse.ArgumentParser, is_train: bool
@@ -384,6 +392,10 @@ class HealthiVertModel(BaseModel):
             return self.netD[name](self.memory_format(x))
 
     # --- losses -----------------------------------------------------------------------------
+    def generator_loss_names(self) -> list[str]:
+        """Every term of :meth:`generator_losses` (all logged losses but the discriminators')."""
+        return [name for name in self.loss_names if not name.startswith("D_")]
+
     def discriminator_losses(self) -> dict[str, torch.Tensor]:
         losses = {}
         for name, (fake, real) in self._discriminator_inputs(detach=True).items():

@@ -29,6 +29,8 @@ UNETS = {"unet_128": 7, "unet_256": 8}
 
 
 class Pix2PixModel(BaseModel):
+    validation_higher_is_better = {"ssim": True, "psnr": True}
+
     @staticmethod
     def modify_commandline_options(
         parser: argparse.ArgumentParser, is_train: bool

@@ -37,6 +37,14 @@ class TrainOptions(BaseOptions):
         g.add_argument("--pool_size", type=int, default=0, help="image buffer for the discriminators")
         g.add_argument("--lr_policy", default="linear", help="linear | step | plateau | cosine")
         g.add_argument(
+            "--plateau_metric",
+            default="loss_G",
+            help="what the plateau policy watches (x0.2 after 6 epochs without a 1 %% gain): loss_G, "
+            "the epoch's mean generator training loss, or a validation metric of the model (healthivert: "
+            "ssim | psnr | dice | coarse_dice | height_error_mm; pix2pix: ssim | psnr), then stepped only "
+            "on the epochs that validate (--val_freq), so its patience counts validations",
+        )
+        g.add_argument(
             "--no_amp",
             action="store_true",
             help="on CUDA: no bf16 autocast / channels_last (CPU is always fp32)",
