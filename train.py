@@ -112,7 +112,7 @@ def validation_options(opt: argparse.Namespace) -> argparse.Namespace:
     return val
 
 
-def validate(model, dataset) -> dict[str, float]:
+def validate(model, dataset) -> dict[str, float | None]:
     """Mean of each ``model.validation_metrics()`` entry over ``dataset`` (eval mode, no gradients,
     random state restored, so validating does not change the training run)."""
     state = rng_state()
@@ -132,7 +132,8 @@ def validate(model, dataset) -> dict[str, float]:
     finally:
         model.train()
         set_rng_state(state)
-    return {name: total / max(counts[name], 1) for name, total in sums.items()}
+    # a metric no sample gave a finite value of is None (null), never a 0 that reads as perfect
+    return {name: total / counts[name] if counts[name] else None for name, total in sums.items()}
 
 
 def validation_dataset(opt: argparse.Namespace, model):
@@ -181,9 +182,10 @@ class EpochLoss:
         return sum(r["sum"] for r in ranks) / count if count else None
 
 
-def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float], log_name: Path) -> str:
+def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float | None], log_name: Path) -> str:
     """Print the metrics, append them to the loss log and to ``val_metrics.json``."""
-    line = f"(validation epoch: {epoch}) " + " ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
+    shown = " ".join(f"{k}: {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
+    line = f"(validation epoch: {epoch}) {shown}"
     print(line)
     with open(log_name, "a") as f:
         f.write(line + "\n")
@@ -348,7 +350,9 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         if epoch_loss is not None:
             plateau = epoch_loss.mean()
         elif opt.lr_policy == "plateau" and metrics is not None:
-            plateau = metrics[opt.plateau_metric]
+            plateau = metrics.get(opt.plateau_metric)
+            if plateau is None:  # no validation sample gave it a finite value: no step this epoch
+                print(f"warning: no finite {opt.plateau_metric} in this validation; plateau not stepped")
         lr_used = model.optimizers[0].param_groups[0]["lr"] if model.optimizers else 0.0
         lr = model.update_learning_rate(plateau)
         if epoch % opt.save_epoch_freq == 0 or epoch == last_epoch:

@@ -221,6 +221,26 @@ def test_validation_means_are_per_sample_whatever_the_batch_keys(tmp_path, monke
     assert history == [{"epoch": 1, "one": 1.0, "one_or_nan": 1.0}]
 
 
+def test_a_validation_metric_without_a_finite_value_is_null_not_zero(tmp_path, monkeypatch, capsys):
+    """A metric every sample gave NaN for used to be recorded as 0.0, which for an error reads as
+    perfect (and the plateau policy would have stepped on it)."""
+    from tests.fixtures.tiny_model import TinyModel
+
+    def validation_metrics(self):
+        b = self.real_A.shape[0]
+        return {"one": torch.ones(b), "never": torch.full((b,), float("nan"))}
+
+    monkeypatch.setattr(TinyModel, "validation_metrics", validation_metrics, raising=False)
+    ckpt = tmp_path / "ckpt"
+    args = tiny_args(ckpt, "run", "--val_freq", "1", "--max_val_samples", "4")
+    args[args.index("--n_epochs_decay") + 1] = "0"
+    args[args.index("--n_epochs") + 1] = "1"
+    assert train.main(args) == 0
+    history = json.loads((ckpt / "run" / "val_metrics.json").read_text())
+    assert history == [{"epoch": 1, "one": 1.0, "never": None}]
+    assert "never: n/a" in capsys.readouterr().out
+
+
 def test_an_evaluation_pass_takes_exactly_max_dataset_size_samples():
     """Validation promises at most --max_val_samples samples; whole batches used to overshoot
     (5 of 8 samples at batch 2 for a limit of 5 gave 6)."""
