@@ -1,22 +1,29 @@
 """Grad-CAM++ maps of the fracture classifier on the slices of every straightened crop (HGAM input).
 
     python Attention/grad_CAM_3d_sagittal.py --dataroot D [--checkpoint C/<name>/classifier.pth]
-        [--cam_input unmasked|masked] [--plane sagittal|coronal] [--batch_size 32]
+        [--cam_input unmasked|masked] [--cam_norm slice|vertebra] [--plane sagittal|coronal]
+        [--batch_size 32]
         [--no_png] [--min_grade G] [--shard i/n] [--overwrite] [--gpu_ids auto|-1|0]
 
 For every crop ``D/straightened/CT/<pid>_<vid>.nii.gz`` writes ``D/heatmap/<pid>_<vid>.nii.gz`` on
 the crop's grid and affine (float32): on every slice of ``--plane`` that cuts the target
 vertebra, the ``grad-cam`` package's Grad-CAM++ map for class 1 (fractured) from the last block
-of the classifier, min-max normalised per slice to [0, 1] and interpolated onto the slice with
-each feature cell on the pixel its receptive field is centred on; zero on the other slices.
+of the classifier, scaled to [0, 1] and interpolated onto the slice with each feature cell on the
+pixel its receptive field is centred on; zero on the other slices. ``--cam_norm slice`` (default,
+as the reference) min-max normalises each slice's map on its own, so a slice where the classifier
+sees nothing is stretched to [0, 1] like the one it looked at hardest; ``vertebra`` divides the
+raw maps (>= 0 after Grad-CAM++'s ReLU) of all the slices through the target by their largest
+value, so a slice keeps its strength relative to the vertebra's others (the classifier's
+probability is not folded in: every vertebra's strongest cell is 1).
 ``--cam_input unmasked`` (default) feeds the slice as it is, as the reference code did;
 ``masked`` first removes the target's height band (its rows set to 0), as the paper's
 figure shows. ``D/heatmap/png/<pid>_<vid>.png`` overlays the map on the centre slice.
 
 Reruns skip finished maps unless ``--overwrite``: a map counts as finished when it is not older
 than its crop, and ``D/heatmap/cam_maps.json`` records the classifier (a hash of its weights), the
-plane and ``--cam_input`` the folder's maps were made with; a rerun with another of these is
-refused before any work (exit 2) unless ``--overwrite``.
+plane, ``--cam_input`` and ``--cam_norm`` the folder's maps were made with (a record without
+``cam_norm`` predates the option: ``slice``); a rerun with another of these is refused before any
+work (exit 2) unless ``--overwrite``.
 
 With a split file (``--vertebra_json``, default ``D/vertebra_data.json`` when present) the
 summary line also gives, over the fractured vertebrae (grade >= the classifier's
@@ -61,9 +68,12 @@ from util.errors import InputError, input_error
 
 log = logging.getLogger(__name__)
 
-# In the output folder: what made its maps (classifier weights, plane, input), so that a rerun
-# never takes a map made by another classifier or with other options for a finished one.
+# In the output folder: what made its maps (classifier weights, plane, input, scaling), so that a
+# rerun never takes a map made by another classifier or with other options for a finished one.
 MAPS_RECORD = "cam_maps.json"
+# What a record written before an entry existed means by its absence: the maps of that time.
+RECORD_DEFAULTS = {"cam_norm": "slice"}
+CAM_NORMS = ("slice", "vertebra")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"classifier weights (default <checkpoints_dir>/<name>/{CHECKPOINT_NAME})",
     )
     parser.add_argument("--cam_input", default="unmasked", choices=("unmasked", "masked"))
+    parser.add_argument(
+        "--cam_norm",
+        default="slice",
+        choices=CAM_NORMS,
+        help="scale each slice's map to [0, 1] on its own (the reference), or all the slices of a "
+        "vertebra by their largest raw value, so slices keep their relative strength",
+    )
     parser.add_argument(
         "--plane", default=None, choices=sorted(PLANE_AXIS), help="default: the plane the classifier learnt"
     )
@@ -106,42 +123,74 @@ def cell_weights(n_pixels: int, n_cells: int, stride: int) -> np.ndarray:
     return weights
 
 
-class CamMaker:
-    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) maps of class 1 for batches of slices.
+def vertebra_scaled(raw: np.ndarray) -> np.ndarray:
+    """Raw maps (>= 0) of all the slices of one vertebra divided by their largest value, so each
+    slice keeps its strength relative to the others; maps that are all zero stay zero."""
+    peak = float(raw.max()) if raw.size else 0.0
+    return raw / peak if peak > 0 else np.zeros_like(raw)
 
-    The package's maps are computed on the cells of the target layer and min-max normalised per
-    slice there; the package would then resize the cell grid to the image as if each cell covered
-    its own ``stride`` block, which puts every cell half a block (7.5 pixels at stride 16) below
-    and behind the pixel its receptive field is centred on. The cells are instead placed on the
-    pixels they are centred on (:attr:`SEResNet2d.cam_stride`) and interpolated linearly between.
+
+class CamMaker:
+    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) maps of class 1 for the slices of a vertebra.
+
+    The package computes its maps on the cells of the target layer, ReLU-clips them and min-max
+    normalises each slice's map there (``scale_cam_image``, once per layer and once after
+    averaging the layers); the raw, clipped maps are kept too, for ``norm="vertebra"``
+    (:func:`vertebra_scaled`). The package would then resize the cell grid to the image as if each
+    cell covered its own ``stride`` block, which puts every cell half a block (7.5 pixels at stride
+    16) below and behind the pixel its receptive field is centred on. The cells are instead placed
+    on the pixels they are centred on (:attr:`SEResNet2d.cam_stride`) and interpolated linearly
+    between.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int = 32):
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, batch_size: int = 32, norm: str = "slice"
+    ):
         from pytorch_grad_cam import GradCAMPlusPlus
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+        if norm not in CAM_NORMS:
+            raise ValueError(f"norm {norm!r}: expected one of {CAM_NORMS}")
+
         class CellGradCAMPlusPlus(GradCAMPlusPlus):
+            raw: np.ndarray | None = None
+
             def get_target_width_height(self, input_tensor):  # keep the maps on the cells
                 return None
+
+            def get_cam_image(self, *args, **kwargs):  # the batch's maps before any normalisation
+                cam = super().get_cam_image(*args, **kwargs)
+                self.raw = np.maximum(cam, 0)
+                return cam
 
         self.cam = CellGradCAMPlusPlus(model=model, target_layers=[model.cam_layer])
         self.target = ClassifierOutputTarget(1)
         self.stride = int(getattr(model, "cam_stride", 16))
         self.device = device
         self.batch_size = batch_size
+        self.norm = norm
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """(n, H, W) float images in [0, 1] -> (n, H, W) float32 maps in [0, 1]."""
-        maps = []
-        height, width = images.shape[1:]
+    def cells(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, H, W) float images in [0, 1] -> the (n, h, w) maps on the cells: the package's
+        (normalised per slice) and the raw ones (>= 0)."""
+        scaled, raw = [], []
         for start in range(0, len(images), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             x = x.unsqueeze(1).to(self.device)
-            cells = self.cam(input_tensor=x, targets=[self.target] * len(x))
-            rows = cell_weights(height, cells.shape[1], self.stride)
-            cols = cell_weights(width, cells.shape[2], self.stride)
-            maps.append(np.einsum("Hh,nhw,Ww->nHW", rows, cells, cols))
-        return np.clip(np.concatenate(maps).astype(np.float32), 0.0, 1.0)
+            scaled.append(self.cam(input_tensor=x, targets=[self.target] * len(x)))
+            raw.append(self.cam.raw)
+        return np.concatenate(scaled), np.concatenate(raw)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W) float images in [0, 1], all the slices of one vertebra (``norm="vertebra"``
+        scales them together) -> (n, H, W) float32 maps in [0, 1]."""
+        height, width = images.shape[1:]
+        scaled, raw = self.cells(images)
+        cells = scaled if self.norm == "slice" else vertebra_scaled(raw)
+        rows = cell_weights(height, cells.shape[1], self.stride)
+        cols = cell_weights(width, cells.shape[2], self.stride)
+        maps = np.einsum("Hh,nhw,Ww->nHW", rows, cells, cols)
+        return np.clip(maps.astype(np.float32), 0.0, 1.0)
 
 
 def crop_heatmap(crop: Crop, cam: CamMaker, plane: str, cam_input: str) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +253,15 @@ def write_problem(exc: OSError, target: Path) -> str:
     return f"{named}: {reason}" if named is not None and named.parent != target.parent else reason
 
 
-def maps_record(checkpoint: Path, plane: str, cam_input: str) -> dict:
-    """What a folder's maps depend on besides their crops: the classifier's weights, plane and input."""
-    return {"classifier_sha256": file_sha256(checkpoint), "plane": plane, "cam_input": cam_input}
+def maps_record(checkpoint: Path, plane: str, cam_input: str, cam_norm: str) -> dict:
+    """What a folder's maps depend on besides their crops: the classifier's weights, plane, input
+    and scaling."""
+    return {
+        "classifier_sha256": file_sha256(checkpoint),
+        "plane": plane,
+        "cam_input": cam_input,
+        "cam_norm": cam_norm,
+    }
 
 
 def record_problem(out: Path, record: dict) -> str | None:
@@ -216,16 +271,23 @@ def record_problem(out: Path, record: dict) -> str | None:
         return None
     old = read_json(path, "maps record")
     old = old if isinstance(old, dict) else {}
-    what = {"classifier_sha256": "another classifier", "plane": "--plane", "cam_input": "--cam_input"}
+    what = {
+        "classifier_sha256": "another classifier",
+        "plane": "--plane",
+        "cam_input": "--cam_input",
+        "cam_norm": "--cam_norm",
+    }
     differ = []
     for name, value in record.items():
-        if old.get(name) != value:
-            differ.append(what[name] if name == "classifier_sha256" else f"{what[name]} {old.get(name)}")
+        made = old.get(name, RECORD_DEFAULTS.get(name))
+        if made != value:
+            differ.append(what[name] if name == "classifier_sha256" else f"{what[name]} {made}")
     if not differ:
         return None
     return (
         f"the maps here were made with {' and '.join(differ)}; pass --overwrite to make them again "
-        f"({record['plane']}, --cam_input {record['cam_input']}, this classifier), or choose another --out"
+        f"({record['plane']}, --cam_input {record['cam_input']}, --cam_norm {record['cam_norm']}, "
+        "this classifier), or choose another --out"
     )
 
 
@@ -263,7 +325,7 @@ def run(opt: argparse.Namespace) -> int:
         raise input_error(None, str(exc)) from None
     if not keys:
         raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
-    record = maps_record(checkpoint, plane, opt.cam_input)
+    record = maps_record(checkpoint, plane, opt.cam_input, opt.cam_norm)
     problem = None if opt.overwrite else record_problem(out, record)
     if problem:
         raise input_error(out / MAPS_RECORD, problem)
@@ -271,7 +333,7 @@ def run(opt: argparse.Namespace) -> int:
     if unrecorded and not opt.overwrite:
         log.warning("%s: maps without a record of what made them are kept (--overwrite redoes them)", out)
     pending_record = opt.overwrite or not unrecorded  # written with the first map
-    cam = CamMaker(model, device, opt.batch_size)
+    cam = CamMaker(model, device, opt.batch_size, opt.cam_norm)
 
     start = time.perf_counter()
     written, skipped, failed, inside_higher = 0, 0, [], []
@@ -299,7 +361,8 @@ def run(opt: argparse.Namespace) -> int:
                 save_like(path, heatmap, crop.affine)
                 if not opt.no_png:
                     target = out / "png" / f"{key}.png"
-                    save_overlay(crop, heatmap, idx, plane, target, f"{key} ({opt.cam_input})")
+                    title = f"{key} ({opt.cam_input}, per {opt.cam_norm})"
+                    save_overlay(crop, heatmap, idx, plane, target, title)
             except OSError as exc:  # the output folder, not the crop: every other map would fail too
                 if target != path:
                     path.unlink(missing_ok=True)  # no map without its overlay (a rerun would skip it)
@@ -326,7 +389,8 @@ def run(opt: argparse.Namespace) -> int:
         else ""
     )
     print(
-        f"wrote {written} {opt.cam_input} {plane} maps in {seconds:.1f} s on {device}{per}; "
+        f"wrote {written} {opt.cam_input} {plane} maps (per {opt.cam_norm}) in {seconds:.1f} s "
+        f"on {device}{per}; "
         f"{skipped} already done, {len(failed)} failed{share}; maps in {out}"
     )
     return 1 if failed else 0

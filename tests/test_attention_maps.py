@@ -1,5 +1,6 @@
-"""Grad-CAM++ maps on the pixels their cells are centred on, reruns that never keep maps of another
-classifier, input or crop, and train patients reported when they also sit in val or test."""
+"""Grad-CAM++ maps on the pixels their cells are centred on, scaled per slice or per vertebra, reruns
+that never keep maps of another classifier, input, scaling or crop, and train patients reported when
+they also sit in val or test."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from Attention import grad_CAM_3d_sagittal, train_classifier
 from Attention.classifier import ClassifierConfig, SqueezeExcite, build_classifier, config_path
-from Attention.grad_CAM_3d_sagittal import CamMaker
+from Attention.grad_CAM_3d_sagittal import CamMaker, cell_weights, vertebra_scaled
 from tests.conftest import write_nifti
 from util.atomic import write_json
 from util.checkpoint import save_checkpoint
@@ -61,6 +62,75 @@ def test_cam_lands_on_the_receptive_field_of_its_cell(size):
     peak = np.unravel_index(np.argmax(cam), size)
     assert centre == pytest.approx((48.0, 80.0), abs=1.0), centre
     assert abs(peak[0] - 48) <= 1 and abs(peak[1] - 80) <= 1, peak
+
+
+# --- per slice or per vertebra --------------------------------------------------------------------
+STRENGTHS = (1.0, 0.5, 0.01)  # the raw map's peak on each of three slices
+
+
+def _known_raw_maps(monkeypatch):
+    """Make the package's raw Grad-CAM++ map (before its ReLU and per-slice min-max) the input image
+    read on the cell grid (pixel ``16 i`` for cell ``i``); the package's forward pass, ReLU and
+    normalisation still run. Returns three 64x64 slices: on slice ``n`` the cell (1, 2) is
+    ``STRENGTHS[n]``, the cell (3, 1) 0.3 of it, and one cell is negative (clipped by the ReLU)."""
+    from pytorch_grad_cam.base_cam import BaseCAM
+
+    def raw(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False):
+        cells = input_tensor[:, 0, ::16, ::16].detach().cpu().numpy()
+        return cells[:, : activations.shape[2], : activations.shape[3]]
+
+    monkeypatch.setattr(BaseCAM, "get_cam_image", raw)
+    images = np.zeros((3, 64, 64), np.float32)
+    for n, strength in enumerate(STRENGTHS):
+        images[n, 16, 32] = strength
+        images[n, 48, 16] = 0.3 * strength
+        images[n, 0, 48] = -strength
+    return images
+
+
+@pytest.mark.parametrize("batch_size", [2, 32], ids=["batches", "one-batch"])
+def test_vertebra_norm_keeps_the_slices_relative_strength(monkeypatch, batch_size):
+    """Per slice every slice's peak is 1, the faintest (0.01) as the strongest; per vertebra the
+    peaks keep their raw strengths 1, 0.5, 0.01, across batches too; both keep 0.3 of the peak on
+    the weaker cell and 0 where the raw map is negative."""
+    images = _known_raw_maps(monkeypatch)
+    model = build_classifier(ClassifierConfig(width=4)).eval()
+    cpu = torch.device("cpu")
+    per_slice = CamMaker(model, cpu, batch_size)(images)
+    per_vertebra = CamMaker(model, cpu, batch_size, norm="vertebra")(images)
+    for maps, peaks in ((per_slice, (1.0, 1.0, 1.0)), (per_vertebra, STRENGTHS)):
+        assert maps.shape == images.shape and maps.dtype == np.float32
+        np.testing.assert_allclose(maps[:, 16, 32], peaks, rtol=1e-5)
+        np.testing.assert_allclose(maps.max(axis=(1, 2)), peaks, rtol=1e-5)
+        np.testing.assert_allclose(maps[:, 48, 16], 0.3 * np.array(peaks), rtol=1e-5)
+        assert maps[:, 0, 48].max() == 0 and maps.min() >= 0
+
+
+def test_vertebra_scaled_divides_by_the_largest_value():
+    raw = np.array([[[2.0, 0.0]], [[1.0, 0.02]]])
+    np.testing.assert_array_equal(vertebra_scaled(raw), [[[1.0, 0.0]], [[0.5, 0.01]]])
+    np.testing.assert_array_equal(vertebra_scaled(np.zeros((2, 1, 2))), np.zeros((2, 1, 2)))
+
+
+def test_default_norm_is_the_packages_per_slice_map():
+    """The default (``slice``) is the map the script wrote before ``--cam_norm`` existed: the
+    package's own per-slice normalised cells, placed on their pixels."""
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class OnCells(GradCAMPlusPlus):
+        def get_target_width_height(self, input_tensor):
+            return None
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig(width=4)).eval()
+    images = np.random.default_rng(0).random((5, 64, 48)).astype(np.float32)
+    cells = OnCells(model=model, target_layers=[model.cam_layer])(
+        input_tensor=torch.from_numpy(images).unsqueeze(1), targets=[ClassifierOutputTarget(1)] * 5
+    )
+    rows, cols = cell_weights(64, cells.shape[1], 16), cell_weights(48, cells.shape[2], 16)
+    expected = np.clip(np.einsum("Hh,nhw,Ww->nHW", rows, cells, cols).astype(np.float32), 0, 1)
+    np.testing.assert_array_equal(CamMaker(model, torch.device("cpu"))(images), expected)
 
 
 # --- reruns never keep maps made by another classifier, input or crop ---------------------------
@@ -129,6 +199,40 @@ def test_rerun_with_the_other_cam_input_does_not_keep_the_old_maps(crops, capsys
     capsys.readouterr()
     rc = grad_CAM_3d_sagittal.main(args + ["--cam_input", "masked"])
     _redone_or_refused(capsys, rc, before, _map(crops))
+
+
+def test_rerun_with_the_other_cam_norm_is_refused_unless_overwrite(crops, capsys):
+    args, _, before = _first_maps(crops)
+    record = crops / "heatmap" / grad_CAM_3d_sagittal.MAPS_RECORD
+    assert json.loads(record.read_text())["cam_norm"] == "slice"
+    capsys.readouterr()
+    rc = grad_CAM_3d_sagittal.main(args + ["--cam_norm", "vertebra"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "made with --cam_norm slice" in err and "--overwrite" in err
+    np.testing.assert_array_equal(before, _map(crops))
+    assert grad_CAM_3d_sagittal.main(args + ["--cam_norm", "vertebra", "--overwrite"]) == 0
+    assert json.loads(record.read_text())["cam_norm"] == "vertebra"
+    assert not np.array_equal(before, _map(crops))
+    assert grad_CAM_3d_sagittal.main(args + ["--cam_norm", "vertebra"]) == 0  # the same: skipped
+    assert "wrote 0 unmasked sagittal maps (per vertebra)" in capsys.readouterr().out
+
+
+def test_record_from_before_cam_norm_counts_as_per_slice(crops, capsys):
+    """A folder whose record has no ``cam_norm`` was made per slice: a default rerun keeps its maps,
+    a ``--cam_norm vertebra`` one is refused."""
+    args, _, before = _first_maps(crops)
+    record = crops / "heatmap" / grad_CAM_3d_sagittal.MAPS_RECORD
+    old = json.loads(record.read_text())
+    del old["cam_norm"]
+    record.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert grad_CAM_3d_sagittal.main(args) == 0
+    assert "wrote 0 unmasked sagittal maps" in capsys.readouterr().out
+    rc = grad_CAM_3d_sagittal.main(args + ["--cam_norm", "vertebra"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "made with --cam_norm slice" in err, err
+    np.testing.assert_array_equal(before, _map(crops))
 
 
 def test_rerun_after_a_crop_is_rewritten_makes_its_map_again(crops):
