@@ -4,21 +4,26 @@
 
 Definition (DESIGN.md), applied by :func:`measure_body` to a binary body mask:
 
+0. **The mask as a field.** The mask is smoothed by a Gaussian of one voxel, divided column by
+   column by its smoothed column footprint (:func:`antialiased`): the body is where the field is
+   at least 0.5, and that level runs between a sloped or curved endplate's voxel steps, while a
+   flat face and the walls stay where they are (a box keeps its voxel heights).
 1. **The body's own frame.** The superior and inferior endplates are each fitted with a plane
    (least squares over the columns of the central 60 % of the body's AP and LR extents, so the
    rim does not pull it; one pass drops outliers); the height axis is the bisector of their two
    normals. The anterior-posterior axis is the short in-plane principal axis of the body's
    cross-section (the long one is left-right), pointing the crop's way (anterior to posterior);
    a near-round cross-section, or a short axis more than 45° from the crop's AP axis, keeps the
-   crop's AP axis. The mask is resampled (linear; the body is where the result is at least 0.5)
-   on that frame at its finest voxel size; two rounds. ``tilt_deg`` is the angle between the
-   height axis and the crop's axis 0 (the curve's tangent).
+   crop's AP axis. The field is resampled (linear) on that frame at its finest voxel size, on a
+   grid whose centre node is a voxel centre; two rounds, the second fitted to the resampled
+   field where its columns cross 0.5, as they are measured. ``tilt_deg`` is the angle between
+   the height axis and the crop's axis 0 (the curve's tangent).
 2. **Columns.** On the central 40 % of the body's left-right extent, each sagittal plane is cut
    into columns; a column's height is the body's extent along the height axis, each end where
-   the resampled mask crosses 0.5 between two samples (:func:`column_heights`; whole voxels when
-   the frame is the crop's own and the voxels are cubes, where the mask is not resampled). A column the body
-   fills over less than ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the
-   lips of osteophytes at both endplates with nothing between, in front of the wall).
+   the field crosses 0.5 between two samples (:func:`column_heights`; the field itself when the
+   frame is the crop's own and the voxels are cubes). A column the body fills over less than
+   ``MIN_COLUMN_FILL`` (0.34) of that extent is not a column of the body (the lips of
+   osteophytes at both endplates with nothing between, in front of the wall).
 3. **Rim rule.** On each plane, a straight line fitted to the column heights of the inner half
    of its AP extent (``RIM_INNER``) predicts every column's height; walking inward from the
    anterior end, and from the posterior end, a column is dropped while it is shorter than
@@ -76,6 +81,10 @@ ENDPLATE_CORE = 0.6
 ROUND_SECTION_RATIO = 1.2
 # The AP axis turns at most this far (degrees) from the crop's AP axis.
 MAX_AP_TURN_DEG = 45.0
+# The mask is smoothed by a Gaussian of this many voxels (per axis) before it is measured
+# (:func:`antialiased`), cut off at ANTIALIAS_TRUNCATE of them.
+ANTIALIAS_SIGMA_VOXELS = 1.0
+ANTIALIAS_TRUNCATE = 2.0
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ def column_ends(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     ap, lr = np.indices(first.shape)
     inside_lo, outside_lo = padded[first + 1, ap, lr], padded[first, ap, lr]
     inside_hi, outside_hi = padded[last + 1, ap, lr], padded[last + 2, ap, lr]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         below = np.nan_to_num((inside_lo - 0.5) / (inside_lo - outside_lo), nan=0.5, posinf=0.5, neginf=0.5)
         above = np.nan_to_num((inside_hi - 0.5) / (inside_hi - outside_hi), nan=0.5, posinf=0.5, neginf=0.5)
     return first - below, last + above, last - first + 1, inside
@@ -328,28 +337,67 @@ def _in_plane_ap(points_mm: np.ndarray, height_axis: np.ndarray) -> np.ndarray:
 
 
 def body_frame(mask: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
-    """Rows: the body's height, AP and LR unit axes in crop mm coordinates (h, ap, lr)."""
+    """Rows: the body's height, AP and LR unit axes in crop mm coordinates (h, ap, lr), of a mask
+    or resampled field (the body is where it is at least 0.5)."""
     height = endplate_axis(mask, spacing_mm)
-    points = np.argwhere(mask) * spacing_mm
+    points = np.argwhere(_as_field(mask) >= 0.5) * spacing_mm
     ap = _in_plane_ap(points, height)
     lr = np.cross(height, ap)
     return np.stack([height, ap, lr])
 
 
-def _resample_body(mask: np.ndarray, spacing_mm: np.ndarray, frame: np.ndarray, step_mm: float) -> np.ndarray:
-    """The mask resampled (linear, values in [0, 1]; the body is >= 0.5) on a grid with ``frame``
-    axes and ``step_mm`` voxels."""
-    points = np.argwhere(mask) * spacing_mm
-    centre = np.rint(points.mean(axis=0) / spacing_mm) * spacing_mm  # on a voxel: an identity frame copies
+def antialiased(mask: np.ndarray) -> np.ndarray:
+    """A binary mask as a field in [0, 1] whose 0.5 level runs between the voxels' steps.
+
+    The mask is smoothed by a Gaussian of ``ANTIALIAS_SIGMA_VOXELS`` per axis and divided, column
+    by column, by its column footprint (the axis-0 columns that hold body) smoothed the same way
+    in-plane; columns outside the footprint stay 0. Each column's profile so becomes a weighted
+    mean of its neighbouring body columns' profiles, smoothed along axis 0: where the endplate
+    steps from one voxel to the next, the 0.5 crossing moves between them, as the surface the
+    mask was drawn from does. A flat face stays where it is (a symmetric kernel crosses 0.5 at
+    the face), and so does a wall (the footprint division leaves no fall-off at the body's edge):
+    a box keeps its voxel heights. Arrays follow the crop's axis order; the mask needs
+    ``antialias_margin()`` empty voxels round the body.
+    """
+    body = np.asarray(mask, dtype=bool)
+    kw = dict(sigma=ANTIALIAS_SIGMA_VOXELS, mode="constant", cval=0.0, truncate=ANTIALIAS_TRUNCATE)
+    footprint = body.any(axis=0)
+    smooth = ndimage.gaussian_filter(body.astype(np.float32), **kw)
+    weight = ndimage.gaussian_filter(footprint.astype(np.float32), **kw)
+    field = np.where(footprint[None], smooth / np.maximum(weight, 1e-6)[None], 0.0)
+    return np.clip(field, 0.0, 1.0).astype(np.float32)
+
+
+def antialias_margin() -> int:
+    """Voxels the smoothing of :func:`antialiased` reaches beyond the body."""
+    return int(ANTIALIAS_TRUNCATE * ANTIALIAS_SIGMA_VOXELS + 0.5)
+
+
+def _resample_body(
+    field: np.ndarray, spacing_mm: np.ndarray, frame: np.ndarray, step_mm: float
+) -> np.ndarray:
+    """A mask or field resampled (linear, values in [0, 1]; the body is >= 0.5) on a grid with
+    ``frame`` axes and ``step_mm`` voxels.
+
+    The grid's centre node is a voxel centre of the input and the grid runs the same number of
+    nodes either side of it, so with the crop's own axes every node of the finest axis is an
+    input voxel centre. (A grid with an even number of nodes put them half-way between voxels:
+    every sample at a face of the body was exactly 0.5, and the least turn of the frame decided
+    which side of 0.5 it fell on.)
+    """
+    field = _as_field(field)
+    points = np.argwhere(field >= 0.5) * spacing_mm
+    centre = np.rint(points.mean(axis=0) / spacing_mm) * spacing_mm
     local = (points - centre) @ frame.T
     half = np.abs(local).max(axis=0) + 2.0 * float(spacing_mm.max())
-    shape = tuple(int(np.ceil(2 * h / step_mm)) + 1 for h in half)
-    start = -(np.asarray(shape) - 1) / 2 * step_mm
+    nodes = np.ceil(half / step_mm).astype(np.int64)  # either side of the centre
+    shape = tuple(int(n) for n in 2 * nodes + 1)
+    start = -nodes * step_mm
     # output index i -> local mm start + i*step -> crop mm centre + frame.T @ local -> input index
     matrix = (frame.T * step_mm) / spacing_mm[:, None]
     offset = (centre + frame.T @ start) / spacing_mm
     out = ndimage.affine_transform(
-        mask.astype(np.float32), matrix, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0
+        field, matrix, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0
     )
     return np.clip(out, 0.0, 1.0)
 
@@ -368,7 +416,8 @@ def measure_body(
             (height superior->inferior, anterior->posterior, right->left).
         spacing_mm: voxel size per axis, or one number for isotropic voxels.
         lr_fraction: central fraction of the left-right extent to use (0.4 by definition).
-        align: measure in the body's endplate frame (off: in the crop's axes, the old way).
+        align: measure the antialiased mask in the body's endplate frame (off: the binary mask
+            in the crop's axes, whole voxels, the old way).
         exclude_rim: apply the rim rule.
     """
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,)).copy()
@@ -377,21 +426,24 @@ def measure_body(
         raise ValueError(f"body mask must be 3D, got shape {mask.shape}")
     if not mask.any():
         raise ValueError("the body mask is empty")
-    # two empty voxels round the body on every side, also where it touches the array's end:
-    # resampling reaches its outer faces only through background voxels beyond them
+    # two empty voxels round the body on every side (beyond what the smoothing reaches), also where
+    # it touches the array's end: resampling reaches its outer faces only through background beyond
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    mask = np.pad(mask[box], 2)
+    mask = np.pad(mask[box], 2 + (antialias_margin() if align else 0))
     frame = np.eye(3)
     step = float(spacing.min())
     if align:
-        grid, grid_spacing = mask, spacing
+        field = antialiased(mask)
+        grid, grid_spacing = field, spacing
         for _ in range(2):
-            local = body_frame(grid >= 0.5, grid_spacing)
+            # the second round fits the resampled field where it crosses 0.5, as the columns are
+            # measured: a threshold there turned the frame by a degree or two on symmetric bodies
+            local = body_frame(grid, grid_spacing)
             frame = local @ frame
-            grid = _resample_body(mask, spacing, frame, step)
+            grid = _resample_body(field, spacing, frame, step)
             grid_spacing = np.full(3, step)
         if np.allclose(frame, np.eye(3), atol=1e-6) and np.allclose(spacing, step):
-            grid = mask
+            grid = field
         aligned, aligned_spacing = grid, grid_spacing
     else:
         aligned, aligned_spacing = mask, spacing
