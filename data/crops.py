@@ -11,7 +11,6 @@ that are memory-mapped (for datasets larger than memory).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import logging
 import os
@@ -248,25 +247,42 @@ def source_tag(*paths: str | os.PathLike) -> str:
     return where.hexdigest()[:8] + when.hexdigest()[:8]
 
 
+# {cache folder: {(key, path digest): its file names}}: each folder is listed once per process, so
+# writing an entry does not list the whole folder again (a dataset's first epoch would be
+# quadratic in its crops); what this process writes is added as it goes
+_CACHE_LISTINGS: dict[Path, dict[tuple[str, str], list[str]]] = {}
+
+
+def _cache_listing(folder: Path) -> dict[tuple[str, str], list[str]]:
+    listing = _CACHE_LISTINGS.get(folder)
+    if listing is None:
+        listing = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(folder):
+                parts = entry.name.rsplit("_", 2)  # <key>_<tag>_<suffix>.npy
+                if len(parts) == 3 and len(parts[1]) == 16 and parts[2].endswith(".npy"):
+                    listing.setdefault((parts[0], parts[1][:8]), []).append(entry.name)
+        _CACHE_LISTINGS[folder] = listing
+    return listing
+
+
 def cache_siblings(folder: Path, key: str, tag: str, suffixes: tuple[str, ...]) -> list[Path]:
     """The cache files ``<key>_<tag'>_<suffix>.npy`` in ``folder`` decoded from the same files as
     ``tag`` (same paths) in another version (other sizes or times): what a rewrite of a crop or
     map leaves behind. Entries of other datasets sharing the folder (other paths) are not among
     them."""
-    stale = []
-    pattern = f"{glob.escape(key)}_{tag[:8]}{'?' * 8}_*.npy"
-    for path in folder.glob(pattern):
-        rest = path.name[len(key) + 1 :]
-        if rest[:16] != tag and rest[16:] in {f"_{s}.npy" for s in suffixes}:
-            stale.append(path)
-    return stale
+    names = _cache_listing(folder).get((key, tag[:8]), [])
+    ends = {f"_{suffix}.npy" for suffix in suffixes}
+    return [folder / n for n in names if n[len(key) + 1 :][:16] != tag and n[len(key) + 17 :] in ends]
 
 
 def prune_cache(folder: Path, key: str, tag: str, suffixes: tuple[str, ...]) -> None:
-    """Delete :func:`cache_siblings` (a reader holding one memory-mapped keeps its data)."""
+    """Delete :func:`cache_siblings` (a reader holding one memory-mapped keeps its data); the
+    entry ``tag`` just written is what the folder holds of these files now."""
     for path in cache_siblings(folder, key, tag, suffixes):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    _cache_listing(folder)[(key, tag[:8])] = [f"{key}_{tag}_{suffix}.npy" for suffix in suffixes]
 
 
 def _as_uint8(data: np.ndarray, path: Path) -> np.ndarray:

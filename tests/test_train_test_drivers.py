@@ -200,22 +200,27 @@ def test_a_resumed_run_keeps_the_loss_curve_of_the_epochs_before(tmp_path, monke
 # --- validation means -----------------------------------------------------------------------------
 
 
-def test_validation_means_are_per_sample_whatever_the_batch_keys(tmp_path, monkeypatch):
+def validated_history(tmp_path, monkeypatch, validation_metrics, max_val_samples: int) -> list:
+    """``val_metrics.json`` of a one-epoch tiny run whose model reports ``validation_metrics``."""
     from tests.fixtures.tiny_model import TinyModel
 
+    monkeypatch.setattr(TinyModel, "validation_metrics", validation_metrics, raising=False)
+    ckpt = tmp_path / "ckpt"
+    args = tiny_args(ckpt, "run", "--val_freq", "1", "--max_val_samples", str(max_val_samples))
+    args[args.index("--n_epochs_decay") + 1] = "0"
+    args[args.index("--n_epochs") + 1] = "1"
+    assert train.main(args) == 0
+    return json.loads((ckpt / "run" / "val_metrics.json").read_text())
+
+
+def test_validation_means_are_per_sample_whatever_the_batch_keys(tmp_path, monkeypatch):
     def validation_metrics(self):  # per-sample values, as the contract says; one NaN per batch
         b = self.real_A.shape[0]
         nan_first = torch.ones(b)
         nan_first[0] = float("nan")
         return {"one": torch.ones(b), "one_or_nan": nan_first}
 
-    monkeypatch.setattr(TinyModel, "validation_metrics", validation_metrics, raising=False)
-    ckpt = tmp_path / "ckpt"
-    args = tiny_args(ckpt, "run", "--val_freq", "1", "--max_val_samples", "8")
-    args[args.index("--n_epochs_decay") + 1] = "0"
-    args[args.index("--n_epochs") + 1] = "1"
-    assert train.main(args) == 0
-    history = json.loads((ckpt / "run" / "val_metrics.json").read_text())
+    history = validated_history(tmp_path, monkeypatch, validation_metrics, 8)
     # the tiny samples have no "ct" entry: the mean must still be over samples, not batches, and a
     # NaN left out of the mean is left out of its count too
     assert history == [{"epoch": 1, "one": 1.0, "one_or_nan": 1.0}]
@@ -224,19 +229,12 @@ def test_validation_means_are_per_sample_whatever_the_batch_keys(tmp_path, monke
 def test_a_validation_metric_without_a_finite_value_is_null_not_zero(tmp_path, monkeypatch, capsys):
     """A metric every sample gave NaN for used to be recorded as 0.0, which for an error reads as
     perfect (and the plateau policy would have stepped on it)."""
-    from tests.fixtures.tiny_model import TinyModel
 
     def validation_metrics(self):
         b = self.real_A.shape[0]
         return {"one": torch.ones(b), "never": torch.full((b,), float("nan"))}
 
-    monkeypatch.setattr(TinyModel, "validation_metrics", validation_metrics, raising=False)
-    ckpt = tmp_path / "ckpt"
-    args = tiny_args(ckpt, "run", "--val_freq", "1", "--max_val_samples", "4")
-    args[args.index("--n_epochs_decay") + 1] = "0"
-    args[args.index("--n_epochs") + 1] = "1"
-    assert train.main(args) == 0
-    history = json.loads((ckpt / "run" / "val_metrics.json").read_text())
+    history = validated_history(tmp_path, monkeypatch, validation_metrics, 4)
     assert history == [{"epoch": 1, "one": 1.0, "never": None}]
     assert "never: n/a" in capsys.readouterr().out
 
