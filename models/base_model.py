@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from models.schedulers import TRAINING_LOSS, LinearDecay, get_scheduler
+from models.schedulers import TRAINING_LOSS, LinearDecay, fresh_start, get_scheduler, policy_of_state
 from options.base_options import device_of
 from util import distributed
 from util.checkpoint import (
@@ -334,7 +334,13 @@ class BaseModel(ABC):
     def load_train_state(self, epoch: int | str) -> dict:
         """Restore optimisers, schedulers and random state; returns the saved counters:
         ``epoch`` (last finished), ``total_iters``, ``batches_done`` (of the next epoch, 0 at an
-        epoch's end) and ``epoch_start`` (this rank's ``epoch_start`` of that save, or None)."""
+        epoch's end) and ``epoch_start`` (this rank's ``epoch_start`` of that save, or None).
+
+        A train state of another ``--lr_policy`` (its options say which; one saved without them, its
+        scheduler state) leaves its scheduler state unloaded: this run's policy starts afresh at
+        the resumed epoch (:mod:`models.schedulers` says how), with a warning. With the same policy
+        the schedulers go on exactly; a plateau record of another ``--plateau_metric`` starts
+        afresh."""
         # on the CPU: random states must be CPU byte tensors; Adam's state follows its parameters
         state_path = self.save_dir / f"{epoch}_train_state.pth"
         state = load_checkpoint(state_path, map_location="cpu")
@@ -346,31 +352,16 @@ class BaseModel(ABC):
                     f"not the network {state_path.name} was saved with (a save interrupted between "
                     "the two?); resume from another --epoch",
                 )
+        # this command's initial rates, before the saved optimiser state replaces them
+        initial_rates = [[g.get("initial_lr", g["lr"]) for g in o.param_groups] for o in self.optimizers]
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
-        watched = getattr(self.opt, "plateau_metric", TRAINING_LOSS)
-        saved_watch = (state.get("options") or {}).get("plateau_metric")
-        # a plateau record of another metric (or, saved before --plateau_metric existed, of the
-        # constant 0 the policy was fed then) is no record of this one: the rate stays, the record
-        # starts afresh
-        stale = saved_watch != watched and any(
-            isinstance(s, lr_scheduler.ReduceLROnPlateau) for s in self.schedulers
-        )
-        if stale:
-            logging.getLogger(__name__).warning(
-                "%s: its plateau scheduler watched %s, this run watches %s; the plateau record starts afresh",
-                state_path.name,
-                saved_watch or "nothing (a constant 0)",
-                watched,
-            )
-        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
-            if stale and isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
-                continue
-            scheduler.load_state_dict(saved)
-            if isinstance(scheduler, LinearDecay) and "epoch_count" not in saved:
-                # a state saved before the scheduler kept its first epoch: the epoch after the
-                # last finished one is step last_epoch
-                scheduler.epoch_count = int(state["epoch"]) + 1 - scheduler.last_epoch
+        options = state.get("options") or {}
+        saved_policy = options.get("lr_policy") or next(map(policy_of_state, state["schedulers"]), None)
+        if saved_policy is not None and saved_policy != self.opt.lr_policy:
+            self._start_schedule_afresh(state_path, saved_policy, int(state["epoch"]) + 1, initial_rates)
+        else:
+            self._load_schedulers(state_path, state)
 
         def own(ranks: list) -> dict:
             # each rank continues its own random stream; a different world size starts from rank 0's
@@ -386,6 +377,63 @@ class BaseModel(ABC):
             "epoch_start": own(state["epoch_start_ranks"]) if batches_done else None,
         }
         return self.resume_state
+
+    def _load_schedulers(self, state_path: Path, state: dict) -> None:
+        """Load the saved scheduler states (of this run's policy) into the schedulers."""
+        log = logging.getLogger(__name__)
+        options = state.get("options") or {}
+        watched = getattr(self.opt, "plateau_metric", TRAINING_LOSS)
+        saved_watch = options.get("plateau_metric")
+        # a plateau record of another metric (or, saved before --plateau_metric existed, of the
+        # constant 0 the policy was fed then) is no record of this one: the rate stays, the record
+        # starts afresh
+        stale = saved_watch != watched and any(
+            isinstance(s, lr_scheduler.ReduceLROnPlateau) for s in self.schedulers
+        )
+        if stale:
+            log.warning(
+                "%s: its plateau scheduler watched %s, this run watches %s; the plateau record starts afresh",
+                state_path.name,
+                saved_watch or "nothing (a constant 0)",
+                watched,
+            )
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            if stale and isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                continue
+            scheduler.load_state_dict(saved)
+            if isinstance(scheduler, LinearDecay) and "epoch_count" not in saved:
+                # a state saved before the scheduler kept its first epoch: the epoch after the
+                # last finished one is step last_epoch
+                scheduler.epoch_count = int(state["epoch"]) + 1 - scheduler.last_epoch
+
+    def _start_schedule_afresh(
+        self, state_path: Path, saved_policy: str, epoch: int, initial_rates: list[list[float]]
+    ) -> None:
+        """Build this run's schedulers as a fresh run of its policy started at ``epoch`` would
+        have them (:func:`models.schedulers.fresh_start`), on the optimisers just restored: their
+        initial rates are this command's again (``initial_lr``, which the saved optimiser state had
+        replaced), and so is the rate, but for ``plateau``, which keeps the saved one."""
+        plateau = self.opt.lr_policy == "plateau"
+        for optimizer, rates in zip(self.optimizers, initial_rates, strict=True):
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                if plateau:  # the rate stays; a fresh plateau scheduler sets no initial rate
+                    group.pop("initial_lr", None)
+                else:  # the fresh scheduler takes its base rate from here and sets the rate
+                    group["initial_lr"] = group["lr"] = rate
+        fresh = argparse.Namespace(**{**vars(self.opt), "epoch_count": epoch})
+        mode = self.plateau_mode()
+        self.schedulers = [get_scheduler(optimizer, fresh, mode) for optimizer in self.optimizers]
+        logging.getLogger(__name__).warning(
+            "%s was saved with --lr_policy %s, this run has %s: the saved schedule is not loaded; %s starts "
+            "afresh at epoch %d, %s (learning rate %g)",
+            state_path.name,
+            saved_policy,
+            self.opt.lr_policy,
+            self.opt.lr_policy,
+            epoch,
+            fresh_start(fresh, epoch),
+            self.optimizers[0].param_groups[0]["lr"] if self.optimizers else 0.0,
+        )
 
     def print_networks(self, verbose: bool = False) -> None:
         print("---------- Networks initialized -------------")

@@ -3,6 +3,22 @@
 The plateau policy watches ``--plateau_metric``: by default ``loss_G``, the epoch's mean generator
 training loss (:meth:`models.base_model.BaseModel.generator_loss_names` says which logged losses
 that sums), or a validation metric of the model, stepped only on the epochs that validate.
+
+A run resumed (``--continue_train``) with the policy its train state was saved with goes on from the
+saved scheduler state. One resumed with another policy cannot use that state (each policy's is its
+own); the new policy starts afresh at the resumed epoch ``E`` (the one after the last finished),
+as :func:`fresh_start` says for each policy:
+
+- ``linear``, ``step``, ``cosine``: exactly as a fresh run of this command started with
+  ``--epoch_count E`` (no train state): from this command's ``--lr``; ``linear`` on its curve over
+  the run's epochs (``--lr`` up to epoch ``--n_epochs``, then down to zero over
+  ``--n_epochs_decay``), so epoch ``E`` gets the rate a straight linear run would give it;
+  ``step`` and ``cosine`` count their epochs from ``E`` (the first cut ``--lr_decay_iters``
+  epochs after it; annealed to zero over ``--n_epochs`` epochs from it).
+- ``plateau``: an empty record (no best value, no epochs without a gain) at the rate the run had
+  when it was saved: the policy only ever lowers the rate, so it takes over where the old schedule
+  left it rather than going back up to ``--lr``. After a mid-epoch save, that epoch's ``loss_G`` is
+  the mean of the iterations the resumed run trains (the old policy kept no sum of the others).
 """
 
 from __future__ import annotations
@@ -57,6 +73,31 @@ class Plateau(lr_scheduler.ReduceLROnPlateau):
             return super()._is_better(a, best)
         margin = self.threshold * abs(best)
         return a < best - margin if self.mode == "min" else a > best + margin
+
+
+#: what makes each policy's scheduler state its own: a key only that policy's state dict has
+_STATE_KEYS = {"linear": "lr_lambdas", "step": "step_size", "plateau": "num_bad_epochs", "cosine": "T_max"}
+
+
+def policy_of_state(state_dict: dict) -> str | None:
+    """The ``--lr_policy`` whose scheduler (of :func:`get_scheduler`) wrote ``state_dict``, told by
+    its keys; None for a state dict of none of them."""
+    found = [policy for policy, key in _STATE_KEYS.items() if key in state_dict]
+    return found[0] if len(found) == 1 else None
+
+
+def fresh_start(opt: argparse.Namespace, epoch: int) -> str:
+    """How ``opt.lr_policy`` starts afresh at ``epoch`` when a run resumed with it was saved with
+    another policy (the module docstring says why), in words for the warning that says so."""
+    if opt.lr_policy == "plateau":
+        return "an empty plateau record, at the rate the run had when saved"
+    if opt.lr_policy == "linear":
+        detail = f"constant up to epoch {opt.n_epochs}, then down to zero over {opt.n_epochs_decay} epochs"
+    elif opt.lr_policy == "step":
+        detail = f"x0.1 every {opt.lr_decay_iters} epochs from epoch {epoch}"
+    else:
+        detail = f"annealed to zero over {opt.n_epochs} epochs from epoch {epoch}"
+    return f"as a fresh run from --epoch_count {epoch} with --lr {opt.lr:g}: {detail}"
 
 
 def get_scheduler(optimizer: Optimizer, opt: argparse.Namespace, plateau_mode: str = "min"):
