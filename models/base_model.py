@@ -340,7 +340,7 @@ class BaseModel(ABC):
         scheduler state) leaves its scheduler state unloaded: this run's policy starts afresh at
         the resumed epoch (:mod:`models.schedulers` says how), with a warning. With the same policy
         the schedulers go on exactly; a plateau record of another ``--plateau_metric`` starts
-        afresh."""
+        afresh, and one of validations counted at another ``--val_freq`` is kept with a warning."""
         # on the CPU: random states must be CPU byte tensors; Adam's state follows its parameters
         state_path = self.save_dir / f"{epoch}_train_state.pth"
         state = load_checkpoint(state_path, map_location="cpu")
@@ -396,6 +396,22 @@ class BaseModel(ABC):
                 state_path.name,
                 saved_watch or "nothing (a constant 0)",
                 watched,
+            )
+        saved_val_freq = options.get("val_freq")
+        if (
+            not stale
+            and self.plateau_watches_validation()
+            and saved_val_freq not in (None, self.opt.val_freq)
+        ):
+            log.warning(
+                "%s was saved with --val_freq %s, this run has --val_freq %s: the plateau record of %s goes "
+                "on, but its patience counts validations, now %s epochs apart instead of %s",
+                state_path.name,
+                saved_val_freq,
+                self.opt.val_freq,
+                watched,
+                self.opt.val_freq,
+                saved_val_freq,
             )
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             if stale and isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):

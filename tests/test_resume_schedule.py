@@ -1,4 +1,4 @@
-"""--continue_train with another --lr_policy than the train state's.
+"""--continue_train with another --lr_policy, or another --val_freq, than the train state's.
 
 A train state's scheduler state belongs to the policy that saved it: loaded into another policy's
 scheduler it raised (LambdaLR: ``KeyError: 'lr_lambdas'``) or was taken in silently (StepLR,
@@ -21,7 +21,11 @@ from models import create_model
 from models.schedulers import get_scheduler
 from options.train_options import TrainOptions
 from tests.test_framework import copy_checkpoints, final_weights, tiny_args
-from tests.test_plateau_policy import no_loss_curves  # noqa: F401 (a fixture)
+from tests.test_plateau_policy import (
+    no_loss_curves,  # noqa: F401 (a fixture)
+    scored_args,
+    scored_tiny_model,
+)
 from tests.test_train_test_drivers import pix2pix_args
 from util.checkpoint import load_checkpoint, save_checkpoint
 
@@ -189,3 +193,43 @@ def test_a_model_of_two_optimisers_warns_once_and_sets_both(tmp_path, caplog):
     assert len(switch_warnings(caplog)) == 1 and len(model.optimizers) == 2
     # linear at epoch 2 of 1 + 1: 1 - 1 / 2 of this command's --lr
     assert rates(model) == scheduler_rates(model) == pytest.approx([0.0005, 0.0005])
+
+
+# --- --val_freq and a plateau record of validations ---------------------------------------------
+
+
+@pytest.fixture
+def scored_run(tmp_path, monkeypatch):
+    """A run whose plateau policy watched a validation score every epoch (--val_freq 1)."""
+    scored_tiny_model(monkeypatch, [0.7] * 4)
+    assert train.main(scored_args(tmp_path, "run", 2, 1)) == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        (["--val_freq", "2"], True),
+        (["--val_freq", "1"], False),
+        (["--val_freq", "2", "--plateau_metric", "loss_G"], False),  # another metric: a fresh record
+        (["--val_freq", "2", "--lr_policy", "linear"], False),  # no plateau record at all
+    ],
+)
+def test_another_val_freq_under_a_validation_plateau_is_warned_of(scored_run, extra, warned, caplog):
+    args = scored_args(scored_run, "run", 2, 1) + ["--continue_train", "--epoch", "2", *extra]
+    with caplog.at_level(logging.WARNING):
+        model = resumed_model(args)
+    warnings = [r.getMessage() for r in caplog.records if "--val_freq" in r.getMessage()]
+    assert len(warnings) == warned
+    if warned:
+        assert warnings[0].startswith(
+            "2_train_state.pth was saved with --val_freq 1, this run has --val_freq 2"
+        )
+        assert model.schedulers[0].num_bad_epochs == 1  # the record is kept all the same
+
+
+def test_another_val_freq_under_a_training_loss_plateau_is_no_matter(saved, caplog):
+    args = schedule_args(saved, "plateau", "plateau", "--val_freq", "3", "--continue_train", "--epoch", "2")
+    with caplog.at_level(logging.WARNING):
+        resumed_model(args)
+    assert not [r for r in caplog.records if "--val_freq" in r.getMessage()]
