@@ -11,7 +11,9 @@ a mid-epoch save it replays that epoch's shuffle, skips (loads and drops) the ba
 trained and goes on from there, so the run equals a straight one (same ``--batch_size`` and
 number of processes). Exact with ``--num_threads 0`` and with loader workers whose datasets take
 no random numbers in the workers (the aligned datasets' slice draws are seeded); the learning-rate
-schedule follows the train state, not ``--epoch_count``.
+schedule follows the train state, not ``--epoch_count``. A resume with another ``--lr_policy`` than
+the train state's starts that policy afresh at the resumed epoch, with a warning
+(:mod:`models.schedulers` says how for each policy).
 
 Validation: every ``--val_freq`` epochs (and after the last one) the model runs on
 ``--val_phase`` (at most ``--max_val_samples`` samples, in eval mode, random state untouched)
