@@ -59,3 +59,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def use_cuda_precision_on_cpu(monkeypatch) -> None:
+    """Run models on the CPU down the CUDA path: bf16 autocast and channels_last (``--no_amp``
+    still turns it off). No GPU reaches CI, so this is where the mixed-precision code is exercised:
+    a dtype mix-up there (a bf16 tensor into an fp32-only op, a loss summed across dtypes) fails
+    here as it would on a GPU. CUDA's own kernels are left to the ``gpu`` tests."""
+    from models.base_model import BaseModel
+
+    monkeypatch.setattr(BaseModel, "use_amp", property(lambda self: not getattr(self.opt, "no_amp", False)))

@@ -14,7 +14,7 @@ from data.body_masks import body_mask, bone_mask, otsu_threshold
 from models.losses.shape import shape_consistency_loss
 from models.networks.resnet import ResnetGenerator
 from models.networks.shape_extractor import ShapeExtractor
-from tests.conftest import shared
+from tests.conftest import shared, use_cuda_precision_on_cpu
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.errors import InputError
 
@@ -149,6 +149,18 @@ def test_pretrained_shape_extractor_is_loaded_and_frozen(unpaired_root, tmp_path
         )
         == 2
     )
+
+
+def test_mixed_precision_path_on_cpu(unpaired_root, tmp_path, monkeypatch):
+    """The CUDA path (bf16 autocast, channels_last) trains on the CPU, correlation loss and shape
+    discriminator included: no dtype mix-up."""
+    import train
+
+    use_cuda_precision_on_cpu(monkeypatch)
+    argv = _train_argv(unpaired_root, tmp_path / "C", "cg_amp", "--lambda_cc", "1", "--shape_discriminator")
+    assert train.main(argv) == 0
+    log = (tmp_path / "C" / "cg_amp" / "loss_log.txt").read_text()
+    assert "nan" not in log.lower() and "inf" not in log.lower()
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data.mask2ct_dataset import Mask2ctDataset, augment_pair, one_hot_labels, parse_labels
-from tests.conftest import shared
+from tests.conftest import shared, use_cuda_precision_on_cpu
 from util.errors import InputError
 
 TINY = ["--crop_size", "32", "--ngf", "8", "--ndf", "8", "--spacing_mm", "6", "--num_threads", "0"]
@@ -113,6 +113,19 @@ def test_smoke_train_then_whole_volume_inference(heart_root, tmp_path):
     assert hu.dtype == np.int16 and -1024 <= hu.min() and hu.max() <= 2048
     assert predict_volume.main(args) == 0  # rerun skips the finished output
     assert predict_volume.main([*args[:5], str(tmp_path / "missing.nii.gz"), *args[6:]]) == 2
+
+
+def test_mixed_precision_path_on_cpu(heart_root, tmp_path, monkeypatch):
+    """The CUDA path (bf16 autocast, channels_last) trains on the CPU: no dtype mix-up."""
+    import train
+
+    use_cuda_precision_on_cpu(monkeypatch)
+    argv = ["--model", "mask2ct", "--dataroot", str(heart_root), "--labels", "0,1", "--name", "g"]
+    argv += ["--checkpoints_dir", str(tmp_path), "--n_epochs", "1", "--n_epochs_decay", "0"]
+    argv += ["--batch_size", "2", "--display_id", "0"]
+    assert train.main([*argv, "--max_dataset_size", "4", *TINY]) == 0
+    log = (tmp_path / "g" / "loss_log.txt").read_text()
+    assert "nan" not in log.lower() and "inf" not in log.lower()
 
 
 @pytest.mark.gpu

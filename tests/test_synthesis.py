@@ -483,6 +483,26 @@ def test_bad_maps_checkpoints_and_crops_name_their_file(dataset, tmp_path, capsy
     assert not (out / "CT_fake").exists() or not any((out / "CT_fake").iterdir())
 
 
+def test_mixed_precision_synthesis_matches_fp32_on_cpu(dataset, tmp_path, monkeypatch):
+    """The CUDA path (bf16 autocast, channels_last) on the CPU: the same volumes as fp32 to within
+    the bound the GPU test holds (under 1 % of the label's voxels differ)."""
+    root, checkpoints, _ = dataset
+    outs = []
+    for amp in (False, True):
+        if amp:
+            conftest.use_cuda_precision_on_cpu(monkeypatch)
+        out = tmp_path / str(amp)
+        argv = cli_args(root, checkpoints, out, "--vertebrae", "p1_20")
+        argv[argv.index("--name") + 1] = "real_sagittal"
+        assert synth_cli.main(argv) == 0
+        outs.append(
+            [np.asarray(nib.load(str(out / f / "p1_20.nii.gz")).dataobj) for f in ("label_fake", "CT_fake")]
+        )
+    (label, ct), (label_mixed, ct_mixed) = outs
+    assert (label != label_mixed).mean() < 0.01
+    assert np.abs(ct.astype(np.int16) - ct_mixed.astype(np.int16)).mean() < 1.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(dataset, tmp_path):
