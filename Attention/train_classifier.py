@@ -2,7 +2,7 @@
 
     python Attention/train_classifier.py --dataroot D [--checkpoints_dir C] [--name classifier]
         [--vertebra_json J] [--fracture_min_grade 2] [--plane sagittal|coronal] [--n_epochs 6]
-        [--window_mm 128] [--central_fraction 0.3]
+        [--window_mm 128] [--central_fraction 0.6]
         [--gpu_ids auto|-1|0] [--cache_dir DIR] [--overwrite]
 
 Learns fractured (Genant grade >= ``--fracture_min_grade``) against normal (grade 0) vertebrae
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--central_fraction",
         type=float,
-        default=0.3,
+        default=0.6,
         help="train and validate on this central share of the slices through the target",
     )
     parser.add_argument(
