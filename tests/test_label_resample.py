@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import straighten.label_resample as label_resample
 from straighten.label_resample import LabelFields
 
 
@@ -41,6 +42,40 @@ def test_distance_resampling_follows_a_tilted_surface(angle):
     # nearest and linear put the surface on the thick slices (about 0.8 mm off on average)
     assert errors["nearest"] > 0.7 and errors["linear"] > 0.7
     assert errors["distance"] < 0.8 * errors["nearest"]
+
+
+@pytest.mark.parametrize(("angle", "bound"), [(10.0, 0.40), (15.0, 0.35), (25.0, 0.30)])
+def test_thick_slices_ramp_between_steps(monkeypatch, angle, bound):
+    """Between a step down and a step up the surface is the straight line through them: on a plane
+    crossing 3 mm slices at 10-25 deg the 1 mm crop's surface is within the crop's own half voxel
+    (mean 0.25 mm) plus a little, about half the error of the distances alone (0.44-0.59 mm)."""
+    labels, t = tilted_slab((1.0, 1.0, 3.0), (60, 12, 20), angle)
+    errors = {}
+    for ramp in (True, False):
+        if not ramp:
+            monkeypatch.setattr(label_resample, "RAMP_MIN_ANISOTROPY", np.inf)
+        out = LabelFields(labels, np.diag([1.0, 1.0, 3.0, 1.0]), "distance").resample(np.eye(4), (60, 12, 60))
+        errors[ramp] = np.abs(surface_error(out, t, 1.0)[8:52, 2:10]).mean()
+    assert errors[True] < bound
+    assert errors[True] < 0.7 * errors[False]
+
+
+def test_a_rim_step_draws_no_ramp_into_a_flat_face(monkeypatch):
+    """A face in the slices, one slice higher beyond x = 20 mm, with a bevelled rim one slice lower
+    at x < 5 mm. The bevel's steps lie within RAMP_RIM_MM of the outline: they are the rim's, so
+    the face between them and the real step stays half-way between its slices (z 28.5 mm, the last
+    1 mm voxel inside at 28), where a ramp from the bevel to the step would pull it down."""
+    labels = np.zeros((40, 24, 20), np.uint8)
+    labels[2:38, 2:22, 3:10] = 20  # the face between the slice centres 27 and 30 mm
+    labels[20:38, 2:22, 10] = 20  # one slice higher beyond x = 20 mm
+    labels[2:5, 2:22, 9] = 0  # the bevel
+    tops = []
+    for rim_mm in (label_resample.RAMP_RIM_MM, 0.0):
+        monkeypatch.setattr(label_resample, "RAMP_RIM_MM", rim_mm)
+        out = LabelFields(labels, np.diag([1.0, 1.0, 3.0, 1.0]), "distance").resample(np.eye(4), (40, 24, 60))
+        tops.append(59 - np.argmax((out == 20)[:, :, ::-1], axis=2)[:, 8:16])  # last voxel inside
+    assert (tops[0][6:17] == 28).all()
+    assert (tops[1][6:17] < 28).any()  # counted as a slope, the bevel would tilt the face
 
 
 def test_a_surface_in_the_slices_stays_half_way():
