@@ -91,12 +91,14 @@ def switch_warnings(caplog) -> list[str]:
 
 @pytest.mark.parametrize(("before", "after"), [(a, b) for a in POLICIES for b in POLICIES if a != b])
 def test_another_policy_starts_afresh_at_the_resumed_epoch(saved, before, after, caplog):
-    args = schedule_args(saved, before, after, "--continue_train", "--epoch", "1")
+    # another --lr than the saved run's 0.01: the fresh schedule must take this command's, not the
+    # saved optimiser state's (initial_lr, or a plateau state's rate)
+    args = schedule_args(saved, before, after, "--continue_train", "--epoch", "1", "--lr", "0.02")
     with caplog.at_level(logging.WARNING):
         model = resumed_model(args)
     [warning] = switch_warnings(caplog)
     assert warning.startswith(f"1_train_state.pth was saved with --lr_policy {before}, this run has {after}")
-    expected = SAVED_RATE[before] if after == "plateau" else FRESH_FROM_2[after][0]
+    expected = SAVED_RATE[before] if after == "plateau" else 2 * FRESH_FROM_2[after][0]
     assert rates(model) == pytest.approx([expected])
     assert scheduler_rates(model) == rates(model)  # the scheduler and the optimiser agree
     [scheduler], [group] = model.schedulers, model.optimizers[0].param_groups
@@ -104,7 +106,7 @@ def test_another_policy_starts_afresh_at_the_resumed_epoch(saved, before, after,
         assert (scheduler.best, scheduler.num_bad_epochs, scheduler.last_epoch) == (math.inf, 0, 0)
         assert "initial_lr" not in group
     else:  # the fresh run's state: its first step, on this command's --lr
-        assert scheduler.last_epoch == 0 and scheduler.base_lrs == [group["initial_lr"]] == [0.01]
+        assert scheduler.last_epoch == 0 and scheduler.base_lrs == [group["initial_lr"]] == [0.02]
     if after == "linear":  # train.py's first epoch of the resumed run; the options stay the command's
         assert scheduler.epoch_count == 2 and model.opt.epoch_count == 1
     # nothing of the old scheduler's state: the keys of a scheduler of the new policy only
