@@ -450,6 +450,14 @@ class BaseModel(ABC):
             fresh_start(fresh, epoch),
             self.optimizers[0].param_groups[0]["lr"] if self.optimizers else 0.0,
         )
+        if plateau and any(g["lr"] <= 1e-12 for o in self.optimizers for g in o.param_groups):
+            # e.g. a cosine schedule saved at its end: the plateau policy only lowers the rate
+            logging.getLogger(__name__).warning(
+                "%s: the learning rate it was saved with is 0, and --lr_policy plateau only lowers it: "
+                "this run will not change the weights; resume with --lr_policy %s, or start a new run",
+                state_path.name,
+                saved_policy,
+            )
 
     def print_networks(self, verbose: bool = False) -> None:
         print("---------- Networks initialized -------------")

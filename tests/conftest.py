@@ -61,11 +61,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def use_cuda_precision_on_cpu(monkeypatch) -> None:
+def use_cuda_precision_on_cpu(monkeypatch) -> list[str]:
     """Run models on the CPU down the CUDA path: bf16 autocast and channels_last (``--no_amp``
     still turns it off). No GPU reaches CI, so this is where the mixed-precision code is exercised:
-    a dtype mix-up there (a bf16 tensor into an fp32-only op, a loss summed across dtypes) fails
-    here as it would on a GPU. CUDA's own kernels are left to the ``gpu`` tests."""
+    most dtype mix-ups there (a bf16 tensor into an fp32-only op, a loss summed across dtypes) fail
+    here as they would on a GPU, though CPU and CUDA autocast do not cast every op alike; CUDA's
+    own kernels are left to the ``gpu`` tests. Returns a list that gets the model's class name each
+    time a forward pass enters bf16 autocast, so a test can check the mixed path ran."""
     from models.base_model import BaseModel
 
+    entered: list[str] = []
+    autocast = BaseModel.autocast
+
+    def recording_autocast(self):
+        if self.use_amp:
+            entered.append(type(self).__name__)
+        return autocast(self)
+
     monkeypatch.setattr(BaseModel, "use_amp", property(lambda self: not getattr(self.opt, "no_amp", False)))
+    monkeypatch.setattr(BaseModel, "autocast", recording_autocast)
+    return entered

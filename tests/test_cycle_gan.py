@@ -156,11 +156,12 @@ def test_mixed_precision_path_on_cpu(unpaired_root, tmp_path, monkeypatch):
     discriminator included: no dtype mix-up."""
     import train
 
-    use_cuda_precision_on_cpu(monkeypatch)
+    entered = use_cuda_precision_on_cpu(monkeypatch)
     argv = _train_argv(unpaired_root, tmp_path / "C", "cg_amp", "--lambda_cc", "1", "--shape_discriminator")
     assert train.main(argv) == 0
     log = (tmp_path / "C" / "cg_amp" / "loss_log.txt").read_text()
     assert "nan" not in log.lower() and "inf" not in log.lower()
+    assert "CycleGanModel" in entered  # the bf16 path ran
 
 
 @pytest.mark.gpu

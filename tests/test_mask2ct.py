@@ -119,13 +119,14 @@ def test_mixed_precision_path_on_cpu(heart_root, tmp_path, monkeypatch):
     """The CUDA path (bf16 autocast, channels_last) trains on the CPU: no dtype mix-up."""
     import train
 
-    use_cuda_precision_on_cpu(monkeypatch)
+    entered = use_cuda_precision_on_cpu(monkeypatch)
     argv = ["--model", "mask2ct", "--dataroot", str(heart_root), "--labels", "0,1", "--name", "g"]
     argv += ["--checkpoints_dir", str(tmp_path), "--n_epochs", "1", "--n_epochs_decay", "0"]
     argv += ["--batch_size", "2", "--display_id", "0"]
     assert train.main([*argv, "--max_dataset_size", "4", *TINY]) == 0
     log = (tmp_path / "g" / "loss_log.txt").read_text()
     assert "nan" not in log.lower() and "inf" not in log.lower()
+    assert "Mask2ctModel" in entered  # the bf16 path ran
 
 
 @pytest.mark.gpu

@@ -114,6 +114,19 @@ def test_another_policy_starts_afresh_at_the_resumed_epoch(saved, before, after,
     assert set(scheduler.state_dict()) == set(fresh.state_dict())
 
 
+def test_a_plateau_taking_over_a_spent_rate_says_the_run_will_not_learn(saved, caplog):
+    """Cosine anneals to 0 over --n_epochs (2): switched to plateau after epoch 2 it would keep 0."""
+    args = schedule_args(saved, "cosine", "plateau", "--continue_train", "--epoch", "2")
+    with caplog.at_level(logging.WARNING):
+        model = resumed_model(args)
+    assert rates(model) == pytest.approx([0.0])
+    assert any("this run will not change the weights" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a rate left to lower: no such warning
+        resumed_model(schedule_args(saved, "cosine", "plateau", "--continue_train", "--epoch", "1"))
+    assert not any("will not change" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("before", "after"),
     [
