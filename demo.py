@@ -307,6 +307,10 @@ class Pipeline:
         # train_classifier.py skips when classifier.pth exists, but writes classifier.json after it:
         # only both mark a finished classifier; maps of an earlier classifier are stale
         finished = weights.exists() and config_path(weights).exists()
+        changes = train_classifier.option_changes(weights, train_classifier.build_parser().parse_args(argv))
+        if finished and changes:  # made by another version of this demo: its maps would not be this one's
+            print(f"{weights}: trained with other options ({'; '.join(changes)}); trained again")
+            finished = False
         self.check(train_classifier, argv if finished else [*argv, "--overwrite"])
         self.redo = self.redo or not finished
         argv = ["--dataroot", root, "--checkpoint", str(weights)]

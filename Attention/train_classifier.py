@@ -20,6 +20,7 @@ CUDA (bf16 autocast, channels_last) when present, else the CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -44,6 +45,8 @@ from util.checkpoint import save_checkpoint, seed_everything
 from util.errors import InputError, input_error
 
 CHECKPOINT_NAME = "classifier.pth"
+# options that say where things are or run, not what is learnt
+PLACE_OPTIONS = ("dataroot", "checkpoints_dir", "name", "gpu_ids", "vertebra_json", "cache_dir", "overwrite")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -88,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="train again over an existing classifier")
     return parser
+
+
+def option_changes(checkpoint: Path, opt: argparse.Namespace) -> list[str]:
+    """What this command would learn otherwise than the classifier saved at ``checkpoint``: one
+    ``--option saved there, this now`` per option (not :data:`PLACE_OPTIONS`) whose value
+    differs from the options in its JSON. Empty when they agree, and for a JSON without options
+    or one that cannot be read (nothing to compare: the classifier is taken as it is)."""
+    try:
+        saved = json.loads(config_path(checkpoint).read_text())["extra"]["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    now = json.loads(json.dumps(vars(opt), default=str))  # as the JSON holds them (tuples as lists)
+    return [
+        f"--{key} {saved[key]} there, {now[key]} now"
+        for key in sorted(now)
+        if key not in PLACE_OPTIONS and key in saved and saved[key] != now[key]
+    ]
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -146,6 +166,13 @@ def train(opt: argparse.Namespace) -> int:
     out_dir = Path(opt.checkpoints_dir) / opt.name
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists() and not opt.overwrite:
+        changes = option_changes(checkpoint, opt)
+        if changes:
+            raise input_error(
+                config_path(checkpoint),
+                f"a classifier trained with other options ({'; '.join(changes)}); pass --overwrite "
+                "to train it again with these, or another --name",
+            )
         print(f"{checkpoint} exists: not training again (pass --overwrite to do so)")
         return 0
 

@@ -282,6 +282,27 @@ def test_tiny_crops_train_and_map(tiny_crops):
     assert grad_CAM_3d_sagittal.main(cam_args + ["--plane", "coronal", "--overwrite"]) == 2  # learnt sagittal
 
 
+def test_rerun_with_other_options_is_refused_unless_overwrite(tiny_crops, capsys):
+    """A classifier already there is kept only for a command that would learn the same one."""
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(tiny_crops), "--gpu_ids", "-1"]
+    small = ["--n_epochs", "1", "--iters_per_epoch", "1", "--batch_size", "2", "--width", "4"]
+    assert train_classifier.main(args + small) == 0
+    ckpt = tiny_crops / "classifier" / "classifier.pth"
+    before = ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    # the same options (a moved cache or another device do not count): kept as it is
+    assert train_classifier.main(args + small + ["--cache_dir", str(tiny_crops / "cache")]) == 0
+    assert "not training again" in capsys.readouterr().out and ckpt.stat().st_mtime_ns == before
+    other = small + ["--central_fraction", "0.3"]
+    _one_line_error(capsys, train_classifier.main(args + other), "--central_fraction 0.6 there, 0.3 now")
+    assert ckpt.stat().st_mtime_ns == before
+    _one_line_error(capsys, train_classifier.main(args + small + ["--seed", "3"]), "--seed 0 there, 3 now")
+    assert train_classifier.main(args + other + ["--overwrite"]) == 0
+    assert (
+        train_classifier.option_changes(ckpt, train_classifier.build_parser().parse_args(args + other)) == []
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_and_maps_on_cuda(straight_2mm, tmp_path):

@@ -244,6 +244,36 @@ def test_classifier_without_its_json_is_trained_again(tmp_path, monkeypatch, wit
         assert ("--overwrite" in argv) == (not with_config)
 
 
+@pytest.mark.parametrize("central_fraction", [0.3, None])
+def test_classifier_trained_with_other_options_is_trained_again(
+    tmp_path, monkeypatch, capsys, central_fraction
+):
+    """A classifier left by a demo with other classifier options (an older default) is not reused."""
+    out = tmp_path / "W"
+    pipeline = demo.Pipeline(out, quick_opt(out), demo.QUICK)
+    calls = {}
+    for script in (demo.train_classifier, demo.grad_CAM_3d_sagittal):
+        monkeypatch.setattr(
+            script, "main", lambda argv, _name=script.__name__: calls.update({_name: argv}) or 0
+        )
+    pipeline.attention()  # nothing there yet: trained
+    argv = calls[demo.train_classifier.__name__]
+    options = vars(demo.train_classifier.build_parser().parse_args(argv))
+    if central_fraction is not None:
+        options["central_fraction"] = central_fraction
+    run = out / "checkpoints" / "classifier"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "classifier.pth").write_bytes(b"x")
+    (run / "classifier.json").write_text(json.dumps({"extra": {"options": options}}))
+    calls.clear()
+    capsys.readouterr()
+    demo.Pipeline(out, quick_opt(out), demo.QUICK).attention()  # a rerun of the demo
+    again = central_fraction is not None
+    for argv in calls.values():
+        assert ("--overwrite" in argv) == again
+    assert ("--central_fraction 0.3 there, 0.6 now" in capsys.readouterr().out) == again
+
+
 def write_split(root, split):
     root.mkdir(parents=True, exist_ok=True)
     (root / "vertebra_data.json").write_text(json.dumps(split))
