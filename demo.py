@@ -32,6 +32,8 @@ ran all its epochs. ``W/demo_settings.json``, written before the first stage, ho
 that decide the results (seed, patients, spacing, the --quick sizes); a rerun with other options
 is refused (one ``error:`` line, status 2) rather than mixing two runs' outputs: pass
 ``--overwrite``, which removes the demo's outputs in W and redoes everything, or another ``--out``.
+A trained run whose saved options differ from those this version would train with (another
+version's defaults) is trained again, saying which options differ.
 ``--quick`` is a tiny run (few patients, a few iterations) for the tests: its numbers mean nothing.
 
 Sizes: the default is 8 patients (T10-L5, 64 vertebrae), 2 mm crops of 192 x 128 x 64 mm, a 3-epoch
@@ -74,6 +76,8 @@ from data.phantom import generate  # noqa: E402
 from evaluation import RHLV_quantification, SVM_grading, generation_eval_sagittal  # noqa: E402
 from evaluation import generation_metrics as gm  # noqa: E402
 from evaluation.eval_io import load_fake  # noqa: E402
+from options.base_options import option_changes  # noqa: E402
+from options.train_options import TrainOptions  # noqa: E402
 from straighten import location_json_local, straighten_mask_3d  # noqa: E402
 from util.atomic import write_json  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
@@ -238,6 +242,54 @@ def claim_output(out: Path, stamp: dict, overwrite: bool) -> str | None:
     return None
 
 
+# train.py options that say where things are, how the run is shown or resumed: not what it learns
+RUN_PLACE_OPTIONS = (
+    "dataroot",
+    "vertebra_json",
+    "cam_folder",
+    "crop_cache_dir",
+    "checkpoints_dir",
+    "name",
+    "gpu_ids",
+    "num_threads",
+    "continue_train",
+    "epoch",
+    "epoch_count",
+    "load_iter",
+    "print_freq",
+    "no_html",
+    "update_html_freq",
+    "save_epoch_freq",
+    "save_latest_freq",
+    "save_by_iter",
+    "verbose",
+    "suffix",
+    "display_id",
+    "display_freq",
+    "display_env",
+    "display_ncols",
+    "display_port",
+    "display_server",
+    "display_winsize",
+    "no_amp",
+    "grad_checkpoint",
+    "isTrain",
+    "phase",
+)
+
+
+def run_option_changes(run: Path, argv: list[str]) -> list[str]:
+    """The options train.py would train ``argv`` with otherwise than the run saved in ``run``
+    (its ``opt.json``), :data:`RUN_PLACE_OPTIONS` aside; empty without a readable opt.json."""
+    try:
+        saved = json.loads((run / "opt.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    return option_changes(saved, TrainOptions().parse(argv), RUN_PLACE_OPTIONS)
+
+
 def train_progress(run: Path) -> tuple[int, int] | None:
     """(last finished epoch, batches done of the next) from ``latest_train_state.pth``, or None
     when there is none (or it cannot be read: then the run trains from the start)."""
@@ -307,7 +359,9 @@ class Pipeline:
         # train_classifier.py skips when classifier.pth exists, but writes classifier.json after it:
         # only both mark a finished classifier; maps of an earlier classifier are stale
         finished = weights.exists() and config_path(weights).exists()
-        changes = train_classifier.option_changes(weights, train_classifier.build_parser().parse_args(argv))
+        changes = train_classifier.saved_option_changes(
+            weights, train_classifier.build_parser().parse_args(argv)
+        )
         if finished and changes:  # made by another version of this demo: its maps would not be this one's
             print(f"{weights}: trained with other options ({'; '.join(changes)}); trained again")
             finished = False
@@ -325,9 +379,25 @@ class Pipeline:
         epochs = s.train_epochs + s.train_decay_epochs
         # a run trained on maps made before this process's classifier starts over
         progress = None if self.opt.overwrite or self.redo else train_progress(run)
+        argv = self.train_argv()
+        changes = run_option_changes(run, argv)
+        if progress is not None and changes:  # left by a version of the demo with other defaults
+            print(f"{run}: trained with other options ({'; '.join(changes)}); trained again")
+            progress = None
         if progress == (epochs, 0):
             print(f"{run}: trained run exists, reused (its train state: all {epochs} epochs done)")
             return
+        if progress is not None and progress[0] < epochs:
+            epoch, batches = progress
+            print(f"{run}: unfinished training ({epoch}/{epochs} epochs, {batches} batches more), resumed")
+            argv += ["--continue_train", "--epoch", "latest"]
+        self.redo = True  # from here on, what the old weights gave is stale
+        if train.main(argv) != 0:  # train.py has no --overwrite: without --continue_train it starts over
+            raise StageError("train.py " + " ".join(argv))
+
+    def train_argv(self) -> list[str]:
+        """train.py's command line for the demo's run."""
+        s = self.s
         argv = ["--dataroot", str(self.root / "straightened"), "--vertebra_json"]
         argv += [str(self.root / "vertebra_data.json"), "--cam_folder", str(self.root / "heatmap")]
         argv += ["--name", "healthivert", "--checkpoints_dir", str(self.checkpoints)]
@@ -338,13 +408,7 @@ class Pipeline:
         argv += ["--ndf", str(s.ndf)]
         argv += ["--num_threads", "0", "--val_freq", "0", "--seed", str(self.opt.seed)]
         argv += ["--gpu_ids", self.opt.gpu_ids, "--print_freq", "50", "--display_freq", "100000"]
-        if progress is not None and progress[0] < epochs:
-            epoch, batches = progress
-            print(f"{run}: unfinished training ({epoch}/{epochs} epochs, {batches} batches more), resumed")
-            argv += ["--continue_train", "--epoch", "latest"]
-        self.redo = True  # from here on, what the old weights gave is stale
-        if train.main(argv) != 0:  # train.py has no --overwrite: without --continue_train it starts over
-            raise StageError("train.py " + " ".join(argv))
+        return argv
 
     def synthesise(self) -> None:
         argv = ["--dataroot", str(self.root / "straightened"), "--vertebra_json"]

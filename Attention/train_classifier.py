@@ -39,7 +39,7 @@ from Attention.dataset import SliceBank, binary_metrics, patients_shared, split_
 from Attention.slices import PLANE_AXIS
 from data.base_dataset import read_split
 from data.crops import CropStore
-from options.base_options import device_of, parse_gpu_ids
+from options.base_options import device_of, option_changes, parse_gpu_ids
 from util.atomic import write_json
 from util.checkpoint import save_checkpoint, seed_everything
 from util.errors import InputError, input_error
@@ -93,21 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def option_changes(checkpoint: Path, opt: argparse.Namespace) -> list[str]:
-    """What this command would learn otherwise than the classifier saved at ``checkpoint``: one
-    ``--option saved there, this now`` per option (not :data:`PLACE_OPTIONS`) whose value
-    differs from the options in its JSON. Empty when they agree, and for a JSON without options
-    or one that cannot be read (nothing to compare: the classifier is taken as it is)."""
+def saved_option_changes(checkpoint: Path, opt: argparse.Namespace) -> list[str]:
+    """What this command would learn otherwise than the classifier saved at ``checkpoint``
+    (:func:`options.base_options.option_changes` against the options in its JSON, leaving out
+    :data:`PLACE_OPTIONS`). Empty when they agree, and for a JSON without options or one that
+    cannot be read (nothing to compare: the classifier is taken as it is)."""
     try:
         saved = json.loads(config_path(checkpoint).read_text())["extra"]["options"]
+        return option_changes(saved, opt, PLACE_OPTIONS)
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    now = json.loads(json.dumps(vars(opt), default=str))  # as the JSON holds them (tuples as lists)
-    return [
-        f"--{key} {saved[key]} there, {now[key]} now"
-        for key in sorted(now)
-        if key not in PLACE_OPTIONS and key in saved and saved[key] != now[key]
-    ]
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -166,7 +161,7 @@ def train(opt: argparse.Namespace) -> int:
     out_dir = Path(opt.checkpoints_dir) / opt.name
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists() and not opt.overwrite:
-        changes = option_changes(checkpoint, opt)
+        changes = saved_option_changes(checkpoint, opt)
         if changes:
             raise input_error(
                 config_path(checkpoint),

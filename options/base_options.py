@@ -10,6 +10,7 @@ the checkpoints and seeds the random generators. :func:`load_options` reads a sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from pathlib import Path
@@ -167,6 +168,19 @@ def _jsonable(value):
 def save_options(opt: argparse.Namespace, path: str | os.PathLike) -> None:
     """Write the options as JSON (atomically)."""
     write_json(path, {k: _jsonable(v) for k, v in sorted(vars(opt).items())})
+
+
+def option_changes(saved: dict, now: argparse.Namespace, ignore=()) -> list[str]:
+    """``--key saved there, now now`` for each option in both ``saved`` (a run's options as its
+    JSON holds them) and ``now`` whose values differ, leaving out the names in ``ignore`` (where
+    things are, how a run is shown or run) and options ``now`` leaves to be decided when the run
+    starts (None)."""
+    current = json.loads(json.dumps({k: _jsonable(v) for k, v in vars(now).items()}))  # tuples as lists
+    return [
+        f"--{key} {saved[key]} there, {value} now"
+        for key, value in sorted(current.items())
+        if key in saved and key not in ignore and value is not None and saved[key] != value
+    ]
 
 
 def load_options(path: str | os.PathLike, **overrides) -> argparse.Namespace:

@@ -299,7 +299,8 @@ def test_rerun_with_other_options_is_refused_unless_overwrite(tiny_crops, capsys
     _one_line_error(capsys, train_classifier.main(args + small + ["--seed", "3"]), "--seed 0 there, 3 now")
     assert train_classifier.main(args + other + ["--overwrite"]) == 0
     assert (
-        train_classifier.option_changes(ckpt, train_classifier.build_parser().parse_args(args + other)) == []
+        train_classifier.saved_option_changes(ckpt, train_classifier.build_parser().parse_args(args + other))
+        == []
     )
 
 

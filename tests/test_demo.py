@@ -8,6 +8,7 @@ import re
 import pytest
 
 import demo
+from options.train_options import TrainOptions
 from util import checkpoint as demo_checkpoint
 
 CONTRACT = (
@@ -223,6 +224,30 @@ def test_training_is_reused_only_when_its_train_state_says_finished(
             assert calls[0][calls[0].index("--epoch") + 1] == "latest"
     else:
         assert "trained run exists, reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("state", "change"), [((1, 0), None), ((1, 0), "masked"), ((0, 1), "masked")])
+def test_a_run_trained_with_other_options_is_trained_again(tmp_path, monkeypatch, capsys, state, change):
+    """A finished (or unfinished) run whose opt.json holds other options than train.py would now
+    train with (a demo folder left by a version with other defaults) starts over."""
+    out = tmp_path / "W"
+    run = out / "checkpoints" / "healthivert"
+    save_train_state(run, *state)
+    pipeline = demo.Pipeline(out, quick_opt(out), demo.QUICK)
+    saved = vars(TrainOptions().parse(pipeline.train_argv()))
+    saved.update(gpu_ids=[], display_id=1, continue_train=True, epoch="3")  # where and how: not compared
+    if change:
+        saved["fine_input"] = change
+    (run / "opt.json").write_text(json.dumps(saved))
+    calls = []
+    monkeypatch.setattr(demo.train, "main", lambda argv: calls.append(argv) or 0)
+    pipeline.train()
+    out_text = capsys.readouterr().out
+    if change:
+        assert len(calls) == 1 and "--continue_train" not in calls[0]
+        assert f"--fine_input {change} there, composite now" in out_text
+    else:
+        assert not calls and "trained run exists, reused" in out_text
 
 
 @pytest.mark.parametrize("with_config", [False, True])

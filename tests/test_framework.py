@@ -9,7 +9,7 @@ import torch
 
 import models
 import train
-from options.base_options import load_options, setup
+from options.base_options import load_options, option_changes, setup
 from options.test_options import TestOptions
 from options.train_options import TrainOptions
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, state_mismatch
@@ -297,3 +297,14 @@ def test_continue_train_with_epoch_count_keeps_the_straight_learning_rate(tmp_pa
     for d in (run, resumed):  # the rate for epoch 3, halfway down the decay
         state = load_checkpoint(d / "2_train_state.pth")
         assert state["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.5), d.name
+
+
+def test_option_changes_names_each_differing_option_as_saved_and_now():
+    saved = {"lr": 0.001, "blocks": [1, 1], "gpu_ids": [0], "max_dataset_size": "inf", "sync_bn": False}
+    now = argparse.Namespace(
+        lr=0.002, blocks=(1, 1), gpu_ids=[], max_dataset_size=float("inf"), sync_bn=None, new=3
+    )
+    # tuples as the JSON holds them, inf as saved, None (decided when the run starts) and
+    # options the saved run does not know are no change; the ignored name is not compared
+    assert option_changes(saved, now, ignore=("gpu_ids",)) == ["--lr 0.001 there, 0.002 now"]
+    assert option_changes(saved, now) == ["--gpu_ids [0] there, [] now", "--lr 0.001 there, 0.002 now"]
