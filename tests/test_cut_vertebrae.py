@@ -143,6 +143,20 @@ def test_a_scan_cut_through_posterior_elements_is_not_refused(k, l3_complete):
     assert states[23].complete and states[24].complete
 
 
+def test_one_body_beside_a_remnant_is_judged_not_refused(tmp_path, capsys):
+    """0007 cut at slice 174 leaves L4's posterior elements and an L5 whose body the same edge
+    cuts: both are reported as not measurable (it was refused as a wrong orientation, the
+    remnant being one of only two labels)."""
+    mask, affine = _0007_cut_at(174)
+    states = vertebra_completeness(mask, affine)
+    assert sorted(states) == [23, 24]
+    assert states[23].complete is False and "posterior elements" in states[23].reason
+    assert states[24].complete is False and "cranial edge" in states[24].reason
+    save_nifti(tmp_path / "raw" / "p" / "p_msk.nii.gz", mask, affine, dtype=np.uint8)
+    assert location_json_local.main(["--dataroot", str(tmp_path)]) == 1
+    assert "no complete vertebra" in capsys.readouterr().err
+
+
 def test_a_patient_cut_through_posterior_elements_is_straightened(tmp_path):
     mask, affine = _0007_cut_at(112)
     save_nifti(tmp_path / "raw" / "p" / "p_msk.nii.gz", mask, affine, dtype=np.uint8)
@@ -177,6 +191,11 @@ def test_end_vertebrae_behind_their_neighbour_do_not_steer_the_curve():
     }
     assert curve_labels(volumes) == [20, 21, 22, 23, 24]
     assert curve_labels(volumes, centres) == [21, 22, 23, 24]
+    # the remnant beside a single body: that body alone (too few for a curve, said by the caller)
+    pair = {20: volumes[20], 21: volumes[21]}
+    assert curve_labels(pair, centres) == [21]
+    # two whole vertebrae one behind the other are no remnant: kept (a wrong orientation is refused later)
+    assert curve_labels({20: 50_000.0, 21: 50_000.0}, centres) == [20, 21]
     # a whole L5 slipped 50 deg from S-I (a listhesis) is no remnant: it keeps steering the curve
     slipped = dict(centres)
     slipped[24] = centres[23] + 30.0 * np.array([0.0, np.sin(np.radians(50)), -np.cos(np.radians(50))])
