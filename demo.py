@@ -77,7 +77,7 @@ from evaluation import RHLV_quantification, SVM_grading, generation_eval_sagitta
 from evaluation import generation_metrics as gm  # noqa: E402
 from evaluation.eval_io import load_fake  # noqa: E402
 from options.base_options import option_changes  # noqa: E402
-from options.train_options import TrainOptions  # noqa: E402
+from options.train_options import PLACE_OPTIONS, TrainOptions  # noqa: E402
 from straighten import location_json_local, straighten_mask_3d  # noqa: E402
 from util.atomic import write_json  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
@@ -242,52 +242,17 @@ def claim_output(out: Path, stamp: dict, overwrite: bool) -> str | None:
     return None
 
 
-# train.py options that say where things are, how the run is shown or resumed: not what it learns
-RUN_PLACE_OPTIONS = (
-    "dataroot",
-    "vertebra_json",
-    "cam_folder",
-    "crop_cache_dir",
-    "checkpoints_dir",
-    "name",
-    "gpu_ids",
-    "num_threads",
-    "continue_train",
-    "epoch",
-    "epoch_count",
-    "load_iter",
-    "print_freq",
-    "no_html",
-    "update_html_freq",
-    "save_epoch_freq",
-    "save_latest_freq",
-    "save_by_iter",
-    "verbose",
-    "suffix",
-    "display_id",
-    "display_freq",
-    "display_env",
-    "display_ncols",
-    "display_port",
-    "display_server",
-    "display_winsize",
-    "no_amp",
-    "grad_checkpoint",
-    "isTrain",
-    "phase",
-)
-
-
 def run_option_changes(run: Path, argv: list[str]) -> list[str]:
     """The options train.py would train ``argv`` with otherwise than the run saved in ``run``
-    (its ``opt.json``), :data:`RUN_PLACE_OPTIONS` aside; empty without a readable opt.json."""
+    (its ``opt.json``), :data:`options.train_options.PLACE_OPTIONS` aside; empty without a
+    readable opt.json."""
     try:
         saved = json.loads((run / "opt.json").read_text())
     except (OSError, ValueError):
         return []
     if not isinstance(saved, dict):
         return []
-    return option_changes(saved, TrainOptions().parse(argv), RUN_PLACE_OPTIONS)
+    return option_changes(saved, TrainOptions().parse(argv), PLACE_OPTIONS)
 
 
 def train_progress(run: Path) -> tuple[int, int] | None:
@@ -359,10 +324,9 @@ class Pipeline:
         # train_classifier.py skips when classifier.pth exists, but writes classifier.json after it:
         # only both mark a finished classifier; maps of an earlier classifier are stale
         finished = weights.exists() and config_path(weights).exists()
-        changes = train_classifier.saved_option_changes(
-            weights, train_classifier.build_parser().parse_args(argv)
-        )
-        if finished and changes:  # made by another version of this demo: its maps would not be this one's
+        parsed = train_classifier.build_parser().parse_args(argv)
+        changes = train_classifier.saved_option_changes(weights, parsed) if finished else []
+        if changes:  # made by another version of this demo: its maps would not be this one's
             print(f"{weights}: trained with other options ({'; '.join(changes)}); trained again")
             finished = False
         self.check(train_classifier, argv if finished else [*argv, "--overwrite"])
@@ -380,8 +344,8 @@ class Pipeline:
         # a run trained on maps made before this process's classifier starts over
         progress = None if self.opt.overwrite or self.redo else train_progress(run)
         argv = self.train_argv()
-        changes = run_option_changes(run, argv)
-        if progress is not None and changes:  # left by a version of the demo with other defaults
+        changes = run_option_changes(run, argv) if progress is not None else []
+        if changes:  # left by a version of the demo with other defaults
             print(f"{run}: trained with other options ({'; '.join(changes)}); trained again")
             progress = None
         if progress == (epochs, 0):

@@ -6,6 +6,41 @@ import argparse
 
 from options.base_options import BaseOptions
 
+# options that say where things are, how a run is shown, saved, resumed or run: not what it learns
+PLACE_OPTIONS = (
+    "dataroot",
+    "vertebra_json",
+    "cam_folder",
+    "crop_cache_dir",
+    "checkpoints_dir",
+    "name",
+    "gpu_ids",
+    "num_threads",
+    "continue_train",
+    "epoch",
+    "epoch_count",
+    "load_iter",
+    "print_freq",
+    "no_html",
+    "update_html_freq",
+    "save_epoch_freq",
+    "save_latest_freq",
+    "save_by_iter",
+    "verbose",
+    "suffix",
+    "display_id",
+    "display_freq",
+    "display_env",
+    "display_ncols",
+    "display_port",
+    "display_server",
+    "display_winsize",
+    "no_amp",
+    "grad_checkpoint",
+    "isTrain",
+    "phase",
+)
+
 
 class TrainOptions(BaseOptions):
     is_train = True

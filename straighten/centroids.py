@@ -174,13 +174,13 @@ def _face_direction(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray)
 def curve_labels(volumes_mm3: dict[int, float], centres_mm: dict[int, np.ndarray] | None = None) -> list[int]:
     """The vertebrae large enough to steer a spine curve (not fragments at the scan's edge), in order.
 
-        With ``centres_mm`` (world centroids), an end vertebra under ``MAX_REMNANT_VOLUME_FRACTION``
-        of the median volume whose step to its neighbour runs more along the anterior-posterior axis
-        than across it (within ``MAX_END_STEP_AP_DEG``) is left out too, while two or more remain (a
-    scan left with one body and such a remnant gives that body alone, too few for a curve):
-        what the scan's edge left of it is its posterior elements, behind its neighbour, not a vertebra
-        stacked on the spine, and a curve through it would run along the AP axis (refused as a wrong
-        orientation).
+    With ``centres_mm`` (world centroids), an end vertebra under ``MAX_REMNANT_VOLUME_FRACTION``
+    of the median volume whose step to its neighbour runs more along the anterior-posterior axis
+    than across it (within ``MAX_END_STEP_AP_DEG``) is left out too, while two or more remain (a
+    scan left with one body and such a remnant gives that body alone, too few for a curve): what
+    the scan's edge left of it is its posterior elements, behind its neighbour, not a vertebra
+    stacked on the spine, and a curve through it would run along the AP axis (refused as a wrong
+    orientation).
     """
     if not volumes_mm3:
         return []

@@ -143,10 +143,10 @@ def test_a_scan_cut_through_posterior_elements_is_not_refused(k, l3_complete):
     assert states[23].complete and states[24].complete
 
 
-def test_one_body_beside_a_remnant_is_judged_not_refused(tmp_path, capsys):
+def test_one_body_beside_a_remnant_is_judged_not_called_a_wrong_orientation(tmp_path, capsys):
     """0007 cut at slice 174 leaves L4's posterior elements and an L5 whose body the same edge
-    cuts: both are reported as not measurable (it was refused as a wrong orientation, the
-    remnant being one of only two labels)."""
+    cuts: both are judged not measurable and the scan is refused for having no complete vertebra
+    (it was refused as a wrong orientation, the remnant being one of only two labels)."""
     mask, affine = _0007_cut_at(174)
     states = vertebra_completeness(mask, affine)
     assert sorted(states) == [23, 24]
