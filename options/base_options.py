@@ -171,16 +171,22 @@ def save_options(opt: argparse.Namespace, path: str | os.PathLike) -> None:
 
 
 def option_changes(saved: dict, now: argparse.Namespace, ignore=()) -> list[str]:
-    """``--key saved there, now now`` for each option in both ``saved`` (a run's options as its
-    JSON holds them) and ``now`` whose values differ, leaving out the names in ``ignore`` (where
-    things are, how a run is shown or run) and options ``now`` leaves to be decided when the run
-    starts (None)."""
+    """``--key saved there, now now`` for each option of ``now`` whose value differs from the one
+    in ``saved`` (a run's options as its JSON holds them), and ``--key not recorded there ...``
+    for each option ``saved`` lacks: a run saved before that option existed was trained by code
+    that did whatever it did then, which this version cannot tell from its default. Leaves out the
+    names in ``ignore`` (where things are, how a run is shown or run) and options ``now`` leaves to
+    be decided when the run starts (None)."""
     current = json.loads(json.dumps({k: _jsonable(v) for k, v in vars(now).items()}))  # tuples as lists
-    return [
-        f"--{key} {saved[key]} there, {value} now"
-        for key, value in sorted(current.items())
-        if key in saved and key not in ignore and value is not None and saved[key] != value
-    ]
+    changes = []
+    for key, value in sorted(current.items()):
+        if key in ignore or value is None:
+            continue
+        if key not in saved:
+            changes.append(f"--{key} not recorded there (saved before the option existed), {value} now")
+        elif saved[key] != value:
+            changes.append(f"--{key} {saved[key]} there, {value} now")
+    return changes
 
 
 def load_options(path: str | os.PathLike, **overrides) -> argparse.Namespace:

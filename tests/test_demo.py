@@ -226,17 +226,22 @@ def test_training_is_reused_only_when_its_train_state_says_finished(
         assert "trained run exists, reused" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("state", "change"), [((1, 0), None), ((1, 0), "masked"), ((0, 1), "masked")])
+@pytest.mark.parametrize(
+    ("state", "change"), [((1, 0), None), ((1, 0), "masked"), ((0, 1), "masked"), ((1, 0), "absent")]
+)
 def test_a_run_trained_with_other_options_is_trained_again(tmp_path, monkeypatch, capsys, state, change):
     """A finished (or unfinished) run whose opt.json holds other options than train.py would now
-    train with (a demo folder left by a version with other defaults) starts over."""
+    train with (a demo folder left by a version with other defaults), or lacks one (saved before
+    the option existed: what that code did is unknown), starts over."""
     out = tmp_path / "W"
     run = out / "checkpoints" / "healthivert"
     save_train_state(run, *state)
     pipeline = demo.Pipeline(out, quick_opt(out), demo.QUICK)
     saved = vars(TrainOptions().parse(pipeline.train_argv()))
     saved.update(gpu_ids=[], display_id=1, continue_train=True, epoch="3")  # where and how: not compared
-    if change:
+    if change == "absent":
+        del saved["fine_input"]
+    elif change:
         saved["fine_input"] = change
     (run / "opt.json").write_text(json.dumps(saved))
     calls = []
@@ -245,7 +250,10 @@ def test_a_run_trained_with_other_options_is_trained_again(tmp_path, monkeypatch
     out_text = capsys.readouterr().out
     if change:
         assert len(calls) == 1 and "--continue_train" not in calls[0]
-        assert f"--fine_input {change} there, composite now" in out_text
+        said = f"{change} there"
+        if change == "absent":
+            said = "not recorded there (saved before the option existed)"
+        assert f"--fine_input {said}, composite now" in out_text
     else:
         assert not calls and "trained run exists, reused" in out_text
 

@@ -304,7 +304,10 @@ def test_option_changes_names_each_differing_option_as_saved_and_now():
     now = argparse.Namespace(
         lr=0.002, blocks=(1, 1), gpu_ids=[], max_dataset_size=float("inf"), sync_bn=None, new=3
     )
-    # tuples as the JSON holds them, inf as saved, None (decided when the run starts) and
-    # options the saved run does not know are no change; the ignored name is not compared
-    assert option_changes(saved, now, ignore=("gpu_ids",)) == ["--lr 0.001 there, 0.002 now"]
-    assert option_changes(saved, now) == ["--gpu_ids [0] there, [] now", "--lr 0.001 there, 0.002 now"]
+    # tuples as the JSON holds them, inf as saved and None (decided when the run starts) are no
+    # change; an option the saved run lacks is one (its code did whatever it did before the option
+    # existed); the ignored names are not compared
+    lacks = "--new not recorded there (saved before the option existed), 3 now"
+    assert option_changes(saved, now, ignore=("gpu_ids", "new")) == ["--lr 0.001 there, 0.002 now"]
+    assert option_changes(saved, now, ignore=("gpu_ids",)) == ["--lr 0.001 there, 0.002 now", lacks]
+    assert option_changes(saved, now) == ["--gpu_ids [0] there, [] now", "--lr 0.001 there, 0.002 now", lacks]
