@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.aligned_sagittal_dataset import HOLE_MARGIN_MM
 from data.base_dataset import SPLITS, read_split, split_key
 from data.crops import Crop, CropStore, grid_warnings, read_cam
 from data.layout import shard
@@ -210,16 +211,14 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     """Hole and thresholds in this crop's pixels (from mm), model width for this plane."""
     spacing = crop.spacing_mm
     pixel_mm2 = float(spacing[0] * spacing[COLUMN_AXIS[plane]])
-    component_mm2 = opt.min_component_mm2
-    if component_mm2 is None:
-        component_mm2 = float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
+    component_mm2 = component_area_mm2(run, opt)
     width = int(crop.label.shape[1])  # both planes give images as wide as the sagittal ones
     batch_slices = opt.batch_slices
     if batch_slices is None:
         batch_slices = auto_batch_slices(run.model.device.type, int(crop.label.shape[0]) * width)
     return SynthesisSettings(
         hole_rows=max(1, rows_for_mm(getattr(run.opt, "mask_height_mm", 40.0), spacing[0])),
-        margin_rows=rows_for_mm(getattr(run.opt, "hole_margin_mm", 0.0), spacing[0]),
+        margin_rows=rows_for_mm(getattr(run.opt, "hole_margin_mm", HOLE_MARGIN_MM), spacing[0]),
         min_area_px=opt.min_neighbour_area_mm2 / pixel_mm2,
         min_component_px=component_mm2 / pixel_mm2,
         batch_slices=batch_slices,
@@ -244,9 +243,19 @@ def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt
 DESCRIP_PREFIX = "healthivert synthesis "
 
 
-def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: str | None) -> str:
-    """What decides a synthesis's outputs, as a short digest: the plane, each run's weights (file
-    contents) and hole options, the attention maps' folder and the area thresholds."""
+def component_area_mm2(run: Run, opt: argparse.Namespace) -> float:
+    """The area under which a piece of a vertebra is ignored on a slice: ``--min_component_mm2``,
+    else the run's ``--min_area_mm2``, else :data:`MIN_COMPONENT_AREA_MM2`."""
+    if opt.min_component_mm2 is not None:
+        return float(opt.min_component_mm2)
+    return float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
+
+
+def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace) -> str:
+    """What decides every crop's outputs, as a short digest: the plane, each run's weights (file
+    contents), hole options and the area under which pieces are ignored (as used, whether given or
+    taken from the run), and the neighbours' area threshold. :func:`crop_digest` adds the crop's
+    own inputs."""
     record = {
         "plane": opt.plane,
         "runs": {
@@ -255,17 +264,24 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: 
                     net: file_sha256(Path(opt.checkpoints_dir) / run.name / f"{opt.epoch}_net_{net}.pth")
                     for net in sorted(run.model.networks())
                 },
-                **{
-                    k: getattr(run.opt, k, None) for k in ("mask_height_mm", "hole_margin_mm", "min_area_mm2")
-                },
+                **{k: getattr(run.opt, k, None) for k in ("mask_height_mm", "hole_margin_mm")},
+                "min_component_mm2": component_area_mm2(run, opt),
             }
             for plane, run in sorted(runs.items())
         },
-        "cam_folder": str(Path(cam_folder).resolve()) if cam_folder else "",
         "min_neighbour_area_mm2": opt.min_neighbour_area_mm2,
-        "min_component_mm2": opt.min_component_mm2,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def crop_digest(digest: str, store: CropStore, key: str, cam_folder: str | None) -> str:
+    """The synthesis ``digest`` joined with what crop ``key``'s outputs are made from: the contents
+    of its CT, its label and its attention map (none without a folder). Crops straightened again,
+    or maps made again, differ from those an output was made from; a dataset moved elsewhere
+    does not."""
+    files = [*store.paths(key), *([Path(cam_folder) / f"{key}.nii.gz"] if cam_folder else [])]
+    record = [digest, *(file_sha256(f) for f in files)]
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
 def made_by(path: Path) -> str | None:
@@ -281,12 +297,13 @@ def made_by(path: Path) -> str | None:
     return text[len(DESCRIP_PREFIX) :] if text.startswith(DESCRIP_PREFIX) else ""
 
 
-def finished_and_foreign(keys: list[str], out: Path, digest: str) -> tuple[set[str], list[Path]]:
+def finished_and_foreign(digests: dict[str, str], out: Path) -> tuple[set[str], list[Path]]:
     """(crops whose two outputs are both this synthesis's, outputs of another synthesis that a
-    crop not yet finished would overwrite). A crop with one output of this synthesis is this
-    synthesis's interrupted write: it is redone, whatever its partner holds."""
+    crop not yet finished would overwrite), given each crop's :func:`crop_digest`. A crop with one
+    output of this synthesis is this synthesis's interrupted write: it is redone, whatever its
+    partner holds."""
     finished, foreign = set(), []
-    for key in keys:
+    for key, digest in digests.items():
         paths = [out / sub / f"{key}.nii.gz" for sub in ("CT_fake", "label_fake")]
         tags = [made_by(p) for p in paths]
         if all(t == digest for t in tags):
@@ -331,14 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = {run.name: Path(opt.checkpoints_dir) / run.name for run in runs.values()}
         for line in grid_warnings(store, keys, run_dirs):
             print(line)
-        digest = synthesis_digest(runs, opt, cam_folder)
-        finished, foreign = (set(), []) if opt.overwrite else finished_and_foreign(keys, out, digest)
+        digest = synthesis_digest(runs, opt)
+        digests = {key: crop_digest(digest, store, key, cam_folder) for key in keys}
+        finished, foreign = (set(), []) if opt.overwrite else finished_and_foreign(digests, out)
         if foreign:
             raise input_error(
                 foreign[0],
-                f"made by another synthesis (another run, epoch, plane, weights, attention maps or "
-                f"thresholds; {len(foreign)} such outputs here); pass --overwrite to redo them, or "
-                "another --output_dir",
+                f"made by another synthesis (another run, epoch, plane, weights or thresholds, or "
+                f"other crops or attention maps; {len(foreign)} such outputs here); pass --overwrite "
+                "to redo them, or another --output_dir",
             )
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -374,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         # never a new CT beside an old label
         label_path.unlink(missing_ok=True)
         ct_path.unlink(missing_ok=True)
-        descrip = DESCRIP_PREFIX + digest
+        descrip = DESCRIP_PREFIX + digests[key]
         save_nifti(ct_path, to_uint8(result.ct), crop.affine, dtype=np.uint8, descrip=descrip)
         save_nifti(label_path, result.label.astype(np.uint8), crop.affine, dtype=np.uint8, descrip=descrip)
         store.release(key)

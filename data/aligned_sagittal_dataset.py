@@ -48,6 +48,8 @@ from util.errors import InputError, input_error
 log = logging.getLogger(__name__)
 
 VERT_CLASSES = ("normal", "abnormal", "all")
+# a target taller than the hole gets a hole of its height plus this (mm; --hole_margin_mm)
+HOLE_MARGIN_MM = 4.0
 _ZERO_CAM_LOGGED = False
 
 
@@ -99,7 +101,7 @@ class AlignedSagittalDataset(BaseDataset):
         g.add_argument(
             "--hole_margin_mm",
             type=float,
-            default=4.0,
+            default=HOLE_MARGIN_MM,
             help="a target taller than the hole gets a hole of its height plus this",
         )
         g.add_argument(
@@ -125,7 +127,7 @@ class AlignedSagittalDataset(BaseDataset):
         self.random_slices = self.phase == "train" and bool(getattr(opt, "isTrain", self.phase == "train"))
         self.seed = int(getattr(opt, "seed", 0))
         self.mask_height_mm = float(getattr(opt, "mask_height_mm", 40.0))
-        self.hole_margin_mm = float(getattr(opt, "hole_margin_mm", 4.0))
+        self.hole_margin_mm = float(getattr(opt, "hole_margin_mm", HOLE_MARGIN_MM))
         self.min_area_mm2 = float(getattr(opt, "min_area_mm2", 50.0))
         self.slice_fraction = float(getattr(opt, "slice_fraction", 0.8))
         if not 0 < self.slice_fraction <= 1:

@@ -5,6 +5,7 @@ grid, and the demo redoes the stages made from results it has just replaced."""
 from __future__ import annotations
 
 import gzip
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -73,6 +74,56 @@ def test_outputs_of_another_synthesis_are_not_skipped_as_finished(dataset, tmp_p
     assert synth_cli.main(run_args(root, checkpoints, out, name, "--overwrite")) == 0
     assert all(np.array_equal(a, b) for a, b in zip(volumes(out), new, strict=True))
     assert synth_cli.main(run_args(root, checkpoints, out, name)) == 0  # now finished: skipped
+    assert "synthesised 0 vertebrae" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", ["crop straightened again", "map made again"])
+def test_outputs_made_from_other_inputs_are_not_skipped_as_finished(dataset, tmp_path, capsys, change):
+    """Crops straightened again (or attention maps made again) into the same dataset: the outputs
+    made from the old ones are not this synthesis's, so a rerun stops with one error naming a file
+    and leaves them alone; --overwrite redoes them from the new inputs."""
+    root, checkpoints, info = dataset
+    out, fresh = tmp_path / "O", tmp_path / "fresh"
+    maps = ("--cam_folder", str(root / "heatmap"))
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps)) == 0
+    old = volumes(out)
+    if change == "crop straightened again":
+        ct = info["ct"].copy()
+        ct[:, :, : ct.shape[2] // 2] //= 2  # another CT under the same name
+        write_nifti(root / "straightened" / "CT" / "p1_19.nii.gz", ct, info["affine"])
+    else:
+        cam = np.random.default_rng(99).random(info["ct"].shape).astype(np.float32)
+        write_nifti(root / "heatmap" / "p1_19.nii.gz", cam, info["affine"])
+    assert synth_cli.main(run_args(root, checkpoints, fresh, "hv", *maps)) == 0
+    new = volumes(fresh)
+    if change == "crop straightened again":  # (the test model draws no map into its image)
+        assert not np.array_equal(old[0], new[0])  # the new input changes the synthesis
+    capsys.readouterr()
+
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "p1_19" in err
+    assert "other crops or attention maps" in err and "--overwrite" in err
+    assert all(np.array_equal(a, b) for a, b in zip(volumes(out), old, strict=True))  # left alone
+
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps, "--overwrite")) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(volumes(out), new, strict=True))
+
+
+def test_a_moved_dataset_or_a_threshold_given_as_used_is_still_finished(dataset, tmp_path, capsys):
+    """The same crops in another folder, and --min_component_mm2 given at the value the run's own
+    default gives, make the same outputs: a rerun skips them."""
+    root, checkpoints, _ = dataset
+    out = tmp_path / "O"
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv")) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "straightened", moved / "straightened")
+    shutil.copy(root / "vertebra_data.json", moved / "vertebra_data.json")
+    capsys.readouterr()
+    assert synth_cli.main(run_args(moved, checkpoints, out, "hv")) == 0
+    assert "synthesised 0 vertebrae" in capsys.readouterr().out
+    as_used = str(synth_cli.MIN_COMPONENT_AREA_MM2)  # the run saved no --min_area_mm2
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", "--min_component_mm2", as_used)) == 0
     assert "synthesised 0 vertebrae" in capsys.readouterr().out
 
 
