@@ -251,11 +251,18 @@ def component_area_mm2(run: Run, opt: argparse.Namespace) -> float:
     return float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
 
 
-def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace) -> str:
+def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: str | None) -> str:
     """What decides every crop's outputs, as a short digest: the plane, each run's weights (file
-    contents), hole options and the area under which pieces are ignored (as used, whether given or
-    taken from the run), and the neighbours' area threshold. :func:`crop_digest` adds the crop's
-    own inputs."""
+    contents) and hole options, the attention maps' folder and the area thresholds
+    (``--min_component_mm2`` only where it differs from what each run gives by itself: the same
+    area given or left to the run is the same synthesis). :func:`inputs_digest` adds what each
+    crop's outputs are made from."""
+    given = opt.min_component_mm2
+    if given is not None and all(
+        component_area_mm2(run, argparse.Namespace(min_component_mm2=None)) == float(given)
+        for run in runs.values()
+    ):
+        given = None
     record = {
         "plane": opt.plane,
         "runs": {
@@ -264,53 +271,64 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace) -> str:
                     net: file_sha256(Path(opt.checkpoints_dir) / run.name / f"{opt.epoch}_net_{net}.pth")
                     for net in sorted(run.model.networks())
                 },
-                **{k: getattr(run.opt, k, None) for k in ("mask_height_mm", "hole_margin_mm")},
-                "min_component_mm2": component_area_mm2(run, opt),
+                **{
+                    k: getattr(run.opt, k, None) for k in ("mask_height_mm", "hole_margin_mm", "min_area_mm2")
+                },
             }
             for plane, run in sorted(runs.items())
         },
+        "cam_folder": str(Path(cam_folder).resolve()) if cam_folder else "",
         "min_neighbour_area_mm2": opt.min_neighbour_area_mm2,
+        "min_component_mm2": given,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def crop_digest(digest: str, store: CropStore, key: str, cam_folder: str | None) -> str:
-    """The synthesis ``digest`` joined with what crop ``key``'s outputs are made from: the contents
-    of its CT, its label and its attention map (none without a folder). Crops straightened again,
-    or maps made again, differ from those an output was made from; a dataset moved elsewhere
-    does not."""
+def inputs_digest(store: CropStore, key: str, cam_folder: str | None) -> str:
+    """A short digest of what crop ``key``'s outputs are made from: the contents of its CT, its
+    label and its attention map (none without a folder). Crops straightened again, or maps made
+    again, give another; the same files in a dataset moved elsewhere give the same."""
     files = [*store.paths(key), *([Path(cam_folder) / f"{key}.nii.gz"] if cam_folder else [])]
-    record = [digest, *(file_sha256(f) for f in files)]
-    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([file_sha256(f) for f in files]).encode()).hexdigest()[:16]
 
 
-def made_by(path: Path) -> str | None:
-    """The synthesis digest in an output's header; None when the file is absent, "" when it names
-    no synthesis (an older or foreign file)."""
+def made_by(path: Path) -> tuple[str, str] | None:
+    """(synthesis digest, inputs digest) in an output's header; None when the file is absent,
+    ("", "") when it names no synthesis (a foreign file), an empty inputs digest when it names
+    none (written before outputs recorded their inputs)."""
     if not path.exists():
         return None
     try:
         descrip = read_header(path, "synthesised volume").header["descrip"].tobytes().split(b"\0")[0]
     except InputError:
-        return ""
+        return ("", "")
     text = descrip.decode(errors="replace")
-    return text[len(DESCRIP_PREFIX) :] if text.startswith(DESCRIP_PREFIX) else ""
+    if not text.startswith(DESCRIP_PREFIX):
+        return ("", "")
+    synthesis, _, inputs = text[len(DESCRIP_PREFIX) :].partition(" ")
+    return synthesis, inputs
 
 
-def finished_and_foreign(digests: dict[str, str], out: Path) -> tuple[set[str], list[Path]]:
-    """(crops whose two outputs are both this synthesis's, outputs of another synthesis that a
-    crop not yet finished would overwrite), given each crop's :func:`crop_digest`. A crop with one
-    output of this synthesis is this synthesis's interrupted write: it is redone, whatever its
-    partner holds."""
-    finished, foreign = set(), []
-    for key, digest in digests.items():
+def finished_and_foreign(
+    inputs: dict[str, str], out: Path, digest: str
+) -> tuple[set[str], list[Path], list[str]]:
+    """(crops whose two outputs are both this synthesis's and made from the crop's present inputs
+    (``inputs``: each crop's :func:`inputs_digest`), outputs of another synthesis that a crop not
+    yet finished would overwrite, crops whose outputs this synthesis made from other inputs or
+    before outputs recorded theirs). A crop with any output of this synthesis is redone, whatever
+    its partner holds: an interrupted write, or outputs made from crops or maps since replaced."""
+    finished, foreign, stale = set(), [], []
+    for key, made_from in inputs.items():
         paths = [out / sub / f"{key}.nii.gz" for sub in ("CT_fake", "label_fake")]
         tags = [made_by(p) for p in paths]
-        if all(t == digest for t in tags):
+        ours = [t for t in tags if t is not None and t[0] == digest]
+        if len(ours) == 2 and all(t[1] == made_from for t in ours):
             finished.add(key)
-        elif digest not in tags:
+        elif not ours:
             foreign += [p for p, t in zip(paths, tags, strict=True) if t is not None]
-    return finished, foreign
+        elif len(ours) == 2:
+            stale.append(key)
+    return finished, foreign, stale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,15 +366,22 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = {run.name: Path(opt.checkpoints_dir) / run.name for run in runs.values()}
         for line in grid_warnings(store, keys, run_dirs):
             print(line)
-        digest = synthesis_digest(runs, opt)
-        digests = {key: crop_digest(digest, store, key, cam_folder) for key in keys}
-        finished, foreign = (set(), []) if opt.overwrite else finished_and_foreign(digests, out)
+        digest = synthesis_digest(runs, opt, cam_folder)
+        inputs = {key: inputs_digest(store, key, cam_folder) for key in keys}
+        finished, foreign, stale = (
+            (set(), [], []) if opt.overwrite else finished_and_foreign(inputs, out, digest)
+        )
         if foreign:
             raise input_error(
                 foreign[0],
-                f"made by another synthesis (another run, epoch, plane, weights or thresholds, or "
-                f"other crops or attention maps; {len(foreign)} such outputs here); pass --overwrite "
-                "to redo them, or another --output_dir",
+                f"made by another synthesis (another run, epoch, plane, weights, attention maps or "
+                f"thresholds; {len(foreign)} such outputs here); pass --overwrite to redo them, or "
+                "another --output_dir",
+            )
+        if stale:
+            print(
+                f"{len(stale)} crops ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}) have "
+                "outputs made from other crops or attention maps than these: synthesised again"
             )
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -392,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         # never a new CT beside an old label
         label_path.unlink(missing_ok=True)
         ct_path.unlink(missing_ok=True)
-        descrip = DESCRIP_PREFIX + digests[key]
+        descrip = f"{DESCRIP_PREFIX}{digest} {inputs[key]}"
         save_nifti(ct_path, to_uint8(result.ct), crop.affine, dtype=np.uint8, descrip=descrip)
         save_nifti(label_path, result.label.astype(np.uint8), crop.affine, dtype=np.uint8, descrip=descrip)
         store.release(key)

@@ -77,11 +77,12 @@ def test_outputs_of_another_synthesis_are_not_skipped_as_finished(dataset, tmp_p
     assert "synthesised 0 vertebrae" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("change", ["crop straightened again", "map made again"])
-def test_outputs_made_from_other_inputs_are_not_skipped_as_finished(dataset, tmp_path, capsys, change):
-    """Crops straightened again (or attention maps made again) into the same dataset: the outputs
-    made from the old ones are not this synthesis's, so a rerun stops with one error naming a file
-    and leaves them alone; --overwrite redoes them from the new inputs."""
+@pytest.mark.parametrize("change", ["crop straightened again", "map made again", "written before inputs"])
+def test_outputs_made_from_other_inputs_are_synthesised_again(dataset, tmp_path, capsys, change):
+    """Crops straightened again (or attention maps made again) into the same dataset: what this
+    synthesis made from the old ones is stale, so a rerun without --overwrite does those crops
+    again (saying so) and gives what a fresh synthesis gives, like the maps' rule (a crop newer
+    than its map). Outputs written before outputs recorded their inputs are redone the same way."""
     root, checkpoints, info = dataset
     out, fresh = tmp_path / "O", tmp_path / "fresh"
     maps = ("--cam_folder", str(root / "heatmap"))
@@ -91,23 +92,32 @@ def test_outputs_made_from_other_inputs_are_not_skipped_as_finished(dataset, tmp
         ct = info["ct"].copy()
         ct[:, :, : ct.shape[2] // 2] //= 2  # another CT under the same name
         write_nifti(root / "straightened" / "CT" / "p1_19.nii.gz", ct, info["affine"])
-    else:
+    elif change == "map made again":
         cam = np.random.default_rng(99).random(info["ct"].shape).astype(np.float32)
         write_nifti(root / "heatmap" / "p1_19.nii.gz", cam, info["affine"])
+    else:  # the header as written before: the synthesis digest alone
+        for sub in ("CT_fake", "label_fake"):
+            path = out / sub / "p1_19.nii.gz"
+            img = nib.load(str(path))
+            img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+            img.header["descrip"] = img.header["descrip"].tobytes().split(b" ")[0:3][0] + b" synthesis " + (
+                img.header["descrip"].tobytes().split(b" ")[2]
+            )
+            nib.save(img, str(path))
+        assert synth_cli.made_by(out / "CT_fake" / "p1_19.nii.gz")[1] == ""
     assert synth_cli.main(run_args(root, checkpoints, fresh, "hv", *maps)) == 0
     new = volumes(fresh)
     if change == "crop straightened again":  # (the test model draws no map into its image)
         assert not np.array_equal(old[0], new[0])  # the new input changes the synthesis
     capsys.readouterr()
 
-    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "p1_19" in err
-    assert "other crops or attention maps" in err and "--overwrite" in err
-    assert all(np.array_equal(a, b) for a, b in zip(volumes(out), old, strict=True))  # left alone
-
-    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps, "--overwrite")) == 0
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps)) == 0
+    text = capsys.readouterr().out
+    assert "1 crops (p1_19) have outputs made from other crops or attention maps" in text
+    assert "synthesised 1 vertebrae" in text and "1 already done" in text  # p1_21 kept
     assert all(np.array_equal(a, b) for a, b in zip(volumes(out), new, strict=True))
+    assert synth_cli.main(run_args(root, checkpoints, out, "hv", *maps)) == 0  # now finished
+    assert "synthesised 0 vertebrae" in capsys.readouterr().out
 
 
 def test_a_moved_dataset_or_a_threshold_given_as_used_is_still_finished(dataset, tmp_path, capsys):
