@@ -269,6 +269,15 @@ def train_progress(run: Path) -> tuple[int, int] | None:
     return int(state.get("epoch", 0)), int(state.get("batches_done", 0))
 
 
+def written_since(folder: Path, result: Path) -> bool:
+    """Whether a volume under ``folder`` is newer than ``result`` (False without ``result``)."""
+    try:
+        made = result.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    return any(path.stat().st_mtime_ns > made for path in folder.rglob("*.nii.gz"))
+
+
 class Pipeline:
     """Runs the stages in order, timing each."""
 
@@ -381,6 +390,9 @@ class Pipeline:
         argv += ["--output_dir", str(self.synthesis)]
         argv += ["--cam_folder", str(self.root / "heatmap"), "--gpu_ids", self.opt.gpu_ids]
         self.check(eval_3d_sagittal_twostage, argv)
+        # crops whose outputs were made from other crops or maps are synthesised again: what the
+        # later stages finished before that is stale
+        self.redo = self.redo or written_since(self.synthesis, self.out / "rhlv" / "gan" / "rhlv.csv")
 
     def rhlv(self) -> None:
         for method in METHODS:

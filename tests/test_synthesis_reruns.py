@@ -5,6 +5,7 @@ grid, and the demo redoes the stages made from results it has just replaced."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import nibabel as nib
@@ -99,10 +100,9 @@ def test_outputs_made_from_other_inputs_are_synthesised_again(dataset, tmp_path,
         for sub in ("CT_fake", "label_fake"):
             path = out / sub / "p1_19.nii.gz"
             img = nib.load(str(path))
+            synthesis, _ = synth_cli.made_by(path)
             img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
-            img.header["descrip"] = img.header["descrip"].tobytes().split(b" ")[0:3][0] + b" synthesis " + (
-                img.header["descrip"].tobytes().split(b" ")[2]
-            )
+            img.header["descrip"] = (synth_cli.DESCRIP_PREFIX + synthesis).encode()
             nib.save(img, str(path))
         assert synth_cli.made_by(out / "CT_fake" / "p1_19.nii.gz")[1] == ""
     assert synth_cli.main(run_args(root, checkpoints, fresh, "hv", *maps)) == 0
@@ -249,3 +249,27 @@ def test_demo_redoes_later_stages_after_training_again(tmp_path, monkeypatch):
         assert ("train" in calls) == retrained
         for name in later:
             assert ("--overwrite" in calls[name]) == retrained, name
+
+
+def test_demo_redoes_later_stages_after_the_synthesis_wrote_again(tmp_path, monkeypatch):
+    """The synthesis redoes crops whose outputs were made from other crops or maps on its own: a
+    volume it writes after the RHLV table makes the later stages run again with --overwrite; a
+    synthesis that wrote nothing leaves them finished."""
+    out = tmp_path / "W"
+    pipe = demo.Pipeline(out, quick_opt(out), demo.QUICK)
+    table = out / "rhlv" / "gan" / "rhlv.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("x")
+    volume = pipe.synthesis / "CT_fake" / "p_20.nii.gz"
+    volume.parent.mkdir(parents=True)
+    calls: dict[str, list[str]] = {}
+    for script in (demo.eval_3d_sagittal_twostage, demo.RHLV_quantification):
+        monkeypatch.setattr(script, "main", lambda argv, _n=script.__name__: calls.update({_n: argv}) or 0)
+    for writes in (False, True):
+        calls.clear()
+        pipe.redo = False
+        volume.write_bytes(b"x")
+        os.utime(volume, ns=(table.stat().st_mtime_ns + (1 if writes else -1) * 10**9,) * 2)
+        pipe.synthesise()
+        pipe.rhlv()
+        assert ("--overwrite" in calls["evaluation.RHLV_quantification"]) == writes
