@@ -46,6 +46,7 @@ from data.crops import Crop, CropStore, grid_warnings, read_cam
 from data.layout import shard
 from data.nifti_io import read_header, save_nifti
 from data.vertebra_sample import rows_for_mm
+from evaluation.heights import not_measurable
 from evaluation.rhlv import synthesis_problem
 from models import create_model
 from models.synthesis import (
@@ -227,11 +228,20 @@ def settings_for(crop: Crop, run: Run, plane: str, opt: argparse.Namespace) -> S
     )
 
 
-def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt) -> CropSynthesis:
+def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt, keep=()) -> CropSynthesis:
+    """The crop's synthesis in each run's plane (fused for two); ``keep``: neighbours left as they
+    are (cut by the scan's edge)."""
     with weights_cached():
         results = {
             plane: synthesise_crop(
-                crop.ct, crop.label, cam, crop.vid, plane, run.synthesise, settings_for(crop, run, plane, opt)
+                crop.ct,
+                crop.label,
+                cam,
+                crop.vid,
+                plane,
+                run.synthesise,
+                settings_for(crop, run, plane, opt),
+                keep,
             )
             for plane, run in runs.items()
         }
@@ -284,12 +294,14 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: 
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def inputs_digest(store: CropStore, key: str, cam_folder: str | None) -> str:
+def inputs_digest(store: CropStore, key: str, cam_folder: str | None, keep=()) -> str:
     """A short digest of what crop ``key``'s outputs are made from: the contents of its CT, its
-    label and its attention map (none without a folder). Crops straightened again, or maps made
-    again, give another; the same files in a dataset moved elsewhere give the same."""
+    label and its attention map (none without a folder), and the neighbours it leaves as they are
+    (``keep``). Crops straightened again, or maps made again, give another; the same files in a
+    dataset moved elsewhere give the same."""
     files = [*store.paths(key), *([Path(cam_folder) / f"{key}.nii.gz"] if cam_folder else [])]
-    return hashlib.sha256(json.dumps([file_sha256(f) for f in files]).encode()).hexdigest()[:16]
+    record = [*(file_sha256(f) for f in files), sorted(int(v) for v in keep)]
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
 def made_by(path: Path) -> tuple[str, str] | None:
@@ -367,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in grid_warnings(store, keys, run_dirs):
             print(line)
         digest = synthesis_digest(runs, opt, cam_folder)
-        inputs = {key: inputs_digest(store, key, cam_folder) for key in keys}
+        cut = not_measurable(store.folder)  # neighbours cut by the scan's edge stay as they are
+        keep = {key: {v for (pid, v) in cut if pid == split_key(key)[0]} for key in keys}
+        inputs = {key: inputs_digest(store, key, cam_folder, keep[key]) for key in keys}
         finished, foreign, stale = (
             (set(), [], []) if opt.overwrite else finished_and_foreign(inputs, out, digest)
         )
@@ -399,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             crop = store.load(key)
-            result = synthesise_one(crop, runs, crop_cam(cam_folder, crop), opt)
+            result = synthesise_one(crop, runs, crop_cam(cam_folder, crop), opt, keep[key])
         except (InputError, ValueError) as exc:
             bar.close()  # the error on a line of its own, after the bar
             if not isinstance(exc, InputError):  # the crop's content (no voxel of its vertebra)

@@ -20,7 +20,7 @@ are moved by the same composite (:func:`models.composite.compose`): the synthesi
 labelled where its probability exceeds 0.5 inside the inserted rows, the map is 0 there (a
 vertebra synthesised healthy draws no fracture attention), and the content above and below moves
 with the CT. Neighbours come from the labels present (:func:`data.label_schemes.neighbours`), so
-T13, L6 and missing levels are handled.
+T13, L6 and missing levels are handled; a neighbour cut by the scan's edge is left as it is.
 
 :func:`fuse_planes` combines a sagittal and a coronal result (2.5D): mean CT, and the target where
 the mean of the two target probabilities exceeds 0.5.
@@ -103,15 +103,18 @@ class CropSynthesis:
     forward_passes: int = 0
 
 
-def step_order(vid: int, present) -> list[int]:
+def step_order(vid: int, present, keep=()) -> list[int]:
     """Vertebra ids to synthesise in turn: upper neighbour, lower neighbour (those present), target.
 
-    A target that is not a vertebra id (no anatomical order) is synthesised alone.
+    A neighbour in ``keep`` (one cut by the scan's edge) stays as it is: its pseudo-healthy
+    version would be a whole body drawn where the scan holds a part, and would push the target
+    by the rows it adds. A target that is not a vertebra id (no anatomical order) is synthesised
+    alone.
     """
     if not is_vertebra(vid):
         return [int(vid)]
     upper, lower = neighbours(vid, present)
-    return [v for v in (upper, lower) if v is not None] + [int(vid)]
+    return [v for v in (upper, lower) if v is not None and v not in set(keep)] + [int(vid)]
 
 
 # On the CPU a forward pass over many large slices runs slower per slice than a small one (its
@@ -246,6 +249,7 @@ def synthesise_crop(
     plane: str,
     synthesise: SynthesiseFn,
     settings: SynthesisSettings,
+    keep=(),
 ) -> CropSynthesis:
     """Synthesise the pseudo-healthy vertebra ``vid`` of one crop ``(H, AP, LR)`` in plane ``plane``.
 
@@ -257,6 +261,7 @@ def synthesise_crop(
         plane: ``sagittal`` or ``coronal``.
         synthesise: the model's batched synthesis (see the module docstring).
         settings: hole size, thresholds, slices per forward pass, model width.
+        keep: neighbours left as they are (cut by the scan's edge; :func:`step_order`).
 
     Returns:
         The CT (float 0-255), labels and target probability on the crop's grid; slices not
@@ -271,7 +276,7 @@ def synthesise_crop(
     )
     present = np.flatnonzero(np.bincount(np.asarray(label).ravel()))
     prob = None
-    for step_vid in step_order(vid, present):
+    for step_vid in step_order(vid, present, keep):
         min_area = settings.min_area_px if step_vid != vid else 0  # the target: every slice
         stack, prob, done, passes = synthesis_step(stack, step_vid, synthesise, settings, min_area)
         for part in (stack.ct, stack.label, stack.cam):  # padding stays padding (CT 0 -> -1, maps 0),

@@ -160,6 +160,31 @@ def test_step_order_walks_the_labels_present():
     assert step_order(24, [23, 24, 26]) == [23, 24]  # the sacrum is never synthesised
     assert step_order(20, [20]) == [20]
     assert step_order(26, [24, 26]) == [26]  # not a vertebra: no anatomical neighbours
+    # a neighbour cut by the scan's edge stays as it is; the other side is still synthesised
+    assert step_order(20, [18, 19, 20, 21], keep={19}) == [21, 20]
+    assert step_order(20, [18, 19, 20, 21], keep=[19, 21]) == [20]
+
+
+def test_a_neighbour_cut_by_the_scan_is_left_as_it_is(tmp_path, capsys):
+    """The curve json lists T12 (19) as cut: the synthesis of L1 (20) does not replace it (its
+    pseudo-healthy version would be a whole body where the scan holds a part, pushing L1 down),
+    and a rerun into outputs made while T12 was replaced makes them again."""
+    root = tmp_path / "data"
+    write_dataset(root)
+    checkpoints = root / "checkpoints"
+    write_run(checkpoints, "hv", "sagittal", seed=1)
+    out_all, out_kept = tmp_path / "all", tmp_path / "kept"
+    args = ("--vertebrae", "p1_20")
+    assert synth_cli.main(cli_args(root, checkpoints, out_all, *args)) == 0
+    assert "3 forward passes" in capsys.readouterr().out  # T12, L2, then L1: one pass each
+    write_json(root / "straightened" / "curve" / "p1.json", {"pid": "p1", "not_measurable": {"19": "cut"}})
+    assert synth_cli.main(cli_args(root, checkpoints, out_kept, *args)) == 0
+    assert "2 forward passes" in capsys.readouterr().out  # L2, then L1
+    read = lambda out: np.asarray(nib.load(str(out / "CT_fake" / "p1_20.nii.gz")).dataobj)  # noqa: E731
+    assert not np.array_equal(read(out_all), read(out_kept))
+    assert synth_cli.main(cli_args(root, checkpoints, out_all, *args)) == 0
+    assert "made from other crops or attention maps" in capsys.readouterr().out
+    assert np.array_equal(read(out_all), read(out_kept))
 
 
 def test_steps_run_upper_then_lower_then_target_each_on_the_previous_output():
@@ -342,8 +367,8 @@ def test_an_implausible_synthesis_is_warned_about(dataset, tmp_path, capsys, mon
     root, checkpoints, _ = dataset
     real = synth_cli.synthesise_one
 
-    def sliver(crop, runs, cam, opt):
-        result = real(crop, runs, cam, opt)
+    def sliver(crop, runs, cam, opt, keep=()):
+        result = real(crop, runs, cam, opt, keep)
         if crop.vid == 21:
             target = np.argwhere(result.label == crop.vid)
             result.label[result.label == crop.vid] = 0
