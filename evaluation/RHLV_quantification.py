@@ -12,7 +12,10 @@ while another is usable. H_ori is measured on the vertebra's own crop. RHLV = (H
 per region (evaluation/rhlv.py). A synthesised target that cannot be the healthy twin (empty, or
 under half the original's volume: typically a run applied to scans unlike its training data)
 gives no H_syn and no RHLV, with a warning and the reason in the csv's last column, ``note``, and
-in ``summary.json`` (``no_rhlv``); the grading leaves such rows out.
+in ``summary.json`` (``no_rhlv``); the grading leaves such rows out. With ``neighbors`` the note
+also says when the healthy estimate is weaker than the mean of two healthy-looking neighbours:
+one neighbour only (the end of the scan, or the other looks deformed), or neighbours that look
+deformed, used because there was no other (``summary.json``'s ``notes`` lists every note).
 
 Writes ``Q/rhlv.csv`` (one row per vertebra of the split file, or of every crop without
 ``--json-path``), ``Q/maps/<pid>_<vid>.png`` (the loss per column over the AP x LR grid) and
@@ -142,8 +145,9 @@ class Measurer:
 
 def measure_gan(
     m: Measurer, crop: Crop, output_folder: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(H_syn, H_ori, column loss map, note) with the synthesised target as the healthy vertebra.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str]:
+    """(H_syn, H_ori, column loss map, note, remark) with the synthesised target as the healthy
+    vertebra (no remark).
 
     A synthesis that cannot be the healthy twin (:func:`evaluation.rhlv.synthesis_problem`: empty,
     or under half the original's volume) gives no H_syn, hence no RHLV, and the note says why."""
@@ -152,16 +156,20 @@ def measure_gan(
     problem = rhlv.synthesis_problem(syn, ori)
     if problem:
         log.warning("%s (vertebra %d): %s; no RHLV", crop.key, crop.vid, problem)
-        return np.full(4, np.nan), m.heights(crop.key), np.full(ori.shape[1:], np.nan), problem
+        return np.full(4, np.nan), m.heights(crop.key), np.full(ori.shape[1:], np.nan), problem, ""
     h_syn, h_ori = rhlv.paired_heights(syn, ori, crop.spacing_mm, m.definition)
     loss = rhlv.column_loss_map(rhlv.column_map(syn, crop.spacing_mm), rhlv.column_map(ori, crop.spacing_mm))
-    return h_syn, h_ori, loss, ""
+    return h_syn, h_ori, loss, "", ""
 
 
-def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(H_syn, H_ori, column loss map, note) with the neighbour estimate as the healthy vertebra."""
+def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str]:
+    """(H_syn, H_ori, column loss map, note, remark) with the neighbour estimate as the healthy
+    vertebra; the remark says when that estimate is weaker (:func:`evaluation.rhlv.neighbour_note`)."""
     keys = m.neighbour_keys(crop)
-    h_syn, used = rhlv.neighbour_estimate([m.heights(k) for k in keys])
+    heights = [m.heights(k) for k in keys]
+    h_syn, used = rhlv.neighbour_estimate(heights)
+    deformed = [bool(np.isfinite(h[-3:]).all()) and rhlv.looks_deformed(h) for h in heights]  # measured
+    remark = rhlv.neighbour_note(keys, used, deformed)
     h_ori = m.heights(crop.key)
     ori_map = rhlv.column_map(m.target(crop), crop.spacing_mm)
     if used:
@@ -170,7 +178,7 @@ def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, 
     else:
         log.warning("%s: no neighbour with a crop; no healthy estimate", crop.key)
         loss = np.full(ori_map.shape, np.nan)
-    return h_syn, h_ori, loss, "" if used else "no neighbour measured"
+    return h_syn, h_ori, loss, "" if used else "no neighbour measured", remark
 
 
 class LossMapWriter:
@@ -255,10 +263,10 @@ def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
             if not (Path(opt.output_folder) / "label_fake" / f"{key}.nii.gz").exists():
                 skipped["no synthesis"] += 1
                 continue
-            h_syn, h_ori, loss, note = measure_gan(measurer, crop, opt.output_folder)
+            h_syn, h_ori, loss, note, remark = measure_gan(measurer, crop, opt.output_folder)
         else:
-            h_syn, h_ori, loss, note = measure_neighbors(measurer, crop)
-        rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori, note))
+            h_syn, h_ori, loss, note, remark = measure_neighbors(measurer, crop)
+        rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori, note, remark))
         if not opt.no_maps:
             loss_maps.append((LossMapWriter.body_window(loss), crop.spacing_mm))
     if not rows:
@@ -286,7 +294,8 @@ def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
             "height_definition": opt.height_definition,
             "n_vertebrae": len(rows),
             "skipped": skipped,
-            "no_rhlv": {row["vertebra"]: row["note"] for row in rows if row["note"]},
+            "no_rhlv": {row["vertebra"]: row["note"] for row in rows if rhlv.rhlv_missing(row)},
+            "notes": {row["vertebra"]: row["note"] for row in rows if row["note"]},
             "mean_rhlv_by_grade": _mean_by_grade(rows),
         },
     )
@@ -294,7 +303,7 @@ def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
         write_json(result / "truth_errors.json", rhlv.truth_errors(rows, truth))
     csv_path = result / "rhlv.csv"
     write_text(csv_path, csv_text(rows, rhlv.RHLV_COLUMNS))  # last: marks the folder finished
-    return len(rows), sum(skipped.values()), sum(1 for r in rows if r["note"]), csv_path
+    return len(rows), sum(skipped.values()), sum(1 for r in rows if rhlv.rhlv_missing(r)), csv_path
 
 
 def _mean_by_grade(rows: list[dict]) -> dict:

@@ -232,6 +232,31 @@ def neighbour_estimate(neighbour_heights: Sequence[np.ndarray]) -> tuple[np.ndar
     return np.mean([heights[i] for i in used], axis=0), used
 
 
+def rhlv_missing(row: dict) -> bool:
+    """Whether a :func:`rhlv_row` lacks an RHLV value (the grading leaves such rows out)."""
+    return any(row[f"rhlv_{region}"] == "" for region in ALL_REGIONS)
+
+
+def neighbour_note(keys: Sequence[str], used: Sequence[int], deformed: Sequence[bool]) -> str:
+    """What makes a neighbour estimate (:func:`neighbour_estimate` over the neighbours ``keys``,
+    ``used`` of them, ``deformed`` as :func:`looks_deformed` says) weaker than the mean of two
+    healthy-looking neighbours, or "" when nothing does (or no neighbour was used: then there is
+    no estimate): neighbours that look deformed (the only ones there were), or one neighbour (the
+    end of the scan, or the other looks deformed): heights change from level to level, so one side
+    alone is biased."""
+    if not used:
+        return ""
+    names = ", ".join(keys[i] for i in used)
+    if any(deformed[i] for i in used):  # used only when every measured neighbour looks deformed
+        if len(used) == 1:
+            return f"healthy estimate from one neighbour, which looks deformed ({names})"
+        return f"healthy estimate from neighbours that look deformed ({names})"
+    if len(used) == 1:
+        other = ", the other looks deformed" if len(keys) > 1 and any(deformed) else ""
+        return f"healthy estimate from one neighbour ({names}{other})"
+    return ""
+
+
 def column_loss_map(syn_column_heights_mm: np.ndarray, ori_column_heights_mm: np.ndarray) -> np.ndarray:
     """Per-column height loss (H_syn - H_ori) / H_syn on the AP x LR grid.
 
@@ -266,9 +291,10 @@ def rhlv_row(
     h_syn: np.ndarray,
     h_ori: np.ndarray,
     note: str = "",
+    remark: str = "",
 ) -> dict:
     """One ``rhlv.csv`` row (heights rounded to 0.001 mm, RHLV to 1e-5); ``note`` says why a value
-    is missing."""
+    is missing, ``remark`` what else a reader should know (both in the ``note`` column)."""
     loss = rhlv(h_syn, h_ori)
     row: dict = {"vertebra": key, "pid": pid, "vid": int(vid), "grade": "" if grade is None else int(grade)}
     row["split"] = split or ""
@@ -284,7 +310,7 @@ def rhlv_row(
     missing = [region for region, value in zip(REGIONS, regional, strict=True) if not np.isfinite(value)]
     if missing and not note:  # the height definition left a region (or the whole body) unmeasured
         note = f"height not measurable: {', '.join(missing)}"
-    row["note"] = note
+    row["note"] = "; ".join(part for part in (note, remark) if part)
     return row
 
 

@@ -17,8 +17,10 @@ from evaluation.rhlv import (
     design_heights,
     looks_deformed,
     neighbour_estimate,
+    neighbour_note,
     paired_heights,
     rhlv,
+    rhlv_missing,
     rhlv_row,
     synthesis_problem,
 )
@@ -138,6 +140,19 @@ def test_neighbour_estimate_leaves_out_a_deformed_neighbour():
     assert used == [] and np.isnan(est).all()
 
 
+def test_neighbour_note_says_when_the_estimate_is_weaker():
+    keys = ["p_19", "p_21"]
+    assert neighbour_note(keys, [0, 1], [False, False]) == ""  # two healthy-looking neighbours
+    assert neighbour_note(keys, [1], [True, False]) == (
+        "healthy estimate from one neighbour (p_21, the other looks deformed)"
+    )
+    assert neighbour_note(keys, [0, 1], [True, True]) == (
+        "healthy estimate from neighbours that look deformed (p_19, p_21)"
+    )
+    assert neighbour_note(["p_23"], [0], [False]) == "healthy estimate from one neighbour (p_23)"
+    assert neighbour_note(keys, [], [False, False]) == ""  # no estimate: the missing value says it
+
+
 # --- the CLI on a tiny straightened folder ---------------------------------------------------
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
 
@@ -199,6 +214,15 @@ def test_cli_measures_the_wedge(tiny_root, method):
         assert float(rows[key]["rhlv_anterior"]) == pytest.approx(0.0, abs=0.02)
     if method == "neighbors":  # T12's only neighbour is the wedge: the baseline's known weakness
         assert float(rows["p_19"]["rhlv_anterior"]) == pytest.approx(1 - 16 / 12, abs=0.02)
+        # ... which the row says, as it says when one side alone gave the estimate
+        assert rows["p_19"]["note"] == "healthy estimate from one neighbour, which looks deformed (p_28)"
+        assert rows["p_20"]["note"] == "healthy estimate from one neighbour (p_22, the other looks deformed)"
+        assert rows["p_22"]["note"] == "healthy estimate from one neighbour (p_20)"
+        assert rows["p_28"]["note"] == ""  # T12 and L1, both healthy
+        summary = json.loads((tiny_root / "Q" / "summary.json").read_text())
+        assert summary["no_rhlv"] == {} and set(summary["notes"]) == {"p_19", "p_20", "p_22"}
+    else:
+        assert all(r["note"] == "" for r in rows.values())
     assert (tiny_root / "Q" / "maps" / "p_28.png").stat().st_size > 0
     # a rerun skips the finished folder
     stamp = (tiny_root / "Q" / "rhlv.csv").stat().st_mtime_ns
@@ -288,6 +312,13 @@ def test_rows_say_why_a_value_is_missing():
     # a reason given by the caller wins
     given = rhlv_row("p_20", "p", 20, 0, "test", np.full(4, np.nan), h_ori, "no synthesised vertebra")
     assert given["note"] == "no synthesised vertebra"
+    # a remark joins the reason, whichever there is
+    h_syn = np.array([25.0, np.nan, 25.0, 25.0])
+    both = rhlv_row(
+        "p_20", "p", 20, 0, "test", h_syn, h_ori, remark="healthy estimate from one neighbour (p_21)"
+    )
+    assert both["note"] == "height not measurable: anterior; healthy estimate from one neighbour (p_21)"
+    assert rhlv_missing(both) and not rhlv_missing(whole)
 
 
 @pytest.mark.parametrize(
