@@ -526,9 +526,14 @@ def crop_row(pid: str, vid: int, label: np.ndarray, spacing_mm: np.ndarray) -> d
     """One CSV row: the heights and tilt of vertebra ``vid``'s body in its label crop."""
     m = measure_body(label == vid, spacing_mm)
     row = {"pid": pid, "vid": int(vid), "complete": True, "reason": ""}
+    missing = []
     for region, value in m.heights.as_dict().items():
-        row[f"height_{region}_mm"] = round(value, 2)
+        # an empty cell, as for a cut vertebra and in rhlv.csv, and the reason says which
+        row[f"height_{region}_mm"] = round(value, 2) if np.isfinite(value) else ""
+        missing += [] if np.isfinite(value) else [region]
     row["tilt_deg"] = round(m.tilt_deg, 2)
+    if missing:
+        row["reason"] = f"height not measurable: {', '.join(missing)}"
     return row
 
 

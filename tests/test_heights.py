@@ -319,3 +319,16 @@ def test_cli_writes_heights_of_a_straightened_root(tmp_path, capsys):
     assert "1 not measurable" in capsys.readouterr().out
     assert main(["--dataroot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.csv")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_region_not_measurable_is_an_empty_cell_with_its_reason(monkeypatch):
+    """heights.csv writes an unmeasured region as rhlv.csv does (an empty cell, not 'nan'), and
+    says which region in the reason column."""
+    from evaluation import heights as h
+
+    measured = h.BodyMeasurement(h.BodyHeights(float("nan"), 24.0, 25.0), 1.5, np.eye(3))
+    monkeypatch.setattr(h, "measure_body", lambda *a, **k: measured)
+    row = h.crop_row("p1", 20, np.ones((4, 4, 4), np.uint8) * 20, np.ones(3))
+    assert row["height_anterior_mm"] == "" and row["height_middle_mm"] == 24.0
+    assert row["complete"] is True and row["reason"] == "height not measurable: anterior"
+    assert ",,24.0,25.0,1.5,height not measurable: anterior" in h.csv_text([row])
