@@ -333,8 +333,11 @@ class Pipeline:
         # train_classifier.py skips when classifier.pth exists, but writes classifier.json after it:
         # only both mark a finished classifier; maps of an earlier classifier are stale
         finished = weights.exists() and config_path(weights).exists()
-        parsed = train_classifier.build_parser().parse_args(argv)
-        changes = train_classifier.saved_option_changes(weights, parsed) if finished else []
+        if finished:
+            parsed = train_classifier.build_parser().parse_args(argv)
+            changes = train_classifier.saved_option_changes(weights, parsed)
+        else:
+            changes = []
         if changes:  # made by another version of this demo: its maps would not be this one's
             print(f"{weights}: trained with other options ({'; '.join(changes)}); trained again")
             finished = False

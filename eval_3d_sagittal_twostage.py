@@ -253,12 +253,15 @@ def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt
 DESCRIP_PREFIX = "healthivert synthesis "
 
 
-def component_area_mm2(run: Run, opt: argparse.Namespace) -> float:
-    """The area under which a piece of a vertebra is ignored on a slice: ``--min_component_mm2``,
-    else the run's ``--min_area_mm2``, else :data:`MIN_COMPONENT_AREA_MM2`."""
-    if opt.min_component_mm2 is not None:
-        return float(opt.min_component_mm2)
+def run_component_area_mm2(run: Run) -> float:
+    """The run's own area under which a piece of a vertebra is ignored on a slice: its
+    ``--min_area_mm2``, else :data:`MIN_COMPONENT_AREA_MM2`."""
     return float(getattr(run.opt, "min_area_mm2", MIN_COMPONENT_AREA_MM2))
+
+
+def component_area_mm2(run: Run, opt: argparse.Namespace) -> float:
+    """``--min_component_mm2``, else :func:`run_component_area_mm2`."""
+    return float(opt.min_component_mm2) if opt.min_component_mm2 is not None else run_component_area_mm2(run)
 
 
 def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: str | None) -> str:
@@ -268,10 +271,7 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: 
     area given or left to the run is the same synthesis). :func:`inputs_digest` adds what each
     crop's outputs are made from."""
     given = opt.min_component_mm2
-    if given is not None and all(
-        component_area_mm2(run, argparse.Namespace(min_component_mm2=None)) == float(given)
-        for run in runs.values()
-    ):
+    if given is not None and all(run_component_area_mm2(run) == float(given) for run in runs.values()):
         given = None
     record = {
         "plane": opt.plane,

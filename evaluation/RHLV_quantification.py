@@ -168,7 +168,7 @@ def measure_neighbors(m: Measurer, crop: Crop) -> tuple[np.ndarray, np.ndarray, 
     keys = m.neighbour_keys(crop)
     heights = [m.heights(k) for k in keys]
     h_syn, used = rhlv.neighbour_estimate(heights)
-    deformed = [bool(np.isfinite(h[-3:]).all()) and rhlv.looks_deformed(h) for h in heights]  # measured
+    deformed = [rhlv.is_measured(h) and rhlv.looks_deformed(h) for h in heights]
     remark = rhlv.neighbour_note(keys, used, deformed)
     h_ori = m.heights(crop.key)
     ori_map = rhlv.column_map(m.target(crop), crop.spacing_mm)

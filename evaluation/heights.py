@@ -522,18 +522,22 @@ def not_measurable(folder: Path) -> dict[tuple[str, int], str]:
     return out
 
 
+def unmeasured_note(regions: list[str]) -> str:
+    """The note for regions the definition could not measure ("" when there are none)."""
+    return f"height not measurable: {', '.join(regions)}" if regions else ""
+
+
 def crop_row(pid: str, vid: int, label: np.ndarray, spacing_mm: np.ndarray) -> dict:
-    """One CSV row: the heights and tilt of vertebra ``vid``'s body in its label crop."""
+    """One CSV row: the heights and tilt of vertebra ``vid``'s body in its label crop; a region
+    the definition cannot measure is an empty cell (as for a cut vertebra, and in rhlv.csv), and
+    the reason names it."""
     m = measure_body(label == vid, spacing_mm)
-    row = {"pid": pid, "vid": int(vid), "complete": True, "reason": ""}
-    missing = []
-    for region, value in m.heights.as_dict().items():
-        # an empty cell, as for a cut vertebra and in rhlv.csv, and the reason says which
+    heights = m.heights.as_dict()
+    row = {"pid": pid, "vid": int(vid), "complete": True}
+    for region, value in heights.items():
         row[f"height_{region}_mm"] = round(value, 2) if np.isfinite(value) else ""
-        missing += [] if np.isfinite(value) else [region]
     row["tilt_deg"] = round(m.tilt_deg, 2)
-    if missing:
-        row["reason"] = f"height not measurable: {', '.join(missing)}"
+    row["reason"] = unmeasured_note([r for r, value in heights.items() if not np.isfinite(value)])
     return row
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evaluation.heights import REGIONS, body_heights, column_heights, genant_grade
+from evaluation.heights import REGIONS, body_heights, column_heights, genant_grade, unmeasured_note
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,11 @@ def synthesis_problem(syn: np.ndarray, ori: np.ndarray, min_ratio: float = MIN_S
     return ""
 
 
+def is_measured(heights: np.ndarray) -> bool:
+    """Whether all three region heights of (all, ant, mid, post) heights were measured."""
+    return bool(np.isfinite(np.asarray(heights, dtype=np.float64)[-3:]).all())
+
+
 def looks_deformed(heights: np.ndarray, ratio: float = NEIGHBOUR_SHAPE_RATIO) -> bool:
     """True if the smallest region height is under ``ratio`` x the largest (a likely fracture)."""
     regions = np.asarray(heights, dtype=np.float64)[-3:]
@@ -225,7 +230,7 @@ def neighbour_estimate(neighbour_heights: Sequence[np.ndarray]) -> tuple[np.ndar
         (estimate, indices of the neighbours used); NaN and [] when no neighbour was measured.
     """
     heights = [np.asarray(h, dtype=np.float64) for h in neighbour_heights]
-    measured = [i for i, h in enumerate(heights) if np.isfinite(h[-3:]).all()]
+    measured = [i for i, h in enumerate(heights) if is_measured(h)]
     if not measured:
         return np.full(4, np.nan), []
     used = [i for i in measured if not looks_deformed(heights[i])] or measured
@@ -308,8 +313,8 @@ def rhlv_row(
     # a grade for scans with no graded training data; the SVM grading learns its own boundaries
     row["genant_from_rhlv"] = genant_grade(float(np.nanmax(regional))) if np.isfinite(regional).any() else ""
     missing = [region for region, value in zip(REGIONS, regional, strict=True) if not np.isfinite(value)]
-    if missing and not note:  # the height definition left a region (or the whole body) unmeasured
-        note = f"height not measurable: {', '.join(missing)}"
+    if not note:  # the height definition left a region (or the whole body) unmeasured
+        note = unmeasured_note(missing)
     row["note"] = "; ".join(part for part in (note, remark) if part)
     return row
 
