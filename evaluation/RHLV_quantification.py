@@ -266,6 +266,8 @@ def run(opt: argparse.Namespace) -> tuple[int, int, int, Path]:
             h_syn, h_ori, loss, note, remark = measure_gan(measurer, crop, opt.output_folder)
         else:
             h_syn, h_ori, loss, note, remark = measure_neighbors(measurer, crop)
+        if opt.height_definition == "design":
+            h_syn, h_ori = rhlv.over_common_regions(h_syn, h_ori)
         rows.append(rhlv.rhlv_row(key, pid, vid, grade, split, h_syn, h_ori, note, remark))
         if not opt.no_maps:
             loss_maps.append((LossMapWriter.body_window(loss), crop.spacing_mm))

@@ -92,6 +92,21 @@ def design_heights(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
     return np.r_[np.nanmean(regions) if np.isfinite(regions).any() else np.nan, regions]
 
 
+def over_common_regions(h_syn: np.ndarray, h_ori: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H_syn, H_ori) with each ``all`` the mean of the regions measured on both sides.
+
+    A region the definition leaves unmeasured on one side only would otherwise enter one side's
+    ``all`` and not the other's, and ``rhlv_all`` would compare two different averages. For
+    heights by the DESIGN definition, whose ``all`` is the mean of the three regions.
+    """
+    syn = np.array(h_syn, dtype=np.float64)
+    ori = np.array(h_ori, dtype=np.float64)
+    both = np.isfinite(syn[1:]) & np.isfinite(ori[1:])
+    syn[0] = syn[1:][both].mean() if both.any() else np.nan
+    ori[0] = ori[1:][both].mean() if both.any() else np.nan
+    return syn, ori
+
+
 def _reference_slices(ori: np.ndarray) -> range:
     """REFERENCE section 8 step 2: slices [centre - L, centre + L), ``centre`` the integer part of
     the original's mean axis-2 voxel index and ``L`` a fifth of its axis-2 extent (rounded down)."""
@@ -333,6 +348,7 @@ __all__ = [
     "looks_deformed",
     "mean_column_map",
     "neighbour_estimate",
+    "over_common_regions",
     "paired_heights",
     "reference_heights_pair",
     "rhlv",

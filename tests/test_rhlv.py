@@ -18,6 +18,7 @@ from evaluation.rhlv import (
     looks_deformed,
     neighbour_estimate,
     neighbour_note,
+    over_common_regions,
     paired_heights,
     rhlv,
     rhlv_missing,
@@ -403,3 +404,17 @@ def test_neighbors_on_a_real_fractured_scan_without_ct(tmp_path):
     # every fractured vertebra shows more height loss than every normal one
     assert min(worst[k] for k in fractured) > max(worst[k] for k in normal), worst
     assert float(rows["sub-verse004_20"]["rhlv_anterior"]) > 0.4  # L1, grade 3
+
+
+def test_rhlv_all_compares_the_regions_measured_on_both_sides():
+    # the original's anterior third is not measurable: both means leave it out
+    h_syn, h_ori = over_common_regions(np.array([0.0, 30.0, 20.0, 20.0]), np.array([0.0, np.nan, 16.0, 16.0]))
+    assert h_syn[0] == 20.0 and h_ori[0] == 16.0
+    row = rhlv_row("p_20", "p", 20, 0, "test", h_syn, h_ori)
+    assert row["rhlv_all"] == 0.2 and row["rhlv_anterior"] == ""  # was (70/3 - 16) / (70/3) = 0.314
+    # every region on both sides: the mean of all three, as the DESIGN definition has it
+    whole = over_common_regions(np.array([0.0, 30.0, 20.0, 10.0]), np.array([0.0, 24.0, 16.0, 8.0]))
+    assert whole[0][0] == 20.0 and whole[1][0] == 16.0
+    # nothing measured on one side: no mean
+    none = over_common_regions(np.full(4, np.nan), np.array([16.0, 16.0, 16.0, 16.0]))
+    assert np.isnan(none[0][0]) and np.isnan(none[1][0])
