@@ -36,8 +36,9 @@ _RANK = {vid: rank for rank, vid in enumerate(SPINE_ORDER)}
 # The usual sequence without transitional levels, for level ranges such as "T10-L5".
 STANDARD_SEQUENCE: tuple[int, ...] = tuple(range(1, 25))
 
-# TotalSegmentator v2: 26 = vertebrae_S1, 27 = L5 ... 31 = L1, 32 = T12 ... 43 = T1, 44 = C7 ... 50 = C1.
-TOTALSEG_TO_VERSE: dict[int, int] = {26: SACRUM, **{ts: 51 - ts for ts in range(27, 51)}}
+# TotalSegmentator v2 ("total" task): 25 = sacrum, 26 = vertebrae_S1, 27 = L5 ... 31 = L1,
+# 32 = T12 ... 43 = T1, 44 = C7 ... 50 = C1. Both sacrum classes are the VerSe sacrum.
+TOTALSEG_TO_VERSE: dict[int, int] = {25: SACRUM, 26: SACRUM, **{ts: 51 - ts for ts in range(27, 51)}}
 VERSE_IDS: dict[int, int] = {vid: vid for vid in SPINE_ORDER}
 
 SCHEMES: dict[str, dict[int, int]] = {"verse": VERSE_IDS, "totalseg": TOTALSEG_TO_VERSE}
@@ -202,7 +203,11 @@ def unknown_ids_report(present: Iterable[int], scheme: str) -> tuple[str | None,
                 f"({theirs} vertebrae): pass --label_scheme {other}",
                 True,
             )
-    return f"ids {_id_list(unknown)} are not {scheme} labels; they are ignored (set to background)", False
+    return (
+        f"ids {_id_list(unknown)} are not vertebra or sacrum labels of the {scheme} scheme; they are "
+        "ignored (set to background)",
+        False,
+    )
 
 
 def parse_label_id(value: object) -> int:

@@ -44,9 +44,9 @@ def test_neighbours_use_the_labels_present():
 
 
 def test_totalseg_ids_map_to_verse():
-    ts = np.array([0, 26, 27, 31, 32, 33, 43, 44, 50, 5, 92])
+    ts = np.array([0, 25, 26, 27, 31, 32, 33, 43, 44, 50, 5, 92])  # 25 sacrum, 26 vertebrae_S1 (v2)
     verse = ls.to_verse(ts, "totalseg")
-    assert verse.tolist() == [0, ls.SACRUM, 24, 20, 19, 18, 8, 7, 1, 0, 0]
+    assert verse.tolist() == [0, ls.SACRUM, ls.SACRUM, 24, 20, 19, 18, 8, 7, 1, 0, 0]
     assert verse.dtype == np.uint8
     with pytest.raises(KeyError, match="available"):
         ls.to_verse(ts, "nope")
@@ -62,6 +62,9 @@ def test_huge_ids_map_without_a_huge_table():
 def test_unknown_ids_are_named_and_the_other_scheme_suggested():
     message, fatal = ls.unknown_ids_report([0, 19, 21, 120], "verse")
     assert not fatal and "ids 120 " in message
+    # organs of a whole TotalSegmentator output are labels of that scheme, only not vertebrae
+    message, fatal = ls.unknown_ids_report([0, 5, 25, 26, 27, 28, 29, 30, 31], "totalseg")
+    assert not fatal and message.startswith("ids 5 are not vertebra or sacrum labels of the totalseg scheme")
     message, fatal = ls.unknown_ids_report([0, 29, 30, 31, 32], "verse")  # TotalSegmentator T12-L3
     assert fatal and "ids 29-32" in message and "--label_scheme totalseg" in message
     assert ls.unknown_ids_report([0, 20, 21], "verse") == (None, False)
