@@ -19,7 +19,6 @@ neighbour).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -43,9 +42,11 @@ from straighten.centroids import (
     label_centroids,
     label_volumes_mm3,
     vertebra_completeness,
+    vertebra_labels,
     write_centroids,
 )
 from util.errors import InputError, failure_line, input_error
+from util.log_prefix import prefixed_logs
 
 
 def centroids_for(
@@ -59,6 +60,14 @@ def centroids_for(
     """(centroids of every vertebra, their completeness) of one mask; an input error for labels
     that cannot be a spine's (:func:`stacking_problem`)."""
     mask = load_mask(mask_path, scheme)
+    # labels that cannot be a spine's (an organ or binary mask) are named as such first: the
+    # completeness step would only call them cut or small
+    voxel_mm3 = float(np.prod(mask.spacing))
+    labels = vertebra_labels(mask.array)
+    centroids = label_centroids(mask.array, labels, voxel_mm3)
+    problem = stacking_problem(mask.affine, centroids, label_volumes_mm3(mask.array, voxel_mm3, labels))
+    if problem:
+        raise input_error(mask_path, problem)
     try:
         completeness = vertebra_completeness(
             mask.array, mask.affine, min_cranial, min_caudal, min_contact_mm2, min_label_contact
@@ -67,13 +76,6 @@ def centroids_for(
         raise input_error(mask_path, f"cannot tell which vertebrae are cut: {exc}") from exc
     if not any(c.complete for c in completeness.values()):
         raise input_error(mask_path, "no complete vertebra (every body is cut by the scan's edge, or small)")
-    voxel_mm3 = float(np.prod(mask.spacing))
-    centroids = label_centroids(mask.array, list(completeness), voxel_mm3)
-    problem = stacking_problem(
-        mask.affine, centroids, label_volumes_mm3(mask.array, voxel_mm3, list(completeness))
-    )
-    if problem:
-        raise input_error(mask_path, problem)
     return centroids, completeness
 
 
@@ -126,22 +128,14 @@ def stacking_problem(
     return label_schemes.spine_problem(world, volumes_mm3)
 
 
-class _NameFile(logging.Filter):
-    """Prefixes the centroid step's log lines (islands left out) with the mask they are about."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.path = ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.path:
-            record.msg = f"{self.path}: {record.msg}"
-        return True
-
-
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("min_cranial_volume_mm3", "min_caudal_volume_mm3"):
+    for name in (
+        "min_cranial_volume_mm3",
+        "min_caudal_volume_mm3",
+        "min_cut_contact_mm2",
+        "min_label_contact",
+    ):
         value = getattr(opt, name)
         if not math.isfinite(value) or value < 0:
             print(f"error: --{name} must be a finite number >= 0, got {value}", file=sys.stderr)
@@ -153,43 +147,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written, skipped, failed = 0, 0, []
-    name_file = _NameFile()
-    centroid_log = logging.getLogger("straighten.centroids")
-    centroid_log.addFilter(name_file)
-    try:
-        for pid in tqdm(pids, desc="centroids", unit="patient"):
-            where = Path(opt.dataroot) / "raw" / pid
-            try:
-                case = raw_case(opt.dataroot, pid)
-                if case.centroids.is_file() and not opt.overwrite:
-                    skipped += 1
+    with prefixed_logs(["straighten.centroids"]) as name_file:
+        try:
+            for pid in tqdm(pids, desc="centroids", unit="patient"):
+                where = Path(opt.dataroot) / "raw" / pid
+                try:
+                    case = raw_case(opt.dataroot, pid)
+                    if case.centroids.is_file() and not opt.overwrite:
+                        skipped += 1
+                        continue
+                    where = case.mask
+                    name_file.prefix = str(where)
+                    centroids, completeness = centroids_for(
+                        case.mask,
+                        opt.label_scheme,
+                        opt.min_cranial_volume_mm3,
+                        opt.min_caudal_volume_mm3,
+                        opt.min_cut_contact_mm2,
+                        opt.min_label_contact,
+                    )
+                    for v, state in completeness.items():
+                        if not state.complete:
+                            tqdm.write(
+                                f"{pid}: {label_schemes.vertebra_name(v)} not measurable: {state.reason}"
+                            )
+                    write_centroids(case.centroids, centroids, completeness)
+                except Exception as exc:  # one patient's failure of any kind must not stop the run
+                    failed.append(failure_line(exc, where))
                     continue
-                where = name_file.path = case.mask
-                centroids, completeness = centroids_for(
-                    case.mask,
-                    opt.label_scheme,
-                    opt.min_cranial_volume_mm3,
-                    opt.min_caudal_volume_mm3,
-                    opt.min_cut_contact_mm2,
-                    opt.min_label_contact,
-                )
-                for v, state in completeness.items():
-                    if not state.complete:
-                        tqdm.write(f"{pid}: {label_schemes.vertebra_name(v)} not measurable: {state.reason}")
-                write_centroids(case.centroids, centroids, completeness)
-            except Exception as exc:  # one patient's failure of any kind must not stop the run
-                failed.append(failure_line(exc, where))
-                continue
-            written += 1
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: {written} centroid files written, the rest not done (no partial files; "
-            "rerun to continue)",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        centroid_log.removeFilter(name_file)
+                written += 1
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: {written} centroid files written, the rest not done (no partial files; "
+                "rerun to continue)",
+                file=sys.stderr,
+            )
+            return 130
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     print(

@@ -164,3 +164,27 @@ def test_the_stacking_check_skips_fragments_and_tests_every_volume():
     # an organ read as a vertebra is refused by its size
     problem = location_json_local.stacking_problem(affine, centres, {**volumes, 20: 600_000.0})
     assert "far more than any vertebra" in problem
+
+
+@pytest.mark.parametrize("what", ["binary spine mask", "one label over every level"])
+def test_a_mask_that_is_no_vertebra_mask_is_named_as_such(tmp_path, capsys, what):
+    """A binary spine mask (read as C1) is refused for what it is, not as 'no complete vertebra'
+    (the completeness step ran first and called its one label cut or small)."""
+    mask = mini_spine(n_levels=6)
+    mask[mask > 0] = 1 if what == "binary spine mask" else 20
+    pid = "p1"
+    save_nifti(tmp_path / "raw" / pid / f"{pid}_msk.nii.gz", mask, affine_2mm())
+    assert location_json_local.main(["--dataroot", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "far more than any vertebra" in err and "--label_scheme" in err
+    assert "no complete vertebra" not in err
+    assert not (tmp_path / "raw" / pid / f"{pid}.json").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--min_cut_contact_mm2", "nan"), ("--min_label_contact", "-1"), ("--min_cranial_volume_mm3", "inf")],
+)
+def test_threshold_options_are_checked_before_anything_runs(tmp_path, capsys, option, value):
+    assert location_json_local.main(["--dataroot", str(tmp_path), option, value]) == 2
+    assert f"error: {option} must be a finite number >= 0, got {float(value)}" in capsys.readouterr().err
