@@ -28,7 +28,12 @@ crops of others, but the curve json lists it under ``not_measurable`` with its r
 Everything is read and checked before anything is written, so bad input leaves no partial
 crops; each file is written atomically, the curve json last (its presence marks a finished
 patient). The curve json records the options that shape the crops (``"options"``); a patient
-finished with other options is not taken for done, nor redone without ``overwrite``.
+finished with other options is not taken for done, nor redone without ``overwrite``. It also
+records the inputs the crops were made from (``"inputs"``: size, modification time and SHA-256 of
+the mask, the CT and the centroid json); a patient whose inputs have changed since (a centroid
+json written again with other thresholds, a corrected mask) is straightened again, and crops of
+vertebrae no longer measurable are removed. A copied or moved dataset with the same contents is
+still finished.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import label_schemes
-from data.layout import curve_path, raw_case, straightened_paths
+from data.layout import RawCase, curve_path, raw_case, straightened_paths
 from data.nifti_io import Volume, load_case, resample_to_grid, save_nifti, voxel_to_world
 from straighten.centroids import (
     curve_labels,
@@ -71,7 +76,9 @@ from straighten.curve import (
 from straighten.depedicle import body_mask, depedicle
 from straighten.label_resample import LabelFields
 from util.atomic import write_json
-from util.errors import failure_line, input_error
+from util.checkpoint import file_sha256
+from util.errors import InputError, failure_line, input_error
+from util.log_prefix import prefixed_logs
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +276,52 @@ def other_options(root: Path, pid: str, opt: StraightenOptions) -> str | None:
     return f"made with other options ({'; '.join(differ)}); pass --overwrite to redo it with these"
 
 
+def _input_files(case: RawCase, labels_only: bool) -> dict[str, Path | None]:
+    return {"mask": case.mask, "ct": None if labels_only else case.ct, "centroids": case.centroids}
+
+
+def input_record(case: RawCase, labels_only: bool) -> dict[str, dict]:
+    """Size, modification time and SHA-256 of each input file of ``case`` the crops are made from."""
+    record = {}
+    for name, path in _input_files(case, labels_only).items():
+        if path is not None and path.is_file():
+            st = path.stat()
+            record[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+    return record
+
+
+def changed_inputs(root: Path, pid: str, record: dict, labels_only: bool) -> list[str]:
+    """The input files of ``pid`` whose contents differ from those its curve json records.
+
+    A file of the same size and modification time is taken as unchanged; otherwise its SHA-256
+    decides (a copied dataset keeps its contents, not its times). Empty for a curve json that
+    records no inputs (written before they were recorded), and for inputs that are gone now (the
+    crops cannot be made again without them; straightening says so when asked to).
+    """
+    then = record.get("inputs")
+    if not isinstance(then, dict):
+        return []
+    try:
+        case = raw_case(root, pid)
+    except InputError:
+        return []
+    changed = []
+    for name, path in _input_files(case, labels_only).items():
+        old = then.get(name)
+        if not isinstance(old, dict) or path is None or not path.is_file():
+            continue
+        st = path.stat()
+        if st.st_size == old.get("size") and st.st_mtime_ns == old.get("mtime_ns"):
+            continue
+        if st.st_size != old.get("size") or file_sha256(path) != old.get("sha256"):
+            changed.append(path.name)
+    return changed
+
+
 def is_done(root: Path, pid: str, labels_only: bool, opt: StraightenOptions | None = None) -> bool:
-    """True if the patient's curve json and every crop it lists exist and are readable (and, with
-    ``opt``, it was not made with other options: :func:`other_options`)."""
+    """True if the patient's curve json and every crop it lists exist and are readable, and its
+    inputs have not changed since (:func:`changed_inputs`); with ``opt``, also that it was not made
+    with other options (:func:`other_options`)."""
     path = curve_path(root, pid)
     if not path.is_file():
         return False
@@ -287,6 +337,10 @@ def is_done(root: Path, pid: str, labels_only: bool, opt: StraightenOptions | No
         ct, label = straightened_paths(root, pid, int(vid))
         if not crop_is_readable(label, shape) or (not labels_only and not crop_is_readable(ct, shape)):
             return False
+    changed = changed_inputs(root, pid, record, labels_only)
+    if changed:
+        log.warning("%s: %s changed since it was straightened: straightened again", pid, ", ".join(changed))
+        return False
     return True
 
 
@@ -380,17 +434,21 @@ def curve_record(
     }
 
 
-def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> PatientResult:
-    """Straighten one patient and write its crops; an :class:`InputError` leaves nothing behind."""
+def straighten_patient(
+    root: str | Path, pid: str, opt: StraightenOptions, skip_done: bool = True
+) -> PatientResult:
+    """Straighten one patient and write its crops; an :class:`InputError` leaves nothing behind.
+    ``skip_done=False`` is for a caller that has checked already (:func:`run_patient`)."""
     start = time.perf_counter()
     root = Path(root)
-    if not opt.overwrite:
+    if not opt.overwrite and skip_done:
         differ = other_options(root, pid, opt)
         if differ:
             raise input_error(curve_path(root, pid), differ)
         if is_done(root, pid, opt.labels_only):
             return PatientResult(pid, skipped=True)
     case = raw_case(root, pid)
+    inputs = input_record(case, opt.labels_only)  # before reading: a file changed meanwhile is redone
     if not opt.labels_only and case.ct is None:
         raise input_error(case.folder, f"no CT {pid}.nii.gz (pass --labels_only for mask-only data)")
     ct, mask = load_case(None if opt.labels_only else case.ct, case.mask, opt.label_scheme)
@@ -498,6 +556,7 @@ def straighten_patient(root: str | Path, pid: str, opt: StraightenOptions) -> Pa
         "centroids": str(case.centroids),
     }
     record = curve_record(pid, curve, opt, crops, bodies, sources, not_measurable)
+    record["inputs"] = inputs
     write_json(curve_path(root, pid), record)
     return PatientResult(pid, measured, time.perf_counter() - start)
 
@@ -547,7 +606,18 @@ def remove_stale_crops(root: str | Path, pid: str, vertebrae: list[int], labels_
     _unlink([p for p in _patient_files(root, pid) if p not in keep and p != curve and not _is_temp(p)])
 
 
+# Modules whose log lines (islands left out of a centroid, a vertebra without a body) do not say
+# which patient they are about.
+_UNNAMED_LOGGERS = ("straighten.centroids", "straighten.depedicle", "straighten.label_resample")
+
+
 def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientResult | None, str | None]:
+    """:func:`_run_patient` with the log lines of the modules it calls naming ``pid``."""
+    with prefixed_logs(_UNNAMED_LOGGERS, pid):
+        return _run_patient(root, pid, opt)
+
+
+def _run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientResult | None, str | None]:
     """Worker entry point: the result, or one line naming the file and the problem.
 
     Any exception ends this patient only (input errors, full disks, unwritable folders, memory,
@@ -569,7 +639,7 @@ def run_patient(root: str, pid: str, opt: StraightenOptions) -> tuple[PatientRes
     try:
         if opt.overwrite:
             _unlink([curve_path(root_path, pid)])
-        result = straighten_patient(root, pid, opt)
+        result = straighten_patient(root, pid, opt, skip_done=False)
         if not result.skipped:
             remove_stale_crops(root_path, pid, result.vertebrae, opt.labels_only)
         return result, None

@@ -88,10 +88,10 @@ def test_any_patient_error_ends_that_patient_only(template, tmp_path, capsys, mo
     # an unexpected exception deep inside one patient
     real = patient_mod.straighten_patient
 
-    def flaky(root_, pid, opt):
+    def flaky(root_, pid, opt, **kw):
         if pid == "oom":
             raise MemoryError("could not allocate 4.75 PiB")
-        return real(root_, pid, opt)
+        return real(root_, pid, opt, **kw)
 
     monkeypatch.setattr(patient_mod, "straighten_patient", flaky)
     capsys.readouterr()

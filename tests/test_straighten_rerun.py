@@ -128,3 +128,71 @@ def test_a_curve_json_from_before_the_record_is_read_with_what_it_says(root, cap
     assert "--crop_ap scanner, this run anatomy" in capsys.readouterr().err
     assert straighten_mask_3d.main(["--dataroot", str(root), *ARGS, "--crop_ap", "scanner"]) == 0
     assert stamps(root) == before
+
+
+def set_complete(root, vid, complete, reason=""):
+    path = root / "raw" / PID / f"{PID}.json"
+    entries = json.loads(path.read_text())
+    for e in entries:
+        if e.get("label") == vid:
+            e["complete"] = complete
+            if reason:
+                e["reason"] = reason
+            else:
+                e.pop("reason", None)
+    path.write_text(json.dumps(entries))
+
+
+def test_a_patient_whose_inputs_changed_is_straightened_again(root, capsys, caplog):
+    """The centroid step run again with other thresholds (L2 now cut): the old L2 crop is not kept
+    as if nothing had happened; a copy with new file times but the same contents is still done."""
+    label = root / "straightened" / "label" / f"{PID}_21.nii.gz"
+    assert label.is_file() and sorted(json.loads(curve(root).read_text())["inputs"]) == ["centroids", "mask"]
+    for p in (root / "raw" / PID).iterdir():  # the same contents, other times (a plain copy)
+        p.touch()
+    before = stamps(root)
+    capsys.readouterr()
+    assert straighten_mask_3d.main(["--dataroot", str(root), *ARGS]) == 0
+    out, err = capsys.readouterr()
+    assert "1 already done" in out and "straightened again" not in caplog.text and stamps(root) == before
+    set_complete(root, 21, False, "cut by the scan's caudal edge")
+    assert not is_done(root, PID, True)
+    caplog.clear()
+    assert straighten_mask_3d.main(["--dataroot", str(root), *ARGS]) == 0
+    out, err = capsys.readouterr()
+    said = [r.getMessage() for r in caplog.records if "straightened again" in r.getMessage()]
+    assert said == [f"{PID}: {PID}.json changed since it was straightened: straightened again"], said
+    assert "1 already done" not in out and not label.exists()
+    record = json.loads(curve(root).read_text())
+    assert "21" in record["not_measurable"] and "21" not in record["crops"]
+    assert is_done(root, PID, True)
+
+
+def test_a_curve_json_from_before_inputs_were_recorded_is_still_done(root):
+    record = json.loads(curve(root).read_text())
+    del record["inputs"]
+    curve(root).write_text(json.dumps(record))
+    set_complete(root, 21, False, "cut by the scan's caudal edge")
+    assert is_done(root, PID, True)
+
+
+def test_lines_logged_while_a_patient_is_straightened_name_it(root, monkeypatch, caplog):
+    """Modules that do not know the patient (islands left out of a label, a vertebra without a
+    body) log through run_patient, which names it; workers interleave patients."""
+    import logging
+
+    from straighten import patient as patient_mod
+
+    def straighten(root_, pid, opt, skip_done=True):
+        logging.getLogger("straighten.centroids").warning("label 17 (T10): 1 island(s) apart")
+        logging.getLogger("straighten.depedicle").warning("%s: already named", pid)
+        return patient_mod.PatientResult(pid, [20])
+
+    monkeypatch.setattr(patient_mod, "straighten_patient", straighten)
+    monkeypatch.setattr(patient_mod, "remove_stale_crops", lambda *a, **k: None)
+    opt = StraightenOptions(spacing_mm=2.0, crop_mm=(64.0, 64.0, 32.0), labels_only=True, overwrite=True)
+    run_patient(str(root), PID, opt)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{PID}: label 17 (T10): 1 island(s) apart", f"{PID}: already named"], said
+    logging.getLogger("straighten.centroids").warning("after")
+    assert caplog.records[-1].getMessage() == "after"
