@@ -44,7 +44,7 @@ from data.aligned_sagittal_dataset import HOLE_MARGIN_MM
 from data.base_dataset import SPLITS, read_split, split_key
 from data.crops import Crop, CropStore, grid_warnings, read_cam
 from data.layout import shard
-from data.nifti_io import read_header, save_nifti
+from data.nifti_io import header_text, save_nifti
 from data.vertebra_sample import rows_for_mm
 from evaluation.heights import not_measurable
 from evaluation.rhlv import synthesis_problem
@@ -311,10 +311,9 @@ def made_by(path: Path) -> tuple[str, str] | None:
     if not path.exists():
         return None
     try:
-        descrip = read_header(path, "synthesised volume").header["descrip"].tobytes().split(b"\0")[0]
+        text = header_text(path, "synthesised volume")
     except InputError:
         return ("", "")
-    text = descrip.decode(errors="replace")
     if not text.startswith(DESCRIP_PREFIX):
         return ("", "")
     synthesis, _, inputs = text[len(DESCRIP_PREFIX) :].partition(" ")

@@ -39,6 +39,14 @@ def split_examples(
     """
     grades = read_split(split_file, phase)
     missing = [k for k in grades if crop_key(*split_key(k)) not in store]
+    label_only = [k for k in missing if store.paths(crop_key(*split_key(k)))[1].exists()]
+    if label_only:
+        raise input_error(
+            store.paths(crop_key(*split_key(label_only[0])))[0],
+            f"split {phase!r}: {len(label_only)} vertebrae have a label crop but no CT crop in "
+            f"{store.folder} (straightened with --labels_only?); the classifier learns from CT: "
+            "straighten them with their CT",
+        )
     if missing:
         raise input_error(
             split_file,

@@ -34,6 +34,8 @@ outside it (on the slices through the target).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -61,10 +63,11 @@ from Attention.train_classifier import CHECKPOINT_NAME, add_common_options
 from data.base_dataset import read_split, split_key
 from data.crops import Crop, CropStore, crop_key, save_like
 from data.layout import shard
+from data.nifti_io import header_text
 from options.base_options import device_of, parse_gpu_ids
 from util.atomic import read_json, write_json
 from util.checkpoint import file_sha256
-from util.errors import InputError, input_error
+from util.errors import InputError, folder_problem, input_error
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ log = logging.getLogger(__name__)
 MAPS_RECORD = "cam_maps.json"
 # What a record written before an entry existed means by its absence: the maps of that time.
 RECORD_DEFAULTS = {"cam_norm": "slice"}
+# In each map's NIfTI header: what made that map (a digest of its record), so a map left by another
+# classifier or other options (a partial --overwrite: --min_grade, --shard, an interrupted run)
+# is never taken for a finished one, whatever the folder's record says now.
+DESCRIP_PREFIX = "healthivert cam "
 CAM_NORMS = ("slice", "vertebra")
 
 
@@ -237,13 +244,10 @@ def fractured_keys(split_file: Path, min_grade: int) -> set[str]:
 
 
 def check_out_folder(out: Path) -> None:
-    """Raise if ``out`` cannot be a folder: it is a file, or a file stands where one of its parents would."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                problem = "" if path == out else f" ({path} is a file)"
-                raise input_error(out, f"--out is not a folder{problem}")
-            return
+    """Raise if ``out`` cannot be a folder to write maps in (:func:`util.errors.folder_problem`)."""
+    problem = folder_problem(out)
+    if problem:
+        raise input_error(out, f"--out {problem}")
 
 
 def write_problem(exc: OSError, target: Path) -> str:
@@ -291,12 +295,33 @@ def record_problem(out: Path, record: dict) -> str | None:
     )
 
 
-def is_finished(path: Path, sources: tuple[Path, ...]) -> bool:
-    """A map exists and is not older than the crop files it was made from."""
+def record_digest(record: dict) -> str:
+    """A short digest of a maps record, written into each map's header."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def map_digest(path: Path) -> str | None:
+    """The record digest in a map's header; None for a map written before maps carried one."""
+    try:
+        text = header_text(path, "CAM map")
+    except InputError:
+        return ""  # unreadable: not finished
+    return text[len(DESCRIP_PREFIX) :] if text.startswith(DESCRIP_PREFIX) else None
+
+
+def is_finished(path: Path, sources: tuple[Path, ...], digest: str | None = None) -> bool:
+    """A map exists, is not older than the crop files it was made from and, with ``digest``, was
+    made by this classifier and these options (a map without a digest in its header predates
+    them: the folder's record speaks for it)."""
     if not path.exists():
         return False
     made = path.stat().st_mtime
-    return all(not src.exists() or src.stat().st_mtime <= made for src in sources)
+    if not all(not src.exists() or src.stat().st_mtime <= made for src in sources):
+        return False
+    if digest is None:
+        return True
+    own = map_digest(path)
+    return own is None or own == digest
 
 
 def run(opt: argparse.Namespace) -> int:
@@ -316,15 +341,23 @@ def run(opt: argparse.Namespace) -> int:
     use_split = opt.vertebra_json or opt.min_grade is not None or split_file.exists()
     fractured = fractured_keys(split_file, min_grade) if use_split else set()
     keys = store.keys()
+    if not keys:
+        raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
     if opt.min_grade is not None:
         chosen = fractured_keys(split_file, opt.min_grade)
         keys = [k for k in keys if k in chosen]
+        if not keys:
+            raise input_error(
+                split_file,
+                f"no vertebra of grade >= {opt.min_grade} in the split has a crop in {store.folder}",
+            )
     try:
         keys = shard(keys, opt.shard)
     except ValueError as exc:
         raise input_error(None, str(exc)) from None
-    if not keys:
-        raise input_error(store.folder, "no CT crops to map (CT/ and label/ hold no common <pid>_<vid>)")
+    if not keys:  # more shards than crops: this one has nothing to do, which is not an error
+        print(f"shard {opt.shard}: no crops to map (the other shards have them all)")
+        return 0
     record = maps_record(checkpoint, plane, opt.cam_input, opt.cam_norm)
     problem = None if opt.overwrite else record_problem(out, record)
     if problem:
@@ -334,13 +367,14 @@ def run(opt: argparse.Namespace) -> int:
         log.warning("%s: maps without a record of what made them are kept (--overwrite redoes them)", out)
     pending_record = opt.overwrite or not unrecorded  # written with the first map
     cam = CamMaker(model, device, opt.batch_size, opt.cam_norm)
+    digest = record_digest(record)
 
     start = time.perf_counter()
     written, skipped, failed, inside_higher = 0, 0, [], []
     with tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra") as bar:  # closed before an error line
         for key in bar:
             path = out / f"{key}.nii.gz"
-            if not opt.overwrite and is_finished(path, store.paths(key)):
+            if not opt.overwrite and is_finished(path, store.paths(key), digest):
                 skipped += 1
                 continue
             try:
@@ -358,7 +392,7 @@ def run(opt: argparse.Namespace) -> int:
                 continue
             target = path
             try:
-                save_like(path, heatmap, crop.affine)
+                save_like(path, heatmap, crop.affine, descrip=DESCRIP_PREFIX + digest)
                 if not opt.no_png:
                     target = out / "png" / f"{key}.png"
                     title = f"{key} ({opt.cam_input}, per {opt.cam_norm})"

@@ -20,8 +20,10 @@ CUDA (bf16 autocast, channels_last) when present, else the CPU.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ from data.crops import CropStore
 from options.base_options import device_of, option_changes, parse_gpu_ids
 from util.atomic import write_json
 from util.checkpoint import save_checkpoint, seed_everything
-from util.errors import InputError, input_error
+from util.errors import InputError, folder_problem, input_error
 
 CHECKPOINT_NAME = "classifier.pth"
 # options that say where things are or run, not what is learnt
@@ -93,16 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_digest(split_file: str | os.PathLike) -> str:
+    """A digest of a split file's contents (its splits, vertebrae and grades; not its path or
+    layout): which vertebrae the classifier learns from and is judged on."""
+    data = read_split(split_file)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def saved_option_changes(checkpoint: Path, opt: argparse.Namespace) -> list[str]:
     """What this command would learn otherwise than the classifier saved at ``checkpoint``
     (:func:`options.base_options.option_changes` against the options in its JSON, leaving out
-    :data:`PLACE_OPTIONS`). Empty when they agree, and for a JSON without options or one that
-    cannot be read (nothing to compare: the classifier is taken as it is)."""
+    :data:`PLACE_OPTIONS`, and the contents of the split file). Empty when they agree. A JSON that
+    is missing or cannot be read, or holds no options (the weights were written and the run
+    stopped before its JSON), says nothing of how the weights were trained: that is a change."""
     try:
-        saved = json.loads(config_path(checkpoint).read_text())["extra"]["options"]
-        return option_changes(saved, opt, PLACE_OPTIONS)
+        extra = json.loads(config_path(checkpoint).read_text())["extra"]
+        saved = extra["options"]
+        changes = option_changes(saved, opt, PLACE_OPTIONS)
+    except FileNotFoundError:
+        return [f"no {config_path(checkpoint).name} beside the weights (a run stopped before writing it?)"]
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return [f"{config_path(checkpoint).name} unreadable or without the options it was trained with"]
+    split_file = opt.vertebra_json or str(Path(opt.dataroot) / "vertebra_data.json")
+    try:
+        now = split_digest(split_file)
+    except InputError:
+        return changes  # the run itself names what is wrong with the split file
+    made = extra.get("split_sha256")
+    if made is None:
+        changes.append("the split file not recorded there (saved before it was)")
+    elif made != now:
+        changes.append(f"another split file contents there ({split_file} now)")
+    return changes
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -171,6 +195,9 @@ def train(opt: argparse.Namespace) -> int:
         print(f"{checkpoint} exists: not training again (pass --overwrite to do so)")
         return 0
 
+    problem = folder_problem(out_dir)  # found now, not after the training
+    if problem:
+        raise input_error(out_dir, f"the classifier's folder {problem}")
     store = CropStore(opt.dataroot, cache_dir=opt.cache_dir)
     train_ex = split_examples(store, split_file, "train", opt.fracture_min_grade)
     if len(set(train_ex.values())) < 2:
@@ -257,6 +284,7 @@ def train(opt: argparse.Namespace) -> int:
         "val": history[-1] if history else {},
         "test": test,
         "patients_shared_with_train": shared,
+        "split_sha256": split_digest(split_file),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(state, checkpoint)

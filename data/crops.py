@@ -314,12 +314,15 @@ def read_cam(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray
     return np.clip(cam, 0.0, 1.0)
 
 
-def save_like(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write an array on a crop's grid (atomic, uint8 kept, float as float32)."""
+def save_like(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: str | None = None
+) -> None:
+    """Write an array on a crop's grid (atomic, uint8 kept, float as float32; ``descrip`` into
+    the header's description)."""
     from data.nifti_io import save_nifti
 
     dtype = np.uint8 if array.dtype == np.uint8 else np.float32
-    save_nifti(path, array, affine, dtype=dtype)
+    save_nifti(path, array, affine, dtype=dtype, descrip=descrip)
 
 
 def crop_grids(store: CropStore, keys) -> dict[CropGeometry, int]:

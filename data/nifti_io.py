@@ -97,6 +97,13 @@ def read_header(path: str | os.PathLike, what: str) -> nib.spatialimages.Spatial
         return nib.load(str(path))
 
 
+def header_text(path: str | os.PathLike, what: str) -> str:
+    """The description field of a NIfTI header (what wrote the file, in our outputs), up to its
+    first NUL; an InputError as :func:`read_header` for a missing or unreadable file."""
+    raw = read_header(path, what).header["descrip"].tobytes().split(b"\0")[0]
+    return raw.decode(errors="replace")
+
+
 def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """An image shape without trailing axes of length 1 beyond the third (a 3D volume saved 4D)."""
     shape = tuple(int(n) for n in shape)

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from Attention import grad_CAM_3d_sagittal, train_classifier
-from Attention.classifier import ClassifierConfig, build_classifier, load_classifier, parameter_count
+from Attention.classifier import (
+    ClassifierConfig,
+    build_classifier,
+    config_path,
+    load_classifier,
+    parameter_count,
+)
 from Attention.dataset import binary_metrics, binary_targets
 from Attention.slices import (
     height_band,
@@ -406,3 +412,52 @@ def test_window_under_one_voxel_is_refused(tiny_crops, capsys):
     rc = train_classifier.main(args + ["--window_mm", "0.5"])  # 2 mm voxels
     _one_line_error(capsys, rc, "--window_mm 0.5 is under one voxel (2 x 2 mm)")
     assert not (tiny_crops / "classifier").exists()
+
+
+def test_a_classifier_is_reused_only_with_its_record_and_the_same_split(tiny_crops, capsys):
+    """Weights without their classifier.json (a run stopped between the two writes), a JSON from
+    before the split was recorded, or another split's contents: not reused without --overwrite."""
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(tiny_crops), "--gpu_ids", "-1"]
+    small = ["--n_epochs", "1", "--iters_per_epoch", "1", "--batch_size", "2", "--width", "4"]
+    assert train_classifier.main(args + small) == 0
+    ckpt = tiny_crops / "classifier" / "classifier.pth"
+    record = json.loads(config_path(ckpt).read_text())
+    assert len(record["extra"]["split_sha256"]) == 16
+    # the same split written again in another layout is the same split
+    split = tiny_crops / "vertebra_data.json"
+    split.write_text(json.dumps(json.loads(split.read_text()), indent=4))
+    capsys.readouterr()
+    assert train_classifier.main(args + small) == 0 and "not training again" in capsys.readouterr().out
+    # train and val swapped
+    swapped = tiny_crops / "swapped.json"
+    swapped.write_text(json.dumps({"train": {"p0_20": 0, "p0_21": 3}, "val": {"p0_21": 3}}))
+    rc = train_classifier.main(args + small + ["--vertebra_json", str(swapped)])
+    _one_line_error(capsys, rc, "another split file contents there")
+    del record["extra"]["split_sha256"]
+    config_path(ckpt).write_text(json.dumps(record))
+    _one_line_error(capsys, train_classifier.main(args + small), "the split file not recorded there")
+    config_path(ckpt).unlink()
+    _one_line_error(capsys, train_classifier.main(args + small), "no classifier.json beside the weights")
+    assert train_classifier.main(args + small + ["--overwrite"]) == 0
+    assert config_path(ckpt).exists()
+
+
+def test_a_checkpoints_folder_that_cannot_be_made_is_refused_before_training(tiny_crops, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the folder was checked")
+
+    monkeypatch.setattr(train_classifier, "CropStore", no_work)
+    afile = tiny_crops / "afile"
+    afile.write_text("")
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(afile), "--gpu_ids", "-1"]
+    rc = train_classifier.main(args)
+    _one_line_error(
+        capsys, rc, f"{afile / 'classifier'}: the classifier's folder is not a folder ({afile} is a file)"
+    )
+
+
+def test_label_only_crops_are_named_as_such(tiny_crops, capsys):
+    for p in (tiny_crops / "straightened" / "CT").iterdir():
+        p.unlink()
+    args = ["--dataroot", str(tiny_crops), "--checkpoints_dir", str(tiny_crops), "--gpu_ids", "-1"]
+    _one_line_error(capsys, train_classifier.main(args), "have a label crop but no CT crop")

@@ -268,3 +268,39 @@ def test_patient_in_train_and_val_is_reported(crops, capsys):
     assert any("'val'" in line and "p0" in line for line in warnings), warnings
     saved = json.loads((crops / "classifier" / "classifier.json").read_text())
     assert saved["extra"].get("patients_shared_with_train") == {"val": ["p0"]}
+
+
+def test_maps_left_by_another_classifier_are_not_taken_for_finished(crops, capsys):
+    """A partial --overwrite (here --min_grade 3: only p0_21) rewrites the folder's record for the
+    new classifier; p0_20's map, still the old classifier's, must not pass as finished."""
+    args, ckpt, _ = _first_maps(crops)
+    before = _map(crops, "p0_20")
+    _save_classifier(ckpt, seed=1)
+    assert grad_CAM_3d_sagittal.main(args + ["--overwrite", "--min_grade", "3"]) == 0
+    capsys.readouterr()
+    rc = grad_CAM_3d_sagittal.main(args)
+    _redone_or_refused(capsys, rc, before, _map(crops, "p0_20"))
+    # and what it made is the new classifier's map
+    assert grad_CAM_3d_sagittal.main(args + ["--overwrite", "--out", str(crops / "fresh")]) == 0
+    np.testing.assert_array_equal(_map(crops, "p0_20"), _map(crops, "p0_20", folder="fresh"))
+
+
+def test_a_map_from_before_maps_carried_their_digest_is_kept_by_the_record(crops, capsys):
+    args, _, before = _first_maps(crops)
+    path = crops / "heatmap" / "p0_21.nii.gz"
+    img = nib.load(str(path))
+    write_nifti(path, np.asarray(img.dataobj), img.affine)  # no description: an older map
+    capsys.readouterr()
+    assert grad_CAM_3d_sagittal.main(args) == 0
+    assert "wrote 0 unmasked sagittal maps" in capsys.readouterr().out
+
+
+def test_an_empty_selection_says_why_and_an_empty_shard_is_no_error(crops, capsys):
+    args, _, _ = _first_maps(crops)
+    (crops / "vertebra_data.json").write_text(json.dumps({"train": {"p0_20": 0, "p0_21": 2}}))
+    capsys.readouterr()
+    rc = grad_CAM_3d_sagittal.main(args + ["--min_grade", "3", "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no vertebra of grade >= 3 in the split has a crop in" in err and "\n" not in err, err
+    assert grad_CAM_3d_sagittal.main(args + ["--shard", "5/8"]) == 0
+    assert "shard 5/8: no crops to map" in capsys.readouterr().out

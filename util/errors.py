@@ -27,6 +27,21 @@ def _names_a_path(message: str) -> bool:
     return bool(sep) and (os.path.isabs(head) or Path(head).exists())
 
 
+def folder_problem(folder: str | PathLike) -> str | None:
+    """Why ``folder`` cannot be made or written into, found without creating anything: a file
+    stands at it or at one of its parents, or its nearest existing parent is not writable. None
+    when it can be."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                return "is not a folder" + ("" if path == folder else f" ({path} is a file)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"cannot be written ({path} is not writable)"
+            return None
+    return None
+
+
 def input_error(path: str | PathLike | None, problem: str) -> InputError:
     """Build an :class:`InputError` whose message starts with the offending path, on one line.
 
