@@ -8,8 +8,9 @@ The model and its options come from ``C/NAME/opt.json``:
 - ``mask2ct``: the input is a label volume (``<case>_msk.nii.gz``); the labels are reoriented and
   resampled (nearest) as in training, one-hot encoded with the trained label subset, translated
   slice by slice along the trained ``--slice_axis`` and written as CT in HU (int16).
-- ``cycle_gan``: the input is an MR volume (domain A); it is normalised as in training and G_A
-  translates it slice by slice to CT, written in HU (int16; or in [-1, 1] float if domain B is MR).
+- ``cycle_gan``: the input is an MR volume (domain A); it is normalised as in training and the
+  A -> B generator (G_A; G_B for a run trained ``--direction BtoA``) translates it slice by slice
+  to CT, written in HU (int16; or in [-1, 1] float if domain B is MR).
 
 Slices are padded to the generator's stride multiple (2**num_downs for a U-Net generator, 4 for a
 ResNet one) and processed ``--batch_slices`` (>= 1) at a time; the prediction is resampled (linear)
@@ -76,6 +77,13 @@ def translate_slices(
     return out
 
 
+def domain_a_to_b(model, opt: argparse.Namespace) -> torch.nn.Module:
+    """The CycleGAN generator that translates the dataset's domain A (``trainA/``, ``--modality_A``)
+    to domain B: G_A when trained ``--direction AtoB`` (the default), G_B when trained ``BtoA``
+    (``set_input`` then swapped the domains, so G_A learned B -> A)."""
+    return model.netG_B if getattr(opt, "direction", "AtoB") == "BtoA" else model.netG_A
+
+
 def generator_inputs(opt: argparse.Namespace, path: Path, multiple: int) -> tuple[np.ndarray, Volume, Volume]:
     """(N, C, H', W') padded slices on the working grid, the working-grid volume and the input volume.
 
@@ -97,7 +105,7 @@ def predict_file(
     model, opt: argparse.Namespace, path: Path, batch_slices: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The synthetic volume (in HU when the output is CT) on ``path``'s grid, and that grid's affine."""
-    net = model.netG if opt.model == "mask2ct" else model.netG_A
+    net = model.netG if opt.model == "mask2ct" else domain_a_to_b(model, opt)
     slices, work, original = generator_inputs(opt, path, stride_multiple(net))
     h, w = np.delete(np.array(work.shape), opt.slice_axis)
     unit = np.moveaxis(
@@ -154,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             files = [src]
         else:
             raise input_error(src, "input not found")
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise input_error(out_dir, "--out must be a folder; this is a file")
+        if src.is_dir() and out_dir.resolve() == src.resolve():
+            # outputs would join the inputs: a rerun would translate them again (<stem>_synthct_synthct)
+            raise input_error(out_dir, "--out must not be the input folder")
         model, opt = load_model(args.checkpoints_dir, args.name, args.epoch, args.device)
         if args.dropout_noise:
             for module in model.networks().values():
@@ -171,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             written += 1
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable --out
+        print(f"error: {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
         return 2
     print(f"{opt.model}: {written} volumes written, {skipped} skipped (exist; --overwrite) in {args.out}")
     return 0

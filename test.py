@@ -33,6 +33,7 @@ from util.visualizer import save_image, tensor2im
 
 TEST_KEYS = ("isTrain", "results_dir", "aspect_ratio", "phase", "eval", "num_test", "epoch", "load_iter")
 TEST_KEYS += ("serial_batches", "num_threads", "batch_size", "no_flip", "gpu_ids", "continue_train", "name")
+TEST_KEYS += ("max_dataset_size",)  # a training run's sample cap is no cap on what is tested
 
 
 def test_options(argv: list[str]):
@@ -72,22 +73,33 @@ def loader_message(exc: BaseException) -> str:
     return one_line(text)
 
 
+def sample_stem(paths: list, index: int, used: set[str]) -> str:
+    """A unique image-name stem for a test sample: its file's stem, with the slice of a slice dataset
+    (``case.nii.gz#slice40`` -> ``case_slice40``), never one an earlier sample of this page took."""
+    if paths:
+        name, _, part = Path(str(paths[0])).name.partition("#")
+        stem = name.split(".")[0] + (f"_{part}" if part else "")
+    else:
+        stem = f"{index:05d}"
+    if stem in used:
+        stem = f"{stem}_{index:05d}"
+    used.add(stem)
+    return stem
+
+
 def write_results(opt, dataset, model, web_dir: Path, title: str) -> int:
     """Test ``opt.num_test`` samples and write their images and ``index.html`` under ``web_dir``."""
     page = HTML(web_dir, title)
     if opt.eval:
         model.eval()
     done = 0
+    used: set[str] = set()
     for i, data in enumerate(dataset):
         if i >= opt.num_test:
             break
         model.set_input(data)
         model.test()
-        stem = (
-            Path(str(model.get_image_paths()[0])).name.split(".")[0]
-            if model.get_image_paths()
-            else f"{i:05d}"
-        )
+        stem = sample_stem(model.get_image_paths(), i, used)
         names, paths = [], []
         for label, tensor in model.get_current_visuals().items():
             rel = f"images/{stem}_{label}.png"

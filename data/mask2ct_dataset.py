@@ -93,13 +93,15 @@ def augment_pair(
     max_scale: float = 0.1,
     max_shift: float = 0.05,
     intensity: float = 0.03,
+    flip: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random flips, small affine (about the centre) and intensity change, applied to both alike.
+    """Random flips (unless ``flip`` is False), small affine (about the centre) and intensity change,
+    applied to both alike.
 
     ``label`` is warped with nearest neighbour, ``image`` (in [-1, 1]) linearly; outside -> 0 / -1.
     """
     for axis in (0, 1):
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and flip:
             label, image = np.flip(label, axis), np.flip(image, axis)
     angle = np.deg2rad(rng.uniform(-max_rot_deg, max_rot_deg))
     scale = 1.0 + rng.uniform(-max_scale, max_scale)
@@ -204,7 +206,13 @@ class Mask2ctDataset(BaseDataset):
         labels, ct = self.volumes[case][0][k], self.volumes[case][1][k]
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()) if self.train else index)
         if self.augment:
-            labels, ct = augment_pair(labels, ct, rng, intensity=self.opt.intensity_aug)
+            labels, ct = augment_pair(
+                labels,
+                ct,
+                rng,
+                intensity=self.opt.intensity_aug,
+                flip=not getattr(self.opt, "no_flip", False),
+            )
         centre = None
         if self.train:
             fg = np.argwhere(np.isin(labels, [v for v in self.subset if v != 0]))

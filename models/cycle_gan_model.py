@@ -126,6 +126,18 @@ class CycleGanModel(BaseModel):
             return
         if opt.lambda_identity > 0 and opt.input_nc != opt.output_nc:
             raise input_error(None, "--lambda_identity needs input_nc == output_nc")
+        # what would otherwise fail at the first iteration, with a traceback, after the run folder
+        # (opt.json, loss_log.txt) is written: training crops are --crop_size square
+        if opt.crop_size % 4:
+            raise input_error(
+                None, f"--crop_size must be divisible by 4 (generator strides), got {opt.crop_size}"
+            )
+        if opt.lambda_cc > 0 and opt.cc_window != 0 and not 2 <= opt.cc_window <= opt.crop_size:
+            raise input_error(
+                None,
+                f"--cc_window must be 0 (global only) or in [2, --crop_size {opt.crop_size}], "
+                f"got {opt.cc_window}",
+            )
         self.model_names += ["D_A", "D_B"]
         self.netD_A = prepare_net(
             define_D(opt.output_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm),

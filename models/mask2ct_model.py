@@ -21,6 +21,7 @@ from models.losses.gan import GANLoss, gradient_penalty
 from models.networks import init_net
 from models.networks.patchgan import define_D
 from models.networks.unet import unet_for_size
+from util.errors import input_error
 
 
 def prepare_net(
@@ -37,15 +38,24 @@ class Mask2ctModel(BaseModel):
         parser: argparse.ArgumentParser, is_train: bool
     ) -> argparse.ArgumentParser:
         parser.set_defaults(ngf=64, ndf=64, norm="batch", netG="unet", crop_size=128, gan_mode="vanilla")
-        parser.set_defaults(dataset_mode="mask2ct", batch_size=4)
-        if is_train:
+        parser.set_defaults(dataset_mode="mask2ct")
+        if is_train:  # test.py keeps its one sample per batch (one page entry per held-out slice)
+            parser.set_defaults(batch_size=4)
             parser.add_argument("--lambda_L1", type=float, default=100.0, help="weight of the L1 loss")
         return parser
 
     def __init__(self, opt: argparse.Namespace):
         super().__init__(opt)
         self.subset = parse_labels(getattr(opt, "labels", None), getattr(opt, "config", None))
+        # the run's options (opt.json) record the subset itself, not the path of a config file that
+        # test.py and predict_volume.py would otherwise re-read (from their working directory, as it
+        # is by then): the channels a network was trained on are fixed with its weights
+        opt.labels, opt.config = ",".join(map(str, self.subset)), None
         n_in = len(self.subset)
+        if opt.netG not in ("unet", "unet_128", "unet_256"):  # the generator is always a U-Net
+            raise input_error(
+                None, f"--model mask2ct has a U-Net generator (depth from --crop_size); got --netG {opt.netG}"
+            )
         self.loss_names = ["G_GAN", "G_L1", "D_real", "D_fake"]
         self.visual_names = ["real_A_map", "fake_B", "real_B"]
         self.model_names = ["G", "D"] if self.isTrain else ["G"]

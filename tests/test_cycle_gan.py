@@ -419,3 +419,35 @@ def test_a_shape_extractor_with_other_input_channels_is_refused_by_name(tmp_path
     save_checkpoint({"config": net.config(), "state_dict": net.state_dict()}, good)
     model = create_model(TrainOptions().parse([*argv, "--shape_extractor", str(good)]))
     assert model.netS.input_nc == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (("--crop_size", "30"), "--crop_size must be divisible by 4"),
+        (
+            ("--lambda_cc", "1", "--cc_window", "64"),
+            "--cc_window must be 0 (global only) or in [2, --crop_size",
+        ),
+    ],
+)
+def test_sizes_the_networks_cannot_take_are_refused_before_the_run_starts(
+    unpaired_root, tmp_path, capsys, extra, said
+):
+    import train
+
+    assert train.main(_train_argv(unpaired_root, tmp_path, "bad", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_trained_b_to_a_predicts_with_the_generator_from_domain_a():
+    import types
+
+    from predict_volume import domain_a_to_b
+
+    model = types.SimpleNamespace(netG_A="G_A", netG_B="G_B")
+    assert domain_a_to_b(model, _cycle_gan_opt()) == "G_A"
+    assert domain_a_to_b(model, _cycle_gan_opt(direction="AtoB")) == "G_A"
+    assert domain_a_to_b(model, _cycle_gan_opt(direction="BtoA")) == "G_B"

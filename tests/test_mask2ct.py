@@ -169,3 +169,74 @@ def test_label_ids_beyond_int16_survive_loading(tmp_path, label):
     assert int(item["A"][1].sum()) == 100 and int(item["A"][2].sum()) == 16
     _, shape = load_domain_volume(mask.parent / "c.nii.gz", "ct", 1.0, (-1024.0, 2048.0), mask)
     assert int(shape.sum()) == 6 * (100 + 16)
+
+
+def test_a_run_keeps_its_labels_and_its_test_page_shows_every_held_out_slice(heart_root, tmp_path, capsys):
+    """Trained from a --config file: opt.json records the label subset itself (test.py and
+    predict_volume.py re-read the file from wherever they ran, and an edited file swapped the
+    channels); test.py tests one slice per sample, each under its own image names, however many
+    samples the training run was capped at."""
+    import predict_volume
+    import test as test_script
+    import train
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"LABELS": [0, 1, 2, 3]}))
+    ckpt = tmp_path / "C"
+    argv = ["--model", "mask2ct", "--dataroot", str(heart_root), "--config", str(cfg), "--name", "m2c"]
+    argv += ["--checkpoints_dir", str(ckpt), "--n_epochs", "1", "--n_epochs_decay", "0", "--batch_size", "2"]
+    argv += ["--max_dataset_size", "2", "--display_id", "0", *TINY]
+    assert train.main(argv) == 0
+    saved = json.loads((ckpt / "m2c" / "opt.json").read_text())
+    assert saved["labels"] == "0,1,2,3" and saved["config"] is None
+    cfg.write_text(json.dumps({"LABELS": [0, 3, 2, 1]}))  # edited after training: not what the run learnt
+    results = tmp_path / "R"
+    args = ["--dataroot", str(heart_root), "--name", "m2c", "--checkpoints_dir", str(ckpt)]
+    assert test_script.main([*args, "--results_dir", str(results), "--phase", "test", "--num_test", "3"]) == 0
+    assert "tested 3 samples" in capsys.readouterr().out
+    fakes = sorted(p.name for p in results.rglob("*_fake_B.png"))
+    assert len(fakes) == 3 and all("_slice" in name for name in fakes), fakes
+    page = next(results.rglob("index.html")).read_text()
+    assert all(name in page for name in fakes)
+    # predict_volume: --out must be a folder other than the input folder
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "heart_msk.nii.gz").symlink_to(heart_root / "raw" / "heart" / "heart_msk.nii.gz")
+    pred = ["--checkpoints_dir", str(ckpt), "--name", "m2c", "--input", str(masks)]
+    assert predict_volume.main([*pred, "--out", str(masks)]) == 2
+    assert "--out must not be the input folder" in capsys.readouterr().err
+    assert predict_volume.main([*pred, "--out", str(cfg)]) == 2
+    assert "--out must be a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in masks.iterdir()) == ["heart_msk.nii.gz"]
+
+
+def test_flags_mask2ct_cannot_honour_are_refused_or_honoured(heart_root, tmp_path, capsys):
+    import train
+
+    argv = ["--model", "mask2ct", "--dataroot", str(heart_root), "--labels", "0,1", "--name", "m"]
+    argv += [
+        "--checkpoints_dir",
+        str(tmp_path),
+        "--display_id",
+        "0",
+        "--n_epochs",
+        "1",
+        "--n_epochs_decay",
+        "0",
+    ]
+    argv += ["--max_dataset_size", "2", *TINY]
+    assert train.main([*argv, "--netG", "resnet_9blocks"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "U-Net generator" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+    labels = np.zeros((48, 48), np.int16)
+    labels[5:20, 3:12] = 1  # off-centre: a flip moves it
+    image = np.where(labels > 0, 0.8, -0.8).astype(np.float32)
+    rng = np.random.default_rng(0)
+    kept = [
+        np.array_equal(
+            augment_pair(labels, image, rng, max_rot_deg=0, max_scale=0, max_shift=0, flip=False)[0], labels
+        )
+        for _ in range(20)
+    ]
+    assert all(kept)

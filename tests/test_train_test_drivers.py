@@ -252,3 +252,14 @@ def test_an_evaluation_pass_takes_exactly_max_dataset_size_samples():
         opt = argparse.Namespace(**base, isTrain=False, max_dataset_size=limit, phase="val")
         paths = [p for batch in create_dataset(opt) for p in batch["path"]]
         assert paths == [f"sample{i}.png" for i in range(expected)]
+
+
+def test_sample_names_keep_the_slice_and_never_repeat():
+    from test import sample_stem
+
+    used: set[str] = set()
+    assert sample_stem(["/d/heart.nii.gz#slice40"], 0, used) == "heart_slice40"
+    assert sample_stem(["/d/heart.nii.gz#slice41"], 1, used) == "heart_slice41"
+    assert sample_stem(["/d/heart.nii.gz#slice40"], 2, used) == "heart_slice40_00002"
+    assert sample_stem(["/d/p0_20.nii.gz"], 3, used) == "p0_20"
+    assert sample_stem([], 4, used) == "00004"
