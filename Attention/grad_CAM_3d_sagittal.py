@@ -374,7 +374,8 @@ def run(opt: argparse.Namespace) -> int:
     with tqdm(keys, desc=f"grad-cam++ {plane}", unit="vertebra") as bar:  # closed before an error line
         for key in bar:
             path = out / f"{key}.nii.gz"
-            if not opt.overwrite and is_finished(path, store.paths(key), digest):
+            overlay_missing = not opt.no_png and not (out / "png" / f"{key}.png").exists()
+            if not opt.overwrite and not overlay_missing and is_finished(path, store.paths(key), digest):
                 skipped += 1
                 continue
             try:

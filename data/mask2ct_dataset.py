@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def parse_labels(spec: str | None, config: str | os.PathLike | None = None) -> list[int]:
-    """The label subset from ``--labels 0,1,3`` or a JSON config with ``"LABELS": [...]``."""
+    """The label subset from ``--labels 0,1,3`` or a JSON config with ``"LABELS": [...]`` (not both)."""
+    if config and spec:
+        raise input_error(config, f"give --labels ({spec}) or --config, not both")
     if config:
         data = read_json(config, "mask2ct config")
         values = data.get("LABELS") if isinstance(data, dict) else None

@@ -304,3 +304,14 @@ def test_an_empty_selection_says_why_and_an_empty_shard_is_no_error(crops, capsy
     assert rc == 2 and "no vertebra of grade >= 3 in the split has a crop in" in err and "\n" not in err, err
     assert grad_CAM_3d_sagittal.main(args + ["--shard", "5/8"]) == 0
     assert "shard 5/8: no crops to map" in capsys.readouterr().out
+
+
+def test_a_rerun_that_wants_overlays_writes_the_missing_ones(crops, capsys):
+    args, _, before = _first_maps(crops)  # made with --no_png
+    args = [a for a in args if a != "--no_png"]
+    capsys.readouterr()
+    assert grad_CAM_3d_sagittal.main(args) == 0
+    assert sorted(p.name for p in (crops / "heatmap" / "png").iterdir()) == ["p0_20.png", "p0_21.png"]
+    np.testing.assert_array_equal(before, _map(crops))  # the same classifier: the same map
+    assert grad_CAM_3d_sagittal.main(args) == 0
+    assert "wrote 0 " in capsys.readouterr().out

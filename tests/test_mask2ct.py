@@ -32,6 +32,8 @@ def test_label_subset_maps_as_documented(tmp_path):
     for bad in ("0,a", "1,1", None):
         with pytest.raises(InputError):
             parse_labels(bad, None)
+    with pytest.raises(InputError, match="not both"):  # the config used to win silently
+        parse_labels("0,2", config)
 
 
 def test_augmentation_keeps_mask_and_image_aligned():
