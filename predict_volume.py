@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dropout_noise", action="store_true", help="keep dropout on (mask2ct: diverse samples)"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --dropout_noise: the sample drawn (each volume from this seed)",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.batch_slices < 1:
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             if out.exists() and not args.overwrite:
                 skipped += 1
                 continue
+            torch.manual_seed(args.seed)  # a volume's sample does not depend on the volumes before it
             array, affine = predict_file(model, opt, path, args.batch_slices)
             save_nifti(out, array, affine, descrip=f"{opt.model} {args.name} epoch {args.epoch}")
             written += 1

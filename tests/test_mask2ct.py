@@ -242,3 +242,33 @@ def test_flags_mask2ct_cannot_honour_are_refused_or_honoured(heart_root, tmp_pat
         for _ in range(20)
     ]
     assert all(kept)
+
+
+def test_dropout_samples_follow_the_seed_volume_by_volume(tmp_path, monkeypatch):
+    """--dropout_noise draws a sample: --seed picks it, and each volume's draw starts from the seed
+    (the same volume gives the same sample alone or after others)."""
+    import types
+
+    import torch
+
+    import predict_volume
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a_msk.nii.gz", "b_msk.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4)), str(src / name))
+    model = types.SimpleNamespace(networks=lambda: {})
+    monkeypatch.setattr(predict_volume, "load_model", lambda *a: (model, argparse.Namespace(model="mask2ct")))
+    monkeypatch.setattr(
+        predict_volume, "predict_file", lambda *a: (torch.rand(2, 2, 2).numpy().astype(np.float32), np.eye(4))
+    )
+
+    def sample(seed: int, what=src) -> dict:
+        out = tmp_path / f"out{seed}_{Path(what).name}"
+        args = ["--checkpoints_dir", "C", "--name", "m", "--input", str(what), "--out", str(out)]
+        assert predict_volume.main([*args, "--dropout_noise", "--seed", str(seed)]) == 0
+        return {p.name: np.asarray(nib.load(str(p)).dataobj) for p in out.iterdir()}
+
+    first, again, other = sample(1), sample(1, src / "b_msk.nii.gz"), sample(2)
+    np.testing.assert_array_equal(first["b_msk_synthct.nii.gz"], again["b_msk_synthct.nii.gz"])
+    assert not np.array_equal(first["a_msk_synthct.nii.gz"], other["a_msk_synthct.nii.gz"])
