@@ -258,14 +258,16 @@ def test_a_run_trained_with_other_options_is_trained_again(tmp_path, monkeypatch
         assert not calls and "trained run exists, reused" in out_text
 
 
-@pytest.mark.parametrize("with_config", [False, True])
-def test_classifier_without_its_json_is_trained_again(tmp_path, monkeypatch, with_config):
+@pytest.mark.parametrize("config", [None, "{}"])
+def test_classifier_without_its_json_is_trained_again(tmp_path, monkeypatch, config):
+    """Weights without their JSON (written before it), or with a JSON that records no options (it
+    says nothing of how they were trained), are trained again."""
     out = tmp_path / "W"
     run = out / "checkpoints" / "classifier"
     run.mkdir(parents=True)
     (run / "classifier.pth").write_bytes(b"x")  # written before classifier.json
-    if with_config:
-        (run / "classifier.json").write_text("{}")
+    if config is not None:
+        (run / "classifier.json").write_text(config)
     calls = {}
     for script in (demo.train_classifier, demo.grad_CAM_3d_sagittal):
         monkeypatch.setattr(
@@ -274,15 +276,18 @@ def test_classifier_without_its_json_is_trained_again(tmp_path, monkeypatch, wit
     demo.Pipeline(out, quick_opt(out), demo.QUICK).attention()
     assert len(calls) == 2
     for argv in calls.values():
-        assert ("--overwrite" in argv) == (not with_config)
+        assert "--overwrite" in argv
 
 
-@pytest.mark.parametrize("central_fraction", [0.3, None])
+@pytest.mark.parametrize("central_fraction, split", [(0.3, "same"), (None, "same"), (None, "other")])
 def test_classifier_trained_with_other_options_is_trained_again(
-    tmp_path, monkeypatch, capsys, central_fraction
+    tmp_path, monkeypatch, capsys, central_fraction, split
 ):
-    """A classifier left by a demo with other classifier options (an older default) is not reused."""
+    """A classifier left by a demo with other classifier options (an older default), or trained on
+    another split, is not reused."""
     out = tmp_path / "W"
+    write_split(out / "phantom", {"train": {"phantom000_20": 0}, "val": {"phantom001_20": 0}})
+    digest = demo.train_classifier.split_digest(out / "phantom" / "vertebra_data.json")
     pipeline = demo.Pipeline(out, quick_opt(out), demo.QUICK)
     calls = {}
     for script in (demo.train_classifier, demo.grad_CAM_3d_sagittal):
@@ -297,14 +302,17 @@ def test_classifier_trained_with_other_options_is_trained_again(
     run = out / "checkpoints" / "classifier"
     run.mkdir(parents=True, exist_ok=True)
     (run / "classifier.pth").write_bytes(b"x")
-    (run / "classifier.json").write_text(json.dumps({"extra": {"options": options}}))
+    extra = {"options": options, "split_sha256": digest if split == "same" else "0" * 16}
+    (run / "classifier.json").write_text(json.dumps({"extra": extra}))
     calls.clear()
     capsys.readouterr()
     demo.Pipeline(out, quick_opt(out), demo.QUICK).attention()  # a rerun of the demo
-    again = central_fraction is not None
+    again = central_fraction is not None or split == "other"
     for argv in calls.values():
         assert ("--overwrite" in argv) == again
-    assert ("--central_fraction 0.3 there, 0.6 now" in capsys.readouterr().out) == again
+    said = capsys.readouterr().out
+    assert ("--central_fraction 0.3 there, 0.6 now" in said) == (central_fraction is not None)
+    assert ("another split file contents there" in said) == (split == "other")
 
 
 def write_split(root, split):
