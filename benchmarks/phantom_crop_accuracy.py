@@ -62,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--axial_rotation_deg", type=float, default=0.0, help="quirk: patient turned about the spine (deg)"
     )
-    parser.add_argument("--crop_ap", default="anatomy", help="straighten_mask_3d: anatomy or scanner")
+    parser.add_argument(
+        "--crop_ap",
+        default="anatomy",
+        choices=("anatomy", "scanner"),
+        help="straighten_mask_3d: anatomy or scanner",
+    )
     parser.add_argument("--osteophyte_mm", type=float, default=0.0, help="anterior osteophyte quirk (mm)")
     parser.add_argument("--root", type=Path, default=None, help="keep (or reuse) the dataset here")
     parser.add_argument(
         "--label_resampling",
         default="distance",
+        choices=("distance", "linear", "nearest"),
         help="passed to straighten_mask_3d (distance, linear, nearest)",
     )
     parser.add_argument("--details", action="store_true", help="print every complete vertebra's errors")
@@ -88,7 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         quirks = dataclasses.replace(quirks or Quirks(), osteophyte_mm=opt.osteophyte_mm)
     with contextlib.ExitStack() as stack:
         root = opt.root or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        if not (root / "truth" / "vertebrae.csv").is_file():
+        # what the dataset was generated with: a reused --root must hold the dataset asked for
+        asked = {
+            "patients": opt.patients,
+            "spacing_mm": opt.spacing_mm,
+            "seed": opt.seed,
+            "fracture_fraction": opt.fracture_fraction,
+            "levels": opt.levels,
+            "quirks": dataclasses.asdict(quirks) if quirks else None,
+        }
+        record = root / "phantom_crop_accuracy_dataset.json"
+        if (root / "truth" / "vertebrae.csv").is_file():
+            held = json.loads(record.read_text()) if record.is_file() else None
+            if held is None:
+                raise SystemExit(f"error: {root} holds a dataset of unknown options; use another --root")
+            held["quirks"] = held["quirks"] and {
+                k: (tuple(v) if isinstance(v, list) else v) for k, v in held["quirks"].items()
+            }
+            if held != asked:
+                diff = ", ".join(f"{k} {held[k]} (asked {asked[k]})" for k in asked if held[k] != asked[k])
+                raise SystemExit(
+                    f"error: {root} holds a dataset of other options: {diff}; use another --root"
+                )
+        else:
+            record.unlink(missing_ok=True)
             generate(
                 root,
                 opt.patients,
@@ -100,15 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
                 quirks=quirks,
             )
+            record.write_text(json.dumps(asked))
         start = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = straighten_mask_3d.main(
                 ["--dataroot", str(root), "--spacing_mm", str(opt.spacing_mm), "--workers", str(opt.workers)]
                 + ["--overwrite", "--label_resampling", opt.label_resampling, "--crop_ap", opt.crop_ap]
             )
         seconds = time.perf_counter() - start
         if code:
-            raise SystemExit("straightening failed")
+            last = err.getvalue().strip().splitlines()
+            raise SystemExit(f"error: straightening failed: {last[-1] if last else f'exit {code}'}")
         with open(root / "truth" / "vertebrae.csv") as f:
             rows = list(csv.DictReader(f))
         errors, old_errors, ratios, missed, false_cut, details = [], [], [], [], [], []

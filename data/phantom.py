@@ -1189,6 +1189,31 @@ def option_problem(opt: argparse.Namespace) -> str | None:
         return f"--spacing_mm must be a number in (0, 4], got {opt.spacing_mm}"
     if not np.isfinite(opt.fracture_fraction) or not 0 <= opt.fracture_fraction <= 1:
         return f"--fracture_fraction must be in [0, 1], got {opt.fracture_fraction}"
+    given = [
+        flag
+        for flag, value in (
+            ("--truncate", opt.truncate.strip(" ,")),
+            ("--bevel_mm", opt.bevel_mm),
+            ("--tilt_deg", opt.tilt_deg),
+        )
+        if value
+    ]
+    if opt.quirks and given:
+        return (
+            f"--quirks sets --truncate cranial,caudal,lateral --bevel_mm 5 --tilt_deg 6; "
+            f"it would ignore {' '.join(given)}: pass those flags without --quirks"
+        )
+    for flag in (
+        "slice_mm",
+        "bevel_mm",
+        "tilt_deg",
+        "oblique_deg",
+        "lumbosacral_deg",
+        "axial_rotation_deg",
+        "osteophyte_mm",
+    ):
+        if not np.isfinite(getattr(opt, flag)):
+            return f"--{flag} must be a finite number, got {getattr(opt, flag)}"
     out = Path(opt.out)
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"

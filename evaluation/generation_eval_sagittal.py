@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data.base_dataset import SPLITS
 from data.crops import CropStore
 from data.layout import curve_path
-from data.nifti_io import load_ct, load_mask
+from data.nifti_io import load_ct, load_mask, read_header
 from evaluation import generation_metrics as gm
 from evaluation.eval_io import (
     check_output_folder,
@@ -128,6 +128,13 @@ class TruthCache:
             mask = load_mask(self.dir / pid / f"{pid}_healthy_msk.nii.gz")
             if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
                 raise input_error(mask.path, "healthy mask and healthy CT are not on one grid")
+            raw = self.root / "raw" / pid / f"{pid}_msk.nii.gz"
+            if raw.is_file():  # the truth must be of the scan the crops were cut from
+                scan = read_header(raw, "mask")
+                if tuple(scan.shape[:3]) != tuple(ct.shape) or not np.allclose(
+                    scan.affine, ct.affine, atol=1e-3
+                ):
+                    raise input_error(ct.path, f"not on the grid of {raw}: the truth of another phantom?")
             record = read_json(
                 curve_path(self.root, pid), "straightening record", "straighten the phantom first"
             )
@@ -218,6 +225,20 @@ def run(opt: argparse.Namespace) -> dict:
         raise input_error(None, f"--min-area-mm2 must be a finite area >= 0, got {opt.min_area_mm2}")
     entries = split_entries(json_path, phases)
     truth = TruthCache(Path(opt.truth), store.folder.parent) if opt.truth else None
+    if truth is not None:  # the split file and the truth table come from one phantom
+        truth_csv = Path(opt.truth) / "vertebrae.csv"
+        for e in entries:
+            row = truth.table.get((e.pid, e.vid))
+            if row is None:
+                raise input_error(
+                    truth_csv, f"has no row for {e.key} of {json_path}: the truth of another phantom?"
+                )
+            if row.grade != e.grade:
+                raise input_error(
+                    truth_csv,
+                    f"grade {row.grade} of {e.key} differs from {e.grade} in {json_path}: "
+                    "the truth of another phantom?",
+                )
     eval_rows, truth_rows = [], []
     missing = 0
     for e in tqdm(entries, desc=f"generation metrics ({opt.plane})", unit="vertebra"):
@@ -262,6 +283,8 @@ def run(opt: argparse.Namespace) -> dict:
     if truth is not None:
         summary["truth"] = summarise(truth_rows, TRUTH_COLUMNS)
         write_text(result / "truth_eval.csv", csv_text(truth_rows, TRUTH_COLUMNS))
+    else:  # a table of an earlier run with --truth would disagree with this summary
+        (result / "truth_eval.csv").unlink(missing_ok=True)
     write_json(result / "summary.json", summary)  # last: marks the folder finished
     return summary
 

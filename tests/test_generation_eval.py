@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -263,3 +265,45 @@ def test_truth_table_of_another_kind_or_encoding_is_an_input_error(tmp_path):
     path.write_bytes(TRUTH_HEADER.encode() + "p1,20,0,n\xf6ne,25,25,25,25,25,25\n".encode("latin-1"))
     with pytest.raises(InputError, match="not a readable UTF-8 CSV"):
         read_truth_table(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_truth_of_another_phantom_is_refused(fractured_phantom, tmp_path, capsys):
+    root = fractured_phantom
+    write_truth_as_synthesis(root, tmp_path / "O")
+    r = tmp_path / "R"
+    args = ["--dataroot", str(root), "--output-folder", str(tmp_path / "O"), "--result-folder", str(r)]
+    args += ["--phase", "train"]
+    # another phantom's table: a grade that disagrees with the split file
+    other = tmp_path / "other_truth"
+    shutil.copytree(root / "truth", other)
+    table = (other / "vertebrae.csv").read_text().splitlines()
+    head, first = table[0].split(","), table[1].split(",")
+    first[head.index("grade")] = "0"
+    (other / "vertebrae.csv").write_text("\n".join([table[0], ",".join(first), *table[2:]]) + "\n")
+    capsys.readouterr()
+    assert gen_eval.main([*args, "--truth", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "the truth of another phantom?" in err and "\n" not in err, err
+    # the right grades, but healthy volumes on another grid than the scan the crops were cut from
+    shutil.copy(root / "truth" / "vertebrae.csv", other / "vertebrae.csv")
+    pid = first[head.index("pid")]
+    for name in (f"{pid}_healthy.nii.gz", f"{pid}_healthy_msk.nii.gz"):
+        img = nib.load(str(other / pid / name))
+        shifted = img.affine.copy()
+        shifted[:3, 3] += 10.0
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), str(other / pid / name))
+    assert gen_eval.main([*args, "--truth", str(other)]) == 2
+    assert "not on the grid of" in capsys.readouterr().err
+    assert not (r / "summary.json").exists()
+    assert gen_eval.main([*args, "--truth", str(root / "truth")]) == 0
+
+
+def test_a_rerun_without_truth_leaves_no_truth_table_of_an_earlier_run(tiny):
+    d, r = tiny / "D", tiny / "R"
+    args = ["--dataroot", str(d), "--output-folder", str(tiny / "O"), "--result-folder", str(r)]
+    r.mkdir()
+    (r / "truth_eval.csv").write_text("pid,vid\np,20\n")  # what a run with --truth left
+    assert gen_eval.main([*args, "--overwrite"]) == 0
+    assert not (r / "truth_eval.csv").exists()
+    assert "truth" not in json.loads((r / "summary.json").read_text())

@@ -189,6 +189,24 @@ def test_cli_refuses_to_overwrite_and_checks_arguments(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--quirks", "--bevel_mm", "2"], "it would ignore --bevel_mm"),
+        (["--quirks", "--tilt_deg", "1", "--truncate", "cranial"], "it would ignore --truncate --tilt_deg"),
+        (["--bevel_mm", "nan"], "--bevel_mm must be a finite number"),
+        (["--slice_mm", "nan"], "--slice_mm must be a finite number"),
+    ],
+)
+def test_quirk_flags_that_would_be_ignored_are_refused(tmp_path, capsys, extra, said):
+    """--quirks sets the truncation, bevel and tilt itself: values given beside it were dropped
+    silently, and a NaN passed every range check and turned its quirk off."""
+    assert main(["--out", str(tmp_path / "q"), "--patients", "1", "--spacing_mm", "3", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_fracture_fraction_extremes(tmp_path, fraction):
     rows = generate(
