@@ -61,8 +61,8 @@ from tqdm import tqdm
 from data import create_dataset
 from data.crops import dataset_crops, record_grids
 from models import create_model
-from options.base_options import save_options, setup
-from options.train_options import TrainOptions
+from options.base_options import option_changes, save_options, setup
+from options.train_options import PLACE_OPTIONS, TrainOptions
 from util import distributed
 from util.atomic import read_json, write_json
 from util.checkpoint import rng_state, seed_everything, set_rng_state
@@ -103,6 +103,43 @@ def record_crop_geometry(dataset, run_dir: Path) -> None:
         record_grids(*crops, run_dir)
     except (InputError, ValueError) as exc:
         print(f"warning: the training crops' grid is not recorded ({exc})", file=sys.stderr)
+
+
+def check_mid_epoch_resume(opt: argparse.Namespace, resume: dict | None, world: int) -> None:
+    """A mid-epoch train state counts the epoch's finished batches: resuming it with another batch
+    size or number of processes would skip other samples than were trained. InputError then."""
+    if not (opt.continue_train and resume and resume.get("batches_done")):
+        return
+    saved_batch, saved_world = resume.get("batch_size"), resume.get("world_size", world)
+    if saved_batch not in (None, opt.batch_size) or saved_world != world:
+        raise InputError(
+            f"{opt.name}: the train state was saved {resume['batches_done']} batches into epoch "
+            f"{resume['epoch'] + 1} with --batch_size {saved_batch} on {saved_world} process(es), this run "
+            f"has --batch_size {opt.batch_size} on {world}: resume a mid-epoch save with the same "
+            "--batch_size and processes, or an end-of-epoch save (--epoch N)"
+        )
+
+
+# what a resume may change on purpose besides where things are and how a run is shown: the
+# schedule's length and policy, and the validation
+RESUME_MAY_CHANGE = (*PLACE_OPTIONS, "n_epochs", "n_epochs_decay", "lr_policy", "plateau_metric")
+RESUME_MAY_CHANGE += ("val_freq", "val_phase", "max_val_samples")
+
+
+def resumed_option_changes(saved: dict, opt: argparse.Namespace) -> list[str]:
+    """What a resumed run learns with otherwise than its train state was trained with (hole, loss
+    weights, class, split, attention maps ...; :func:`options.base_options.option_changes`). The
+    run's opt.json then holds the new values, which test.py and the 3D synthesis use for the whole
+    run. Empty for a train state that records no options."""
+    if not saved:
+        return []
+    changes = option_changes(saved, opt, RESUME_MAY_CHANGE)
+    if bool(saved.get("cam_folder")) != bool(getattr(opt, "cam_folder", None)):
+        # the folder may move; a run trained with maps and resumed without (or the other way) may not
+        changes.insert(
+            0, f"--cam_folder {saved.get('cam_folder')} there, {getattr(opt, 'cam_folder', None)} now"
+        )
+    return changes
 
 
 def validation_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -184,6 +221,20 @@ class EpochLoss:
         return sum(r["sum"] for r in ranks) / count if count else None
 
 
+def trim_validation_history(run_dir: Path, last_epoch: int) -> None:
+    """Keep only the ``val_metrics.json`` records of epochs up to ``last_epoch`` (0: none): those of
+    an earlier run of this name, or of epochs after the train state resumed, are not this run's."""
+    path = run_dir / "val_metrics.json"
+    if not path.exists():
+        return
+    history = read_json(path, "validation history")
+    kept = [h for h in history if isinstance(h, dict) and int(h.get("epoch", 0)) <= last_epoch]
+    if kept:
+        write_json(path, kept)
+    else:
+        path.unlink()
+
+
 def record_validation(run_dir: Path, epoch: int, metrics: dict[str, float | None], log_name: Path) -> str:
     """Print the metrics, append them to the loss log and to ``val_metrics.json``."""
     shown = " ".join(f"{k}: {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
@@ -233,6 +284,7 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
         dataset = create_dataset(opt)
         model = create_model(opt)
         model.setup(opt)  # an unknown --norm, --gan_mode, --lr_policy, --plateau_metric ... is a ValueError
+        check_mid_epoch_resume(opt, getattr(model, "resume_state", None), world)
         val_dataset = validation_dataset(opt, model)
         if main_rank:
             save_options(opt, run_dir / "opt.json")
@@ -270,6 +322,14 @@ def train(opt: argparse.Namespace, options: TrainOptions, joined: bool) -> int:
             loader_started = True
     if opt.continue_train and resume:
         visualizer.resume_history(total_iters)  # the loss curve up to the train state resumed
+        if main_rank:
+            for line in resumed_option_changes(resume.get("options") or {}, opt):
+                print(
+                    f"warning: --continue_train with other options than the train state's: {line}",
+                    file=sys.stderr,
+                )
+    if main_rank:  # validations of the run this one replaces (a fresh run: all; a resume: later ones)
+        trim_validation_history(run_dir, first_epoch - 1 if opt.continue_train and resume else 0)
     last_epoch = opt.n_epochs + opt.n_epochs_decay
     step = opt.batch_size * world  # samples per iteration over all ranks
     start = time.time()

@@ -375,6 +375,10 @@ class BaseModel(ABC):
             "total_iters": state["total_iters"],
             "batches_done": batches_done,
             "epoch_start": own(state["epoch_start_ranks"]) if batches_done else None,
+            # what a mid-epoch resume's batch count means: samples per batch and processes
+            "batch_size": options.get("batch_size"),
+            "world_size": len(state.get("rng_ranks") or [state["rng"]]),
+            "options": options,  # what the run was trained with so far
         }
         return self.resume_state
 
@@ -421,6 +425,7 @@ class BaseModel(ABC):
                 # a state saved before the scheduler kept its first epoch: the epoch after the
                 # last finished one is step last_epoch
                 scheduler.epoch_count = int(state["epoch"]) + 1 - scheduler.last_epoch
+                scheduler.set_rate()
 
     def _start_schedule_afresh(
         self, state_path: Path, saved_policy: str, epoch: int, initial_rates: list[list[float]]

@@ -277,6 +277,11 @@ class HealthiVertModel(BaseModel):
             "edge_real",
         ]
         self.model_names = ["G", "D"] if self.isTrain else ["G"]
+        hgam = float(getattr(opt, "hgam_loss_weight", 0.0))
+        if not 0.0 <= hgam <= 1.0:
+            # 1 - w x CAM must stay in [0, 1]: above 1 the L1 turns negative where the CAM is high and
+            # training would reward reconstruction errors there
+            raise ValueError(f"--hgam_loss_weight must be in [0, 1], got {hgam:g}")
         # G keeps PyTorch's default initialisation, as in the reference (spectral norm on every conv)
         # a run saved before --fine_input existed was trained with the masked CT
         fine_input = getattr(opt, "fine_input", "masked")

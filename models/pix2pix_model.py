@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from models.base_model import BaseModel
-from models.healthivert_model import add_sample_to_device
+from models.healthivert_model import add_sample_to_device, data_columns
 from models.losses.gan import GANLoss, gradient_penalty
 from models.metrics import masked_psnr, masked_ssim
 from models.networks import init_net
@@ -70,7 +70,8 @@ class Pix2PixModel(BaseModel):
                 net.to(memory_format=torch.channels_last)
 
     def set_input(self, input: dict) -> None:
-        s = add_sample_to_device(input, self.device, ("ct", "ct_masked", "hole"))
+        s = add_sample_to_device(input, self.device, ("ct", "ct_masked", "hole", "col_start", "col_stop"))
+        self.data = data_columns(s)  # (B, 1, 1, W): the columns that hold data (coronal slices are padded)
         self.real_A = self.memory_format(s["ct_masked"].float())
         self.real_B = self.memory_format(s["ct"].float())
         self.hole = self.memory_format(s["hole"].float())
@@ -110,8 +111,12 @@ class Pix2PixModel(BaseModel):
         self.optimizer_G.step()
 
     def validation_metrics(self) -> dict[str, torch.Tensor]:
-        """Per-sample masked-region (hole band) SSIM and PSNR of the last forward pass."""
+        """Per-sample masked-region SSIM and PSNR of the last forward pass: the hole band x the data
+        columns (a coronal slice's padding is left out, with the ground truth's padding in both
+        images so SSIM windows at the data's edge do not see what the generator put there)."""
+        region = self.hole * self.data
+        fake = self.fake_B * self.data + self.real_B * (1 - self.data)
         return {
-            "ssim": masked_ssim(self.fake_B, self.real_B, self.hole),
-            "psnr": masked_psnr(self.fake_B, self.real_B, self.hole),
+            "ssim": masked_ssim(fake, self.real_B, region),
+            "psnr": masked_psnr(fake, self.real_B, region),
         }

@@ -57,6 +57,16 @@ class LinearDecay(lr_scheduler.LambdaLR):
         length = self.n_epochs, self.n_epochs_decay
         super().load_state_dict(state_dict)
         self.n_epochs, self.n_epochs_decay = length
+        self.set_rate()
+
+    def set_rate(self) -> None:
+        """Set the optimiser's rate to this schedule's at the current step. The restored optimiser
+        holds the rate the saved schedule set for the next epoch; a resumed run whose schedule is
+        longer (or shorter) trains that epoch at this command's rate."""
+        factor = self.factor(self.last_epoch + self.epoch_count)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 class Plateau(lr_scheduler.ReduceLROnPlateau):
@@ -73,6 +83,30 @@ class Plateau(lr_scheduler.ReduceLROnPlateau):
             return super()._is_better(a, best)
         margin = self.threshold * abs(best)
         return a < best - margin if self.mode == "min" else a > best + margin
+
+
+class Cosine(lr_scheduler.CosineAnnealingLR):
+    """Cosine annealing to ``eta_min`` over ``T_max`` (``--n_epochs``) epochs, then held there.
+
+    PyTorch's CosineAnnealingLR is periodic: past ``T_max`` it climbs back to the initial rate (at
+    epoch ``2 * T_max``), which the run's ``--n_epochs_decay`` further epochs reach. Here the rate is
+    the closed form at ``min(step, T_max)``, and ``T_max`` stays the command line's when a saved
+    state is loaded (the saved one would end a resumed, longer schedule early and climb again)."""
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        step = min(self.last_epoch, self.T_max)
+        cos = (1 + math.cos(math.pi * step / self.T_max)) / 2
+        return [self.eta_min + (base - self.eta_min) * cos for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        t_max = self.T_max
+        super().load_state_dict(state_dict)
+        self.T_max = t_max
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 #: what makes each policy's scheduler state its own: a key only that policy's state dict has
@@ -110,5 +144,5 @@ def get_scheduler(optimizer: Optimizer, opt: argparse.Namespace, plateau_mode: s
     if opt.lr_policy == "plateau":
         return Plateau(optimizer, mode=plateau_mode, factor=0.2, threshold=0.01, patience=5)
     if opt.lr_policy == "cosine":
-        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt.n_epochs, eta_min=0)
+        return Cosine(optimizer, T_max=opt.n_epochs, eta_min=0)
     raise ValueError(f"unknown lr_policy {opt.lr_policy!r}; use linear | step | plateau | cosine")

@@ -177,7 +177,11 @@ def option_changes(saved: dict, now: argparse.Namespace, ignore=()) -> list[str]
     that did whatever it did then, which this version cannot tell from its default. Leaves out the
     names in ``ignore`` (where things are, how a run is shown or run) and options ``now`` leaves to
     be decided when the run starts (None)."""
-    current = json.loads(json.dumps({k: _jsonable(v) for k, v in vars(now).items()}))  # tuples as lists
+
+    def as_saved(values: dict) -> dict:  # tuples as lists, inf as opt.json writes it
+        return json.loads(json.dumps({k: _jsonable(v) for k, v in values.items()}))
+
+    current, saved = as_saved(vars(now)), as_saved(saved)
     changes = []
     for key, value in sorted(current.items()):
         if key in ignore or value is None:

@@ -311,3 +311,52 @@ def test_option_changes_names_each_differing_option_as_saved_and_now():
     assert option_changes(saved, now, ignore=("gpu_ids", "new")) == ["--lr 0.001 there, 0.002 now"]
     assert option_changes(saved, now, ignore=("gpu_ids",)) == ["--lr 0.001 there, 0.002 now", lacks]
     assert option_changes(saved, now) == ["--gpu_ids [0] there, [] now", "--lr 0.001 there, 0.002 now", lacks]
+
+
+def test_a_mid_epoch_save_resumed_with_another_batch_size_is_refused(tmp_path, monkeypatch, capsys):
+    """The train state counts the epoch's finished batches: another --batch_size skipped other
+    samples than were trained, silently."""
+    from tests.fixtures.tiny_model import TinyModel
+
+    args = resumed_args(tmp_path, "crashed", "--save_latest_freq", "12")
+    args.remove("--continue_train")
+    step, calls = TinyModel.optimize_parameters, []
+
+    def crash_at_seven(self):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        step(self)
+
+    monkeypatch.setattr(TinyModel, "optimize_parameters", crash_at_seven)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(args)
+    monkeypatch.setattr(TinyModel, "optimize_parameters", step)
+    opt_json = (tmp_path / "ckpt" / "crashed" / "opt.json").read_text()
+    resumed = resumed_args(tmp_path, "crashed", "--save_latest_freq", "12", "--epoch", "latest")
+    resumed[resumed.index("--batch_size") + 1] = "4"
+    capsys.readouterr()
+    assert train.main(resumed) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ") and "with --batch_size 2 on 1 process(es)" in err and err.count("\n") == 1
+    )
+    assert (tmp_path / "ckpt" / "crashed" / "opt.json").read_text() == opt_json
+
+
+def test_a_resume_with_other_learning_options_says_so(tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert train.main(resumed_args(tmp_path, "run", "--lr", "0.5", "--n_epochs", "3")) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: --continue_train")]
+    assert len(warned) == 1 and "--lr 0.01 there, 0.5 now" in warned[0], warned  # --n_epochs may change
+
+
+def test_validation_records_of_another_run_or_later_epochs_are_dropped(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "val_metrics.json").write_text(json.dumps([{"epoch": 1}, {"epoch": 3}, {"epoch": 2}]))
+    train.trim_validation_history(run, 2)
+    assert json.loads((run / "val_metrics.json").read_text()) == [{"epoch": 1}, {"epoch": 2}]
+    train.trim_validation_history(run, 0)  # a fresh run of the same name
+    assert not (run / "val_metrics.json").exists()

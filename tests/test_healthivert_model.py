@@ -565,3 +565,9 @@ def test_cuda_bf16_channels_last_step(tmp_path):
     assert all(torch.isfinite(torch.tensor(list(model.get_current_losses().values()))))
     out = model.synthesise(batch([0, 1], size=64))
     assert out["ct"].dtype == torch.float32 and out["ct"].device.type == "cuda"
+
+
+def test_an_hgam_weight_above_one_is_refused(tmp_path):
+    """1 - w x CAM below 0 turns the L1 into a reward for errors where the CAM is high."""
+    with pytest.raises(ValueError, match="--hgam_loss_weight must be in \\[0, 1\\], got 3"):
+        model_for(tmp_path, "--hgam_loss_weight", "3")

@@ -52,3 +52,19 @@ def test_pix2pix_defaults_and_reference_flags_parse(tmp_path):
         Pix2PixModel(
             TrainOptions().parse([*ARGS, "--netG", "resnet_9blocks", "--checkpoints_dir", str(tmp_path)])
         )
+
+
+def test_validation_leaves_out_a_coronal_slices_padding_columns(tmp_path):
+    """A prediction right on every data column and wrong only on the padding scores as perfect
+    (README: masked-region SSIM/PSNR, coronal: the data columns only), as HealthiVert's does."""
+    opt = TrainOptions().parse([*ARGS, "--checkpoints_dir", str(tmp_path)])
+    model = Pix2PixModel(opt)
+    batch = default_collate([synthetic_sample(i, 32) for i in range(2)])
+    batch["col_start"], batch["col_stop"] = torch.tensor([[8], [6]]), torch.tensor([[24], [26]])
+    model.set_input(batch)
+    cols = torch.arange(32).reshape(1, 1, 1, -1)
+    data = (cols >= batch["col_start"].reshape(-1, 1, 1, 1)) & (cols < batch["col_stop"].reshape(-1, 1, 1, 1))
+    model.fake_B = torch.where(data, model.real_B, torch.ones_like(model.real_B))
+    metrics = model.validation_metrics()
+    assert metrics["ssim"].tolist() == pytest.approx([1.0, 1.0])
+    assert (metrics["psnr"] > 90).all()

@@ -248,3 +248,50 @@ def test_another_val_freq_under_a_training_loss_plateau_is_no_matter(saved, capl
     with caplog.at_level(logging.WARNING):
         resumed_model(args)
     assert not [r for r in caplog.records if "--val_freq" in r.getMessage()]
+
+
+def _optimiser(lr=2e-4):
+    return torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_anneals_to_zero_over_n_epochs_and_stays_there():
+    """PyTorch's CosineAnnealingLR is periodic: the --n_epochs_decay epochs after --n_epochs climbed
+    back to the full rate (2e-4, 1e-4, 0, 1e-4, 2e-4 over 2 + 3 epochs)."""
+    from models.schedulers import Cosine
+
+    opt = _optimiser()
+    sched = Cosine(opt, T_max=2, eta_min=0)
+    rates = []
+    for _ in range(5):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([2e-4, 1e-4, 0.0, 0.0, 0.0], abs=1e-12)
+
+
+def test_a_resumed_longer_schedule_trains_its_next_epoch_at_the_new_rate():
+    """Resumed with a longer schedule, the first resumed epoch ran at the rate the saved schedule
+    had set (linear: 0 after a 1-epoch run; cosine: the old length, then back up)."""
+    from models.schedulers import Cosine, LinearDecay
+
+    opt = _optimiser()
+    linear = LinearDecay(opt, 1, n_epochs=1, n_epochs_decay=0)
+    opt.step()
+    linear.step()  # epoch 1 done: the 1-epoch schedule sets 0 for an epoch 2 it does not have
+    assert opt.param_groups[0]["lr"] == 0.0
+    resumed = _optimiser()
+    resumed.load_state_dict(opt.state_dict())
+    longer = LinearDecay(resumed, 1, n_epochs=3, n_epochs_decay=0)
+    longer.load_state_dict(linear.state_dict())
+    assert resumed.param_groups[0]["lr"] == pytest.approx(2e-4)  # epoch 2 of a 3-epoch run
+
+    opt = _optimiser()
+    cosine = Cosine(opt, T_max=2, eta_min=0)
+    opt.step()
+    cosine.step()
+    resumed = _optimiser()
+    resumed.load_state_dict(opt.state_dict())
+    longer = Cosine(resumed, T_max=4, eta_min=0)
+    longer.load_state_dict(cosine.state_dict())
+    assert longer.T_max == 4
+    assert resumed.param_groups[0]["lr"] == pytest.approx(2e-4 * (1 + math.cos(math.pi / 4)) / 2)
