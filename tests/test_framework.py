@@ -222,13 +222,10 @@ def test_mid_epoch_saves_carry_a_train_state_and_resume_exactly(tmp_path, thread
         assert state["epoch"] == 3 and state["total_iters"] == 3 * 8 and state["batches_done"] == 0
 
 
-def test_a_crash_after_a_mid_epoch_latest_save_resumes_exactly(tmp_path, monkeypatch):
+def crash_mid_epoch(tmp_path, monkeypatch, *extra) -> None:
+    """Run "crashed" (tiny_args and ``extra``), crashing in its 7th iteration (epoch 2)."""
     from tests.fixtures.tiny_model import TinyModel
 
-    assert train.main(tiny_args(tmp_path)) == 0
-    straight = final_weights(tmp_path / "ckpt" / "run")
-    # the same run, crashing in its 7th iteration (epoch 2), after a latest save at 12 samples
-    extra = ["--save_latest_freq", "12"]
     args = resumed_args(tmp_path, "crashed", *extra)
     args.remove("--continue_train")
     step, calls = TinyModel.optimize_parameters, []
@@ -243,6 +240,14 @@ def test_a_crash_after_a_mid_epoch_latest_save_resumes_exactly(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.main(args)
     monkeypatch.setattr(TinyModel, "optimize_parameters", step)
+
+
+def test_a_crash_after_a_mid_epoch_latest_save_resumes_exactly(tmp_path, monkeypatch):
+    assert train.main(tiny_args(tmp_path)) == 0
+    straight = final_weights(tmp_path / "ckpt" / "run")
+    # the same run, crashing in its 7th iteration (epoch 2), after a latest save at 12 samples
+    extra = ["--save_latest_freq", "12"]
+    crash_mid_epoch(tmp_path, monkeypatch, *extra)
     crashed = tmp_path / "ckpt" / "crashed"
     state = load_checkpoint(crashed / "latest_train_state.pth")
     assert (state["epoch"], state["batches_done"], state["total_iters"]) == (1, 2, 12)
@@ -316,22 +321,7 @@ def test_option_changes_names_each_differing_option_as_saved_and_now():
 def test_a_mid_epoch_save_resumed_with_another_batch_size_is_refused(tmp_path, monkeypatch, capsys):
     """The train state counts the epoch's finished batches: another --batch_size skipped other
     samples than were trained, silently."""
-    from tests.fixtures.tiny_model import TinyModel
-
-    args = resumed_args(tmp_path, "crashed", "--save_latest_freq", "12")
-    args.remove("--continue_train")
-    step, calls = TinyModel.optimize_parameters, []
-
-    def crash_at_seven(self):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("simulated crash")
-        step(self)
-
-    monkeypatch.setattr(TinyModel, "optimize_parameters", crash_at_seven)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(args)
-    monkeypatch.setattr(TinyModel, "optimize_parameters", step)
+    crash_mid_epoch(tmp_path, monkeypatch, "--save_latest_freq", "12")
     opt_json = (tmp_path / "ckpt" / "crashed" / "opt.json").read_text()
     resumed = resumed_args(tmp_path, "crashed", "--save_latest_freq", "12", "--epoch", "latest")
     resumed[resumed.index("--batch_size") + 1] = "4"
