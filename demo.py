@@ -77,7 +77,7 @@ from evaluation import RHLV_quantification, SVM_grading, generation_eval_sagitta
 from evaluation import generation_metrics as gm  # noqa: E402
 from evaluation.eval_io import load_fake  # noqa: E402
 from options.base_options import option_changes  # noqa: E402
-from options.train_options import PLACE_OPTIONS, TrainOptions  # noqa: E402
+from options.train_options import TrainOptions, not_learning_options  # noqa: E402
 from straighten import location_json_local, straighten_mask_3d  # noqa: E402
 from util.atomic import write_json  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
@@ -244,7 +244,7 @@ def claim_output(out: Path, stamp: dict, overwrite: bool) -> str | None:
 
 def run_option_changes(run: Path, argv: list[str]) -> list[str]:
     """The options train.py would train ``argv`` with otherwise than the run saved in ``run``
-    (its ``opt.json``), :data:`options.train_options.PLACE_OPTIONS` aside; empty without a
+    (its ``opt.json``), :func:`options.train_options.not_learning_options` aside; empty without a
     readable opt.json."""
     try:
         saved = json.loads((run / "opt.json").read_text())
@@ -252,7 +252,8 @@ def run_option_changes(run: Path, argv: list[str]) -> list[str]:
         return []
     if not isinstance(saved, dict):
         return []
-    return option_changes(saved, TrainOptions().parse(argv), PLACE_OPTIONS)
+    now = TrainOptions().parse(argv)
+    return option_changes(saved, now, not_learning_options(now))
 
 
 def train_progress(run: Path) -> tuple[int, int] | None:
@@ -378,7 +379,7 @@ class Pipeline:
         argv += [str(self.root / "vertebra_data.json"), "--cam_folder", str(self.root / "heatmap")]
         argv += ["--name", "healthivert", "--checkpoints_dir", str(self.checkpoints)]
         argv += ["--model", "healthivert"]
-        argv += ["--dataset_mode", f"aligned_{PLANE}", "--spacing_mm", str(self.opt.spacing_mm)]
+        argv += ["--dataset_mode", f"aligned_{PLANE}"]
         argv += ["--n_epochs", str(s.train_epochs), "--n_epochs_decay", str(s.train_decay_epochs)]
         argv += ["--max_dataset_size", str(s.train_max_samples), "--batch_size", str(s.batch_size)]
         argv += ["--ndf", str(s.ndf)]

@@ -62,7 +62,7 @@ from data import create_dataset
 from data.crops import dataset_crops, record_grids
 from models import create_model
 from options.base_options import option_changes, save_options, setup
-from options.train_options import PLACE_OPTIONS, TrainOptions
+from options.train_options import TrainOptions, not_learning_options
 from util import distributed
 from util.atomic import read_json, write_json
 from util.checkpoint import rng_state, seed_everything, set_rng_state
@@ -120,9 +120,9 @@ def check_mid_epoch_resume(opt: argparse.Namespace, resume: dict | None, world: 
         )
 
 
-# what a resume may change on purpose besides where things are and how a run is shown: the
-# schedule's length and policy, and the validation
-RESUME_MAY_CHANGE = (*PLACE_OPTIONS, "n_epochs", "n_epochs_decay", "lr_policy", "plateau_metric")
+# what a resume may change on purpose besides where things are, how a run is shown and what the
+# model does not read: the schedule's length and policy, and the validation
+RESUME_MAY_CHANGE = ("n_epochs", "n_epochs_decay", "lr_policy", "plateau_metric")
 RESUME_MAY_CHANGE += ("val_freq", "val_phase", "max_val_samples")
 
 
@@ -133,7 +133,7 @@ def resumed_option_changes(saved: dict, opt: argparse.Namespace) -> list[str]:
     run. Empty for a train state that records no options."""
     if not saved:
         return []
-    changes = option_changes(saved, opt, RESUME_MAY_CHANGE)
+    changes = option_changes(saved, opt, (*not_learning_options(opt), *RESUME_MAY_CHANGE))
     if bool(saved.get("cam_folder")) != bool(getattr(opt, "cam_folder", None)):
         # the folder may move; a run trained with maps and resumed without (or the other way) may not
         changes.insert(

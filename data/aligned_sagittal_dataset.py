@@ -82,6 +82,9 @@ class AlignedSagittalDataset(BaseDataset):
     ("<key>_s<slice>"). H = crop rows (axis 0), W = crop axis 1 (anterior-posterior).
     """
 
+    #: the crops carry their own voxel size, grid and VerSe labels; no resize, crop or flips
+    IGNORED_OPTIONS = ("preprocess", "load_size", "crop_size", "no_flip", "label_scheme", "spacing_mm")
+
     PLANE = "sagittal"
 
     @classmethod

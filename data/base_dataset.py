@@ -18,6 +18,9 @@ SPLITS = ("train", "val", "test")
 class BaseDataset(torch.utils.data.Dataset, ABC):
     """Subclasses implement ``__len__`` and ``__getitem__`` (a dict of tensors and paths)."""
 
+    #: options of the shared parser this dataset does not read (see ``BaseModel.IGNORED_OPTIONS``)
+    IGNORED_OPTIONS: tuple[str, ...] = ()
+
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
         self.root = opt.dataroot

@@ -1192,13 +1192,13 @@ def option_problem(opt: argparse.Namespace) -> str | None:
     given = [
         flag
         for flag, value in (
-            ("--truncate", opt.truncate.strip(" ,")),
-            ("--bevel_mm", opt.bevel_mm),
-            ("--tilt_deg", opt.tilt_deg),
+            ("--truncate", getattr(opt, "truncate", "").strip(" ,")),
+            ("--bevel_mm", getattr(opt, "bevel_mm", 0.0)),
+            ("--tilt_deg", getattr(opt, "tilt_deg", 0.0)),
         )
         if value
     ]
-    if opt.quirks and given:
+    if getattr(opt, "quirks", False) and given:
         return (
             f"--quirks sets --truncate cranial,caudal,lateral --bevel_mm 5 --tilt_deg 6; "
             f"it would ignore {' '.join(given)}: pass those flags without --quirks"
@@ -1212,8 +1212,9 @@ def option_problem(opt: argparse.Namespace) -> str | None:
         "axial_rotation_deg",
         "osteophyte_mm",
     ):
-        if not np.isfinite(getattr(opt, flag)):
-            return f"--{flag} must be a finite number, got {getattr(opt, flag)}"
+        value = getattr(opt, flag, 0.0)
+        if not np.isfinite(value):
+            return f"--{flag} must be a finite number, got {value}"
     out = Path(opt.out)
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"

@@ -88,6 +88,10 @@ def distribute(net: nn.Module, **ddp_kwargs) -> nn.Module:
 class BaseModel(ABC):
     """Base class of every model."""
 
+    #: options the shared parser accepts (the reference's commands use them) that this model and its
+    #: datasets do not read: a value other than the default is warned about when options are parsed
+    IGNORED_OPTIONS: tuple[str, ...] = ()
+
     #: each entry of ``validation_metrics()`` (for a model that has it) and whether more is better
     #: (SSIM, PSNR, Dice: True) or less (an error: False); ``--plateau_metric`` may name any of them
     validation_higher_is_better: dict[str, bool] = {}

@@ -173,6 +173,8 @@ def composite_rows(sample: dict) -> tuple[int, int]:
 
 
 class HealthiVertModel(BaseModel):
+    #: no image pool; the channels are fixed by the sample; the generator is the paper's
+    IGNORED_OPTIONS = ("pool_size", "input_nc", "output_nc", "netG", "no_dropout")
     validation_higher_is_better = {
         "ssim": True,
         "psnr": True,

@@ -29,6 +29,8 @@ UNETS = {"unet_128": 7, "unet_256": 8}
 
 
 class Pix2PixModel(BaseModel):
+    #: no image pool; the channels are fixed by the sample
+    IGNORED_OPTIONS = ("pool_size", "input_nc", "output_nc")
     validation_higher_is_better = {"ssim": True, "psnr": True}
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -115,11 +116,32 @@ class BaseOptions:
         parser = data.get_option_setter(opt.dataset_mode)(parser, self.is_train)
         opt = parser.parse_args(args)
         opt.isTrain = self.is_train
+        ignored = [
+            f"--{name} {getattr(opt, name)}"
+            for name in ignored_options(opt)
+            if hasattr(opt, name) and getattr(opt, name) != parser.get_default(name)
+        ]
+        if ignored:  # accepted so the reference's commands run; saying so beats training as if they acted
+            print(
+                f"warning: --model {opt.model} on --dataset_mode {opt.dataset_mode} does not use "
+                f"{', '.join(ignored)}: ignored",
+                file=sys.stderr,
+            )
         if opt.suffix:
             opt.name = f"{opt.name}_{opt.suffix.format(**vars(opt))}"
         opt.gpu_ids = parse_gpu_ids(opt.gpu_ids)
         self.parser_ = parser
         return opt
+
+
+def ignored_options(opt: argparse.Namespace) -> tuple[str, ...]:
+    """Options of the shared parser that ``opt.model`` and ``opt.dataset_mode`` do not read (their
+    ``IGNORED_OPTIONS``): accepted for the reference's commands, without effect."""
+    import data
+    import models
+
+    model = models.find_model_using_name(opt.model).IGNORED_OPTIONS
+    return (*model, *data.find_dataset_using_name(opt.dataset_mode).IGNORED_OPTIONS)
 
 
 def parse_gpu_ids(spec: str) -> list[int]:

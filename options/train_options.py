@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from options.base_options import BaseOptions
+from options.base_options import BaseOptions, ignored_options
 
 # options that say where things are, how a run is shown, saved, resumed or run: not what it learns
 PLACE_OPTIONS = (
@@ -40,6 +40,13 @@ PLACE_OPTIONS = (
     "isTrain",
     "phase",
 )
+
+
+def not_learning_options(opt: argparse.Namespace) -> tuple[str, ...]:
+    """Options that cannot make two runs of ``opt.model`` learn differently: where things are and
+    how a run is shown (:data:`PLACE_OPTIONS`) and the options neither the model nor its dataset
+    reads (:func:`options.base_options.ignored_options`)."""
+    return (*PLACE_OPTIONS, *ignored_options(opt))
 
 
 class TrainOptions(BaseOptions):

@@ -263,3 +263,20 @@ def test_sample_names_keep_the_slice_and_never_repeat():
     assert sample_stem(["/d/heart.nii.gz#slice40"], 2, used) == "heart_slice40_00002"
     assert sample_stem(["/d/p0_20.nii.gz"], 3, used) == "p0_20"
     assert sample_stem([], 4, used) == "00004"
+
+
+def test_flags_a_model_does_not_read_are_warned_of_and_do_not_count_as_changes(capsys):
+    """The reference's commands pass flags HealthiVert does not read (--preprocess, --pool_size,
+    --netG ...): accepted, said to be ignored, and no reason to call two runs different."""
+    from options.base_options import option_changes
+    from options.train_options import TrainOptions, not_learning_options
+
+    opt = TrainOptions().parse(["--model", "healthivert", "--pool_size", "50", "--preprocess", "crop"])
+    err = capsys.readouterr().err
+    assert "does not use --pool_size 50, --preprocess crop: ignored" in err
+    plain = vars(TrainOptions().parse(["--model", "healthivert"]))
+    assert capsys.readouterr().err == ""
+    assert option_changes(plain, opt, not_learning_options(opt)) == []
+    TrainOptions().parse(["--model", "pix2pix", "--netG", "unet_256", "--spacing_mm", "2"])
+    said = "on --dataset_mode aligned_sagittal does not use --spacing_mm 2.0: ignored"
+    assert capsys.readouterr().err.strip() == f"warning: --model pix2pix {said}"
