@@ -45,8 +45,22 @@ from util.image_pool import ImagePool
 log = logging.getLogger(__name__)
 
 
+def slice_differences(trained_on: dict | None, opt: argparse.Namespace) -> list[str]:
+    """How the slices a shape extractor was trained on (its checkpoint's ``trained_on``) differ
+    from this run's: ``--spacing_mm 1.0 there, 2.0 here`` and the like; empty when they agree or
+    the checkpoint does not say (saved before it recorded them)."""
+    out = []
+    for key in ("spacing_mm", "slice_axis"):  # what sets a shape's scale and orientation (not the crop)
+        value = (trained_on or {}).get(key)
+        here = getattr(opt, key, None)
+        if here is not None and value is not None and float(here) != float(value):
+            out.append(f"--{key} {value:g} there, {here:g} here")
+    return out
+
+
 def load_shape_extractor(path: str, device: torch.device) -> ShapeExtractor:
-    """A shape extractor saved by ``train_shape_extractor.py`` ({'config': ..., 'state_dict': ...})."""
+    """A shape extractor saved by ``train_shape_extractor.py`` ({'config': ..., 'state_dict': ...,
+    'trained_on': the slices it learnt from}); that record is kept as ``net.trained_on``."""
     saved = load_checkpoint(path, map_location=device)
     if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
         raise input_error(path, "not a shape-extractor checkpoint (expected config and state_dict)")
@@ -58,6 +72,7 @@ def load_shape_extractor(path: str, device: torch.device) -> ShapeExtractor:
     if problem:
         raise input_error(path, f"its weights do not fit its config: {problem}")
     net.load_state_dict(saved["state_dict"])
+    net.trained_on = saved.get("trained_on")
     return net.to(device)
 
 
@@ -163,6 +178,14 @@ class CycleGanModel(BaseModel):
             self.model_names += ["S", "D_S"]
             if opt.shape_extractor:
                 self.netS = load_shape_extractor(opt.shape_extractor, self.device)
+                differ = slice_differences(self.netS.trained_on, opt)
+                if differ:
+                    log.warning(
+                        "%s was trained on other slices than this run's (%s): its shapes are of another "
+                        "scale or orientation",
+                        opt.shape_extractor,
+                        "; ".join(differ),
+                    )
                 channels = {opt.input_nc, opt.output_nc}  # S sees the images of both domains
                 if channels != {self.netS.input_nc}:
                     raise input_error(

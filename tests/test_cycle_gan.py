@@ -134,6 +134,7 @@ def test_pretrained_shape_extractor_is_loaded_and_frozen(unpaired_root, tmp_path
     )
     assert train.main(argv) == 0
     saved = load_checkpoint(ckpt / "cgs" / "latest_net_S.pth")
+    assert load_checkpoint(extractor)["trained_on"] == {"spacing_mm": 6.0, "slice_axis": 0, "crop_size": 32}
     before = load_checkpoint(extractor)["state_dict"]
     assert all(torch.equal(saved[k], before[k]) for k in before)
     assert (
@@ -451,3 +452,15 @@ def test_a_run_trained_b_to_a_predicts_with_the_generator_from_domain_a():
     assert domain_a_to_b(model, _cycle_gan_opt()) == "G_A"
     assert domain_a_to_b(model, _cycle_gan_opt(direction="AtoB")) == "G_A"
     assert domain_a_to_b(model, _cycle_gan_opt(direction="BtoA")) == "G_B"
+
+
+def test_a_shape_extractor_of_other_slices_is_named():
+    from models.cycle_gan_model import slice_differences
+
+    opt = _cycle_gan_opt(spacing_mm=2.0, slice_axis=0, crop_size=64)
+    assert slice_differences({"spacing_mm": 2.0, "slice_axis": 0, "crop_size": 128}, opt) == []
+    assert slice_differences({"spacing_mm": 1.0, "slice_axis": 2}, opt) == [
+        "--spacing_mm 1 there, 2 here",
+        "--slice_axis 2 there, 0 here",
+    ]
+    assert slice_differences(None, opt) == []  # saved before extractors recorded their slices
