@@ -29,8 +29,6 @@ Without a launcher, ``--shard i/n`` splits by patient across separate jobs (a SL
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +59,7 @@ from models.synthesis import (
 )
 from options.base_options import load_options, parse_gpu_ids
 from util import distributed
-from util.checkpoint import file_sha256
+from util.checkpoint import file_sha256, record_sha256
 from util.errors import InputError, input_error
 from util.registry import RegistryError
 
@@ -291,7 +289,7 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: 
         "min_neighbour_area_mm2": opt.min_neighbour_area_mm2,
         "min_component_mm2": given,
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return record_sha256(record)
 
 
 def inputs_digest(store: CropStore, key: str, cam_folder: str | None, keep=()) -> str:
@@ -301,7 +299,7 @@ def inputs_digest(store: CropStore, key: str, cam_folder: str | None, keep=()) -
     dataset moved elsewhere give the same."""
     files = [*store.paths(key), *([Path(cam_folder) / f"{key}.nii.gz"] if cam_folder else [])]
     record = [*(file_sha256(f) for f in files), sorted(int(v) for v in keep)]
-    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+    return record_sha256(record)
 
 
 def made_by(path: Path) -> tuple[str, str] | None:

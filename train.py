@@ -110,7 +110,8 @@ def check_mid_epoch_resume(opt: argparse.Namespace, resume: dict | None, world: 
     size or number of processes would skip other samples than were trained. InputError then."""
     if not (opt.continue_train and resume and resume.get("batches_done")):
         return
-    saved_batch, saved_world = resume.get("batch_size"), resume.get("world_size", world)
+    saved_batch = (resume.get("options") or {}).get("batch_size")
+    saved_world = resume.get("world_size", world)
     if saved_batch not in (None, opt.batch_size) or saved_world != world:
         raise InputError(
             f"{opt.name}: the train state was saved {resume['batches_done']} batches into epoch "

@@ -34,8 +34,6 @@ outside it (on the slices through the target).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -66,7 +64,7 @@ from data.layout import shard
 from data.nifti_io import header_text
 from options.base_options import device_of, parse_gpu_ids
 from util.atomic import read_json, write_json
-from util.checkpoint import file_sha256
+from util.checkpoint import file_sha256, record_sha256
 from util.errors import InputError, folder_problem, input_error
 
 log = logging.getLogger(__name__)
@@ -295,11 +293,6 @@ def record_problem(out: Path, record: dict) -> str | None:
     )
 
 
-def record_digest(record: dict) -> str:
-    """A short digest of a maps record, written into each map's header."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def map_digest(path: Path) -> str | None:
     """The record digest in a map's header; None for a map written before maps carried one."""
     try:
@@ -309,17 +302,15 @@ def map_digest(path: Path) -> str | None:
     return text[len(DESCRIP_PREFIX) :] if text.startswith(DESCRIP_PREFIX) else None
 
 
-def is_finished(path: Path, sources: tuple[Path, ...], digest: str | None = None) -> bool:
-    """A map exists, is not older than the crop files it was made from and, with ``digest``, was
-    made by this classifier and these options (a map without a digest in its header predates
+def is_finished(path: Path, sources: tuple[Path, ...], digest: str) -> bool:
+    """A map exists, is not older than the crop files it was made from and was made by this
+    classifier and these options, ``digest`` (a map without a digest in its header predates
     them: the folder's record speaks for it)."""
     if not path.exists():
         return False
     made = path.stat().st_mtime
     if not all(not src.exists() or src.stat().st_mtime <= made for src in sources):
         return False
-    if digest is None:
-        return True
     own = map_digest(path)
     return own is None or own == digest
 
@@ -367,7 +358,7 @@ def run(opt: argparse.Namespace) -> int:
         log.warning("%s: maps without a record of what made them are kept (--overwrite redoes them)", out)
     pending_record = opt.overwrite or not unrecorded  # written with the first map
     cam = CamMaker(model, device, opt.batch_size, opt.cam_norm)
-    digest = record_digest(record)
+    digest = record_sha256(record)  # into each map's header
 
     start = time.perf_counter()
     written, skipped, failed, inside_higher = 0, 0, [], []

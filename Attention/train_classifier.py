@@ -20,7 +20,6 @@ CUDA (bf16 autocast, channels_last) when present, else the CPU.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from data.base_dataset import read_split
 from data.crops import CropStore
 from options.base_options import device_of, option_changes, parse_gpu_ids
 from util.atomic import write_json
-from util.checkpoint import save_checkpoint, seed_everything
+from util.checkpoint import record_sha256, save_checkpoint, seed_everything
 from util.errors import InputError, folder_problem, input_error
 
 CHECKPOINT_NAME = "classifier.pth"
@@ -98,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def split_digest(split_file: str | os.PathLike) -> str:
     """A digest of a split file's contents (its splits, vertebrae and grades; not its path or
     layout): which vertebrae the classifier learns from and is judged on."""
-    data = read_split(split_file)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return record_sha256(read_split(split_file))
 
 
 def saved_option_changes(checkpoint: Path, opt: argparse.Namespace) -> list[str]:

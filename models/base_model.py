@@ -379,8 +379,7 @@ class BaseModel(ABC):
             "total_iters": state["total_iters"],
             "batches_done": batches_done,
             "epoch_start": own(state["epoch_start_ranks"]) if batches_done else None,
-            # what a mid-epoch resume's batch count means: samples per batch and processes
-            "batch_size": options.get("batch_size"),
+            # what a mid-epoch resume's batch count means: the processes (and the options' batch size)
             "world_size": len(state.get("rng_ranks") or [state["rng"]]),
             "options": options,  # what the run was trained with so far
         }

@@ -32,6 +32,14 @@ from torch.optim import Optimizer, lr_scheduler
 TRAINING_LOSS = "loss_G"
 
 
+def set_rates(scheduler: lr_scheduler.LRScheduler, rates: list[float]) -> None:
+    """Put ``rates`` (one per parameter group) into the scheduler's optimiser, as a step would: a
+    schedule loaded from a train state sets the rate of the epoch it resumes at by its own curve."""
+    for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 class LinearDecay(lr_scheduler.LambdaLR):
     """The pix2pix ``linear`` policy: the initial rate up to epoch ``n_epochs``, then a linear decay
     to zero over the next ``n_epochs_decay`` (factor ``1 - max(0, epoch - n_epochs) / (n_epochs_decay + 1)``).
@@ -64,9 +72,7 @@ class LinearDecay(lr_scheduler.LambdaLR):
         holds the rate the saved schedule set for the next epoch; a resumed run whose schedule is
         longer (or shorter) trains that epoch at this command's rate."""
         factor = self.factor(self.last_epoch + self.epoch_count)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        set_rates(self, [base * factor for base in self.base_lrs])
 
 
 class Plateau(lr_scheduler.ReduceLROnPlateau):
@@ -104,9 +110,7 @@ class Cosine(lr_scheduler.CosineAnnealingLR):
         t_max = self.T_max
         super().load_state_dict(state_dict)
         self.T_max = t_max
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        set_rates(self, self.get_lr())
 
 
 #: what makes each policy's scheduler state its own: a key only that policy's state dict has

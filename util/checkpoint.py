@@ -6,6 +6,7 @@ Random-number state is stored as plain tensors and lists so it survives ``weight
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from collections.abc import Mapping
@@ -17,6 +18,12 @@ import torch
 
 from util.atomic import atomic_path
 from util.errors import input_error
+
+
+def record_sha256(record: Any) -> str:
+    """A short digest (16 hex digits) of a JSON-able record, whatever its dicts' key order: what
+    made an output, written into its header and compared on a rerun."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
