@@ -31,6 +31,9 @@ figures). Figures (printed):
   target's top (x1 + k) and from its bottom (x2 - 1 - k): the mean |error| and the mean signed
   error (bias). An endplate drawn in the wrong place shows as a bias of one sign on those rows;
   an endplate in the right place but noisy shows as a large |error| with a bias near 0.
+* every method's L1 (all rows and endplate rows) grouped by HealthiVert's signed error of the
+  inserted height on the same slice, in rows (inserted - true, -2 or less and +2 or more pooled):
+  whether HealthiVert's endplate rows are worse where it inserts the wrong height, or everywhere.
 """
 
 from __future__ import annotations
@@ -121,6 +124,27 @@ def add_profile(profiles: dict, name: str, prediction: torch.Tensor, batch: dict
         profiles.setdefault(name, {}).setdefault(key, []).extend(values)
 
 
+def by_height_error(
+    scores: dict[str, list[float]], errors: list[int], clip: int = 2
+) -> dict[int, dict[str, float]]:
+    """Mean of every score list over the slices of each signed height error (rows, clipped to
+    ``[-clip, clip]``): ``{error: {name: mean, "n": count}}``, errors in ascending order. The score
+    lists hold one value per slice in the order of ``errors``; NaN values are left out."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(errors):
+        groups.setdefault(max(-clip, min(clip, int(e))), []).append(i)
+    out: dict[int, dict[str, float]] = {}
+    for e in sorted(groups):
+        row: dict[str, float] = {"n": float(len(groups[e]))}
+        for name, values in scores.items():
+            if len(values) != len(errors):
+                continue
+            kept = [values[i] for i in groups[e] if values[i] == values[i]]
+            row[name] = statistics.mean(kept) if kept else float("nan")
+        out[e] = row
+    return out
+
+
 def lr_factor(progress: float, decay_fraction: float) -> float:
     """The learning rate's factor at ``progress`` (0 to 1) of the training budget: 1 until
     ``1 - decay_fraction``, then linearly down to 0 at the end (train.py's constant-then-linear
@@ -180,6 +204,7 @@ def score_batch(
     height_mm: list[float],
     profiles: dict | None = None,
     profile_rows: int = 0,
+    height_rows: list[int] | None = None,
 ) -> None:
     """Add one val batch's masked-region L1 of every method (and HealthiVert's diagnostics), and
     with ``profile_rows`` > 0 its per-row profile (:func:`row_profile`) to ``profiles``."""
@@ -195,7 +220,10 @@ def score_batch(
         scores["healthivert, true height"] += region_l1(oracle, batch)
         scores["healthivert coarse"] += region_l1(hv.fake_coarse, batch)
         spacing = batch["row_spacing_mm"].reshape(-1)
-        height_mm += ((out["rows"].cpu() - batch["height"].reshape(-1)).abs() * spacing).tolist()
+        error_rows = out["rows"].cpu() - batch["height"].reshape(-1).long()
+        height_mm += (error_rows.abs() * spacing).tolist()
+        if height_rows is not None:
+            height_rows += error_rows.tolist()
     if "pix2pix" in models:
         p2p = models["pix2pix"]
         p2p.set_input(batch)
@@ -251,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         names += ["healthivert, true height", "healthivert coarse"]
     scores: dict[str, list[float]] = {name: [] for name in names}
     height_mm: list[float] = []
+    height_rows: list[int] = []
     profiles: dict = {}
     if args.val_draws > 1:
         val.dataset.random_slices = True
@@ -262,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not grade0.any():
                     continue
                 batch = {k: (v[grade0] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                score_batch(models, batch, scores, height_mm, profiles, args.profile_rows)
+                score_batch(models, batch, scores, height_mm, profiles, args.profile_rows, height_rows)
     n = len(scores["linear interpolation"])
     print(f"val grade-0 slices: {n}; masked-region L1 on [-1, 1] (mean, median):")
     for name, values in scores.items():
@@ -277,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  HealthiVert height error: {statistics.mean(height_mm):.2f} mm mean, "
             f"{statistics.median(height_mm):.2f} mm median"
         )
+    if height_rows:
+        print("by HealthiVert's inserted height - true height (rows): mean L1, all rows / endplate rows")
+        for error, row in by_height_error(scores, height_rows).items():
+            parts = [
+                f"{name} {row[name]:.3f} / {row.get(f'{name} [endplates]', float('nan')):.3f}"
+                for name in [*args.models, "linear interpolation"]
+                if name in row
+            ]
+            print(f"  {error:+d} ({int(row['n'])} slices): " + "; ".join(parts))
     if profiles:
         print("per row from each end of the target: mean |error|, mean signed error (bias)")
     for name, profile in profiles.items():

@@ -5,6 +5,7 @@ import torch
 
 from benchmarks.phantom_quality import (
     add_scores,
+    by_height_error,
     linear_fill,
     lr_factor,
     region_l1,
@@ -119,3 +120,13 @@ def test_time_schedules_set_every_optimizers_rate_from_the_budget_spent():
         for schedule in schedules:
             schedule.step()
         assert rates() == pytest.approx([2e-4 * factor, 1e-3 * factor, 4e-3 * factor])
+
+
+def test_scores_grouped_by_the_inserted_height_error():
+    scores = {"a": [1.0, 2.0, 3.0, 5.0, float("nan")], "b": [0.0, 0.0, 1.0, 1.0, 2.0], "short": [9.0]}
+    groups = by_height_error(scores, [0, 0, 3, 2, -4])
+    assert list(groups) == [-2, 0, 2]  # +3 pooled with +2, -4 with -2
+    assert groups[0] == {"n": 2.0, "a": 1.5, "b": 0.0}
+    assert groups[2] == {"n": 2.0, "a": 4.0, "b": 1.0}
+    assert groups[-2]["n"] == 1.0 and groups[-2]["b"] == 2.0 and groups[-2]["a"] != groups[-2]["a"]  # NaN
+    assert "short" not in groups[0]  # a list of another length is not one value per slice
