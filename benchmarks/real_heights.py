@@ -1,7 +1,7 @@
 """Real-data report: every vertebra of every real vertebra mask in the shared data, checked by eye.
 
     python -m benchmarks.real_heights [--shared ../shared/data] [--out real_heights] [--spacing_mm 1.0]
-        [--overwrite]
+        [--cases tptbox_l3 verse004 ...] [--overwrite]
 
 For each mask: centroids and completeness (``straighten/location_json_local.py``), straightening
 of the labels (``straighten/straighten_mask_3d.py --labels_only``, CT crops too where the scan
@@ -143,15 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="real_heights", help="report folder")
     parser.add_argument("--spacing_mm", type=float, default=1.0, help="voxel size of the crops")
     parser.add_argument("--overwrite", action="store_true", help="redo the work folders")
+    names = [c[0] for c in CASES]
+    parser.add_argument("--cases", nargs="+", choices=names, default=names, help="masks to report (all)")
     opt = parser.parse_args(sys.argv[1:] if argv is None else argv)
     shared, out = Path(opt.shared), Path(opt.out)
-    missing = [m for _, m, _, _ in CASES if not (shared / m).is_file()]
+    cases = [c for c in CASES if c[0] in opt.cases]
+    missing = [m for _, m, _, _ in cases if not (shared / m).is_file()]
     if missing:
         print(f"error: {shared}: missing {', '.join(missing)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     rows, pictures, failed, seconds = [], {}, {}, {}
-    for pid, mask, ct, scheme in CASES:
+    for pid, mask, ct, scheme in cases:
         t0 = time.perf_counter()
         root = out / "work" / pid
         if opt.overwrite and root.exists():
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         hts = "/".join(str(r[f"height_{g}_mm"]) for g in REGIONS) if r["complete"] else r["reason"]
         name = label_schemes.vertebra_name(r["vid"])
-        print(f"{r['pid']:>17} {name:>4} {'' if r['complete'] else 'CUT '}{hts} tilt {r['tilt_deg']}")
+        tilt = f" tilt {r['tilt_deg']}" if r["tilt_deg"] != "" else ""  # a cut vertebra has none
+        print(f"{r['pid']:>17} {name:>4} {'' if r['complete'] else 'CUT '}{hts}{tilt}")
     n_cut = sum(not r["complete"] for r in rows)
     per = ", ".join(f"{p} {s:.1f} s" for p, s in seconds.items())
     print(
