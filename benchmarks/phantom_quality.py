@@ -22,9 +22,10 @@ figures). Figures (printed):
 * HealthiVert's height error in mm: |inserted rows - (x2 - x1)| x row spacing (slice height);
 * two diagnostics of where HealthiVert's error comes from: its fine image composed with the
   **true** height (x2 - x1 rows), and its coarse image composed with its own predicted coarse
-  height. (Where the inserted band covers rows [x1, x2), as it mostly does with the reference's
-  rounding up, those rows hold the same generated pixels whatever the height: the first
-  diagnostic then differs only where the prediction is short.)
+  height (split and profiled as the methods are). (Where the inserted band covers rows
+  [x1, x2), as it mostly does with the reference's rounding up, those rows hold the same
+  generated pixels whatever the height: the first diagnostic then differs only where the
+  prediction is short.)
 * every method's L1 split into the **endplate rows** (within ``ENDPLATE_MM`` of the target's
   first or last row) and the **interior** rows between them: where along the height the error is;
 * with ``--profile_rows K``, every method's error row by row over the first K rows from the
@@ -218,7 +219,8 @@ def score_batch(
         true_rows = batch["height"].reshape(-1).to(ct.device)
         oracle = compose(hv.out.fine_image.float(), ct, x1, x2, true_rows, -1.0)
         scores["healthivert, true height"] += region_l1(oracle, batch)
-        scores["healthivert coarse"] += region_l1(hv.fake_coarse, batch)
+        add_scores(scores, "healthivert coarse", hv.fake_coarse, batch)
+        add_profile(profiles, "healthivert coarse", hv.fake_coarse, batch, profile_rows)
         spacing = batch["row_spacing_mm"].reshape(-1)
         error_rows = out["rows"].cpu() - batch["height"].reshape(-1).long()
         height_mm += (error_rows.abs() * spacing).tolist()
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for error, row in by_height_error(scores, height_rows).items():
             parts = [
                 f"{name} {row[name]:.3f} / {row.get(f'{name} [endplates]', float('nan')):.3f}"
-                for name in [*args.models, "linear interpolation"]
+                for name in [*args.models, "healthivert coarse", "linear interpolation"]
                 if name in row
             ]
             print(f"  {error:+d} ({int(row['n'])} slices): " + "; ".join(parts))
