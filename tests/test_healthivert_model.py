@@ -571,3 +571,23 @@ def test_an_hgam_weight_above_one_is_refused(tmp_path):
     """1 - w x CAM below 0 turns the L1 into a reward for errors where the CAM is high."""
     with pytest.raises(ValueError, match="--hgam_loss_weight must be in \\[0, 1\\], got 3"):
         model_for(tmp_path, "--hgam_loss_weight", "3")
+
+
+def test_without_adversarial_weight_the_discriminators_sit_out_and_g_steps_the_same(tmp_path, monkeypatch):
+    data = batch([0, 1])
+    skip = model_for(tmp_path, "--lambda_GAN", "0")
+    full = model_for(tmp_path, "--lambda_GAN", "0")  # the same weights (seed 0)
+    d_before = copy.deepcopy(skip.netD.state_dict())
+    skip.set_input(data)
+    skip.optimize_parameters()
+    with monkeypatch.context() as m:  # the step as it ran before: D trained, G's GAN term times 0
+        m.setattr(HealthiVertModel, "adversarial", property(lambda self: True))
+        full.set_input(data)
+        full.optimize_parameters()
+    for (name, a), b in zip(skip.netG.state_dict().items(), full.netG.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(v, d_before[k]) for k, v in skip.netD.state_dict().items())
+    assert any(not torch.equal(v, d_before[k]) for k, v in full.netD.state_dict().items())
+    losses = skip.get_current_losses()
+    assert losses["D_global"] == losses["D_local"] == losses["D_seg"] == losses["G_GAN"] == 0.0
+    assert losses["G_L1"] > 0
