@@ -467,6 +467,9 @@ class HealthiVertModel(BaseModel):
             self.set_requires_grad(self.netD, False)
         else:
             self._record({f"D_{name}": torch.zeros((), device=self.device) for name in D_NAMES})
+            # no gradients: Adam changes nothing, and D's learning-rate schedule steps after a step
+            self.optimizer_D.zero_grad(set_to_none=True)
+            self.optimizer_D.step()
         self.optimizer_G.zero_grad(set_to_none=True)
         self.loss_G = self._record(self.generator_losses())
         self.loss_G.backward()

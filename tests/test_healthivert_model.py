@@ -1,6 +1,7 @@
 """HealthiVert networks, per-sample contextual attention, gradients of EEM and the seg-D, synthesis."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -578,8 +579,13 @@ def test_without_adversarial_weight_the_discriminators_sit_out_and_g_steps_the_s
     skip = model_for(tmp_path, "--lambda_GAN", "0")
     full = model_for(tmp_path, "--lambda_GAN", "0")  # the same weights (seed 0)
     d_before = copy.deepcopy(skip.netD.state_dict())
+    schedule = torch.optim.lr_scheduler.LambdaLR(skip.optimizer_D, lambda _: 1.0)
     skip.set_input(data)
     skip.optimize_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # D's schedule steps after an optimiser step, as in training
+        schedule.step()
+    assert not skip.optimizer_D.state  # that step had no gradients: Adam changed nothing
     with monkeypatch.context() as m:  # the step as it ran before: D trained, G's GAN term times 0
         m.setattr(HealthiVertModel, "adversarial", property(lambda self: True))
         full.set_input(data)
