@@ -103,14 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             "levels": opt.levels,
             "quirks": dataclasses.asdict(quirks) if quirks else None,
         }
+        asked = json.loads(json.dumps(asked))  # as the record holds it (tuples as lists)
         record = root / "phantom_crop_accuracy_dataset.json"
         if (root / "truth" / "vertebrae.csv").is_file():
             held = json.loads(record.read_text()) if record.is_file() else None
             if held is None:
                 raise SystemExit(f"error: {root} holds a dataset of unknown options; use another --root")
-            held["quirks"] = held["quirks"] and {
-                k: (tuple(v) if isinstance(v, list) else v) for k, v in held["quirks"].items()
-            }
             if held != asked:
                 diff = ", ".join(f"{k} {held[k]} (asked {asked[k]})" for k in asked if held[k] != asked[k])
                 raise SystemExit(

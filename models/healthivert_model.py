@@ -20,10 +20,10 @@ One training step (REFERENCE.md Appendix A, with the section 12 defects fixed):
   (``--grad_checkpoint``, exact gradients) to keep the peak memory down.
 * Generator losses, returned by :meth:`generator_losses` as a dict and summed in one place:
   ``G_GAN`` (``--lambda_GAN`` per discriminator, 1/6 as in the reference; 0 leaves the
-  discriminators out of the step, an ablation about twice as fast on the CPU), ``G_L1`` (both
-  stages, normalised per sample by its own hole: independent of batch size, defect 2; with
-  ``--hgam_loss_weight w`` each pixel weighted ``1 - w * cam_target``, the CAM in the frame of
-  the ground truth and the composite),
+  discriminators out of the step, an ablation with about three times the iterations per CPU
+  minute), ``G_L1`` (both stages, normalised per sample by its own hole: independent of batch
+  size, defect 2; with ``--hgam_loss_weight w`` each pixel weighted ``1 - w * cam_target``, the
+  CAM in the frame of the ground truth and the composite),
   ``G_Dice`` (fine, 15) and ``coarse_Dice`` (healthy neighbours, 10), ``edge`` (EEM: Sobel on the
   soft fine segmentation, 800; defect 1) and ``height`` (40 + 40, relative).
 
@@ -46,7 +46,7 @@ from models.losses.edge import edge_loss, sobel_magnitude
 from models.losses.gan import GANLoss, gradient_penalty
 from models.losses.height import ROUNDINGS, height_loss, predicted_rows
 from models.losses.reconstruction import hole_l1
-from models.metrics import masked_psnr, masked_ssim
+from models.metrics import hole_metrics
 from models.networks import init_net
 from models.networks.inpaint import FINE_INPUTS, InpaintGenerator
 from models.networks.patchgan import define_D, receptive_field
@@ -481,14 +481,8 @@ class HealthiVertModel(BaseModel):
         data columns ``[col_start, col_stop)``: a coronal slice's padding is left out), Dice of the
         fine and coarse segmentations (thresholded at 0.5), height error in mm."""
         s = self.sample
-        data = data_columns(s)
-        region = s["hole"] * data
-        # the padding of both images is the ground truth's, so SSIM windows at the data's edge do
-        # not see what the generator put there
-        fake = self.fake_B * data + s["ct"] * (1 - data)
         return {
-            "ssim": masked_ssim(fake, s["ct"], region),
-            "psnr": masked_psnr(fake, s["ct"], region),
+            **hole_metrics(self.fake_B, s["ct"], s["hole"], data_columns(s)),
             "dice": soft_dice((self.seg_fine > 0.5).float(), self.target_mask),
             "coarse_dice": soft_dice((self.seg_coarse > 0.5).float(), s["neighbour_mask"]),
             "height_error_mm": (self.rows_fine.float() - s["height"].reshape(-1)).abs()

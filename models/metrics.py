@@ -40,3 +40,14 @@ def masked_ssim(
     ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     m = mask.float().expand_as(ssim).flatten(1)
     return (ssim.flatten(1) * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def hole_metrics(
+    prediction: torch.Tensor, target: torch.Tensor, hole: torch.Tensor, data: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-sample ``ssim`` and ``psnr`` over the hole band x the ``data`` columns (B, 1, 1, W): a
+    coronal slice's padding is left out, and both images carry the target's padding so SSIM windows
+    at the data's edge do not see what the generator put there."""
+    region = hole * data
+    prediction = prediction * data + target * (1 - data)
+    return {"ssim": masked_ssim(prediction, target, region), "psnr": masked_psnr(prediction, target, region)}

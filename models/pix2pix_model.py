@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from models.base_model import BaseModel
 from models.healthivert_model import add_sample_to_device, data_columns
 from models.losses.gan import GANLoss, gradient_penalty
-from models.metrics import masked_psnr, masked_ssim
+from models.metrics import hole_metrics
 from models.networks import init_net
 from models.networks.patchgan import define_D
 from models.networks.unet import UnetGenerator
@@ -116,9 +116,4 @@ class Pix2PixModel(BaseModel):
         """Per-sample masked-region SSIM and PSNR of the last forward pass: the hole band x the data
         columns (a coronal slice's padding is left out, with the ground truth's padding in both
         images so SSIM windows at the data's edge do not see what the generator put there)."""
-        region = self.hole * self.data
-        fake = self.fake_B * self.data + self.real_B * (1 - self.data)
-        return {
-            "ssim": masked_ssim(fake, self.real_B, region),
-            "psnr": masked_psnr(fake, self.real_B, region),
-        }
+        return hole_metrics(self.fake_B, self.real_B, self.hole, self.data)
