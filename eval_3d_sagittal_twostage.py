@@ -9,6 +9,8 @@ For every straightened crop ``<pid>_<vid>`` (all crops, those of ``--phase``'s s
 lower one, then the target, each step on all slices of the crop in batched forward passes (all
 in one on a GPU; on the CPU about 65k pixels per pass, which runs faster there; ``--batch_slices
 1`` = the reference's one slice per pass); see :mod:`models.synthesis`.
+``--neighbours real`` leaves the neighbours as the scan has them and synthesises the target once
+(not the reference's order; on the phantom it keeps the twins from coming out short: README).
 ``fusion`` runs a sagittal and a coronal run (``--name_coronal``) and averages their CT, and
 fuses their target probabilities (2.5D). The runs are rebuilt from their saved ``opt.json`` and
 checkpoint. Writes ``O/CT_fake/<pid>_<vid>.nii.gz`` (uint8 0-255) and
@@ -50,6 +52,7 @@ from models import create_model
 from models.synthesis import (
     MIN_COMPONENT_AREA_MM2,
     MIN_NEIGHBOUR_AREA_MM2,
+    NEIGHBOUR_MODES,
     CropSynthesis,
     SynthesisSettings,
     auto_batch_slices,
@@ -101,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fragments of a vertebra smaller than this are ignored on a slice "
         f"(default: the run's --min_area_mm2, else {MIN_COMPONENT_AREA_MM2:g})",
+    )
+    p.add_argument(
+        "--neighbours",
+        default="synthesise",
+        choices=NEIGHBOUR_MODES,
+        help="'synthesise': each neighbour is replaced by its pseudo-healthy version before the "
+        "target (the reference's order); 'real': the target alone, between the neighbours the scan has",
     )
     p.add_argument("--shard", default=None, help="only shard i/n of the patients")
     p.add_argument("--overwrite", action="store_true", help="redo crops whose outputs exist")
@@ -240,6 +250,7 @@ def synthesise_one(crop: Crop, runs: dict[str, Run], cam: np.ndarray | None, opt
                 run.synthesise,
                 settings_for(crop, run, plane, opt),
                 keep,
+                opt.neighbours,
             )
             for plane, run in runs.items()
         }
@@ -264,7 +275,8 @@ def component_area_mm2(run: Run, opt: argparse.Namespace) -> float:
 
 def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: str | None) -> str:
     """What decides every crop's outputs, as a short digest: the plane, each run's weights (file
-    contents) and hole options, the attention maps' folder and the area thresholds
+    contents) and hole options, the attention maps' folder, the area thresholds and how the
+    neighbours enter
     (``--min_component_mm2`` only where it differs from what each run gives by itself: the same
     area given or left to the run is the same synthesis). :func:`inputs_digest` adds what each
     crop's outputs are made from."""
@@ -289,6 +301,8 @@ def synthesis_digest(runs: dict[str, Run], opt: argparse.Namespace, cam_folder: 
         "min_neighbour_area_mm2": opt.min_neighbour_area_mm2,
         "min_component_mm2": given,
     }
+    if opt.neighbours != "synthesise":  # the digest of the reference's order is the one it always had
+        record["neighbours"] = opt.neighbours
     return record_sha256(record)
 
 

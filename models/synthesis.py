@@ -21,6 +21,9 @@ labelled where its probability exceeds 0.5 inside the inserted rows, the map is 
 vertebra synthesised healthy draws no fracture attention), and the content above and below moves
 with the CT. Neighbours come from the labels present (:func:`data.label_schemes.neighbours`), so
 T13, L6 and missing levels are handled; a neighbour cut by the scan's edge is left as it is.
+With ``neighbours="real"`` steps 1 and 2 are skipped: the target is synthesised once, between
+its real neighbours (not the reference's order; on the phantom it keeps the synthesised twins
+from coming out short, see README).
 
 :func:`fuse_planes` combines a sagittal and a coronal result (2.5D): mean CT, and the target where
 the mean of the two target probabilities exceeds 0.5.
@@ -103,15 +106,22 @@ class CropSynthesis:
     forward_passes: int = 0
 
 
-def step_order(vid: int, present, keep=()) -> list[int]:
+# how a target's neighbours enter its synthesis: each replaced by its own pseudo-healthy version
+# first (the reference's order), or left as the scan has them
+NEIGHBOUR_MODES = ("synthesise", "real")
+
+
+def step_order(vid: int, present, keep=(), neighbours_mode: str = "synthesise") -> list[int]:
     """Vertebra ids to synthesise in turn: upper neighbour, lower neighbour (those present), target.
 
     A neighbour in ``keep`` (one cut by the scan's edge) stays as it is: its pseudo-healthy
     version would be a whole body drawn where the scan holds a part, and would push the target
-    by the rows it adds. A target that is not a vertebra id (no anatomical order) is synthesised
-    alone.
+    by the rows it adds. With ``neighbours_mode="real"`` every neighbour stays as it is. A target
+    that is not a vertebra id (no anatomical order) is synthesised alone.
     """
-    if not is_vertebra(vid):
+    if neighbours_mode not in NEIGHBOUR_MODES:
+        raise ValueError(f"neighbours_mode must be one of {NEIGHBOUR_MODES}, got {neighbours_mode!r}")
+    if not is_vertebra(vid) or neighbours_mode == "real":
         return [int(vid)]
     upper, lower = neighbours(vid, present)
     return [v for v in (upper, lower) if v is not None and v not in set(keep)] + [int(vid)]
@@ -250,6 +260,7 @@ def synthesise_crop(
     synthesise: SynthesiseFn,
     settings: SynthesisSettings,
     keep=(),
+    neighbours_mode: str = "synthesise",
 ) -> CropSynthesis:
     """Synthesise the pseudo-healthy vertebra ``vid`` of one crop ``(H, AP, LR)`` in plane ``plane``.
 
@@ -262,6 +273,8 @@ def synthesise_crop(
         synthesise: the model's batched synthesis (see the module docstring).
         settings: hole size, thresholds, slices per forward pass, model width.
         keep: neighbours left as they are (cut by the scan's edge; :func:`step_order`).
+        neighbours_mode: ``"synthesise"`` (the neighbours first) or ``"real"`` (the target alone,
+            between the neighbours the crop has; :data:`NEIGHBOUR_MODES`).
 
     Returns:
         The CT (float 0-255), labels and target probability on the crop's grid; slices not
@@ -276,7 +289,7 @@ def synthesise_crop(
     )
     present = np.flatnonzero(np.bincount(np.asarray(label).ravel()))
     prob = None
-    for step_vid in step_order(vid, present, keep):
+    for step_vid in step_order(vid, present, keep, neighbours_mode):
         min_area = settings.min_area_px if step_vid != vid else 0  # the target: every slice
         stack, prob, done, passes = synthesis_step(stack, step_vid, synthesise, settings, min_area)
         for part in (stack.ct, stack.label, stack.cam):  # padding stays padding (CT 0 -> -1, maps 0),
@@ -321,6 +334,7 @@ def to_uint8(ct: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
+    "NEIGHBOUR_MODES",
     "CropSynthesis",
     "SliceStack",
     "SynthesisSettings",

@@ -163,6 +163,11 @@ def test_step_order_walks_the_labels_present():
     # a neighbour cut by the scan's edge stays as it is; the other side is still synthesised
     assert step_order(20, [18, 19, 20, 21], keep={19}) == [21, 20]
     assert step_order(20, [18, 19, 20, 21], keep=[19, 21]) == [20]
+    # --neighbours real: the target alone, whatever the labels around it
+    assert step_order(20, [18, 19, 20, 21], neighbours_mode="real") == [20]
+    assert step_order(20, [19, 28, 20, 21], keep={19}, neighbours_mode="real") == [20]
+    with pytest.raises(ValueError, match="neighbours_mode"):
+        step_order(20, [19, 20, 21], neighbours_mode="both")
 
 
 def test_a_neighbour_cut_by_the_scan_is_left_as_it_is(tmp_path, capsys):
@@ -185,6 +190,28 @@ def test_a_neighbour_cut_by_the_scan_is_left_as_it_is(tmp_path, capsys):
     assert synth_cli.main(cli_args(root, checkpoints, out_all, *args)) == 0
     assert "made from other crops or attention maps" in capsys.readouterr().out
     assert np.array_equal(read(out_all), read(out_kept))
+
+
+def test_real_neighbours_are_one_pass_per_crop_and_another_synthesis(tmp_path, capsys):
+    """``--neighbours real`` synthesises the target alone (one pass for L1 instead of three), and
+    its outputs are not taken for those of the reference's order (nor the other way round)."""
+    root = tmp_path / "data"
+    write_dataset(root)
+    checkpoints = root / "checkpoints"
+    write_run(checkpoints, "hv", "sagittal", seed=1)
+    args = ("--vertebrae", "p1_20")
+    out = tmp_path / "out"
+    assert synth_cli.main(cli_args(root, checkpoints, out, *args, "--neighbours", "real")) == 0
+    assert "1 forward passes" in capsys.readouterr().out
+    assert synth_cli.main(cli_args(root, checkpoints, out, *args, "--neighbours", "real")) == 0
+    assert "synthesised 0 vertebrae" in capsys.readouterr().out  # finished: skipped
+    assert synth_cli.main(cli_args(root, checkpoints, out, *args)) == 2
+    assert "made by another synthesis" in capsys.readouterr().err
+    ordered = tmp_path / "ordered"
+    assert synth_cli.main(cli_args(root, checkpoints, ordered, *args)) == 0
+    assert "3 forward passes" in capsys.readouterr().out
+    read = lambda o: np.asarray(nib.load(str(o / "CT_fake" / "p1_20.nii.gz")).dataobj)  # noqa: E731
+    assert not np.array_equal(read(out), read(ordered))
 
 
 def test_steps_run_upper_then_lower_then_target_each_on_the_previous_output():
@@ -215,6 +242,29 @@ def test_steps_run_upper_then_lower_then_target_each_on_the_previous_output():
     assert all(c["ct"].shape[0] == n_slices for c in calls)  # every slice of the extent
     assert result.steps == {19: n_slices, 21: n_slices, 20: n_slices}
     assert np.all(result.ct[upper_band, :, LR[0] : LR[1]] == 255)
+
+
+def test_with_real_neighbours_only_the_target_is_synthesised_between_them():
+    """``neighbours_mode="real"``: one step, on the crop as the scan has it; the neighbours are
+    moved by the target's composite, never redrawn."""
+    ct, label = phantom_crop()
+    calls = []
+
+    def recording(batch):
+        calls.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        return fake_model().synthesise(batch)
+
+    result = synthesise_crop(ct, label, None, 20, "sagittal", recording, settings(), neighbours_mode="real")
+    assert len(calls) == 1 and int(calls[0]["x1"].reshape(-1)[0]) == BODIES[20][0]
+    # the step saw the real neighbours: the same input as the target step of a crop with none to replace
+    alone = synthesise_crop(ct, label, None, 20, "sagittal", recording, settings(), keep={19, 21})
+    torch.testing.assert_close(calls[1]["ct"], calls[0]["ct"])
+    np.testing.assert_array_equal(result.ct, alone.ct)
+    np.testing.assert_array_equal(result.label, alone.label)
+    n_slices = LR[1] - LR[0]
+    assert result.steps == {20: n_slices} and result.forward_passes == 1
+    for vid in (19, 21):  # moved by the rows the target gains, not replaced: the same voxels
+        assert (result.label == vid).sum() == (label == vid).sum()
 
 
 def test_a_neighbour_too_small_on_a_slice_is_left_alone():
