@@ -226,6 +226,19 @@ def test_training_is_reused_only_when_its_train_state_says_finished(
         assert "trained run exists, reused" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("settings", [demo.DEFAULT, demo.QUICK])
+def test_the_target_is_synthesised_between_its_real_neighbours(tmp_path, monkeypatch, settings):
+    """The demo's synthesis leaves the neighbours as the scan has them (README: closer to the truth
+    than the reference's order on the train and val splits of two training seeds)."""
+    out = tmp_path / "W"
+    calls = []
+    monkeypatch.setattr(demo.eval_3d_sagittal_twostage, "main", lambda argv: calls.append(argv) or 0)
+    demo.Pipeline(out, quick_opt(out), settings).synthesise()
+    (argv,) = calls
+    assert argv[argv.index("--neighbours") + 1] == "real"
+    assert demo.settings_of(quick_opt(out), settings)["neighbours"] == "real"  # in the stamp
+
+
 @pytest.mark.parametrize(
     ("state", "change"), [((1, 0), None), ((1, 0), "masked"), ((0, 1), "masked"), ((1, 0), "absent")]
 )
