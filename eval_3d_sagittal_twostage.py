@@ -10,7 +10,7 @@ lower one, then the target, each step on all slices of the crop in batched forwa
 in one on a GPU; on the CPU about 65k pixels per pass, which runs faster there; ``--batch_slices
 1`` = the reference's one slice per pass); see :mod:`models.synthesis`.
 ``--neighbours real`` leaves the neighbours as the scan has them and synthesises the target once
-(not the reference's order; on the phantom it keeps the twins from coming out short: README).
+(not the reference's order; closer to the truth on the phantom, and what the demo uses: README).
 ``fusion`` runs a sagittal and a coronal run (``--name_coronal``) and averages their CT, and
 fuses their target probabilities (2.5D). The runs are rebuilt from their saved ``opt.json`` and
 checkpoint. Writes ``O/CT_fake/<pid>_<vid>.nii.gz`` (uint8 0-255) and

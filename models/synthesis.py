@@ -22,8 +22,8 @@ vertebra synthesised healthy draws no fracture attention), and the content above
 with the CT. Neighbours come from the labels present (:func:`data.label_schemes.neighbours`), so
 T13, L6 and missing levels are handled; a neighbour cut by the scan's edge is left as it is.
 With ``neighbours="real"`` steps 1 and 2 are skipped: the target is synthesised once, between
-its real neighbours (not the reference's order; on the phantom it keeps the synthesised twins
-from coming out short, see README).
+its real neighbours (not the reference's order; closer to the truth on the phantom, and what the
+demo uses: README).
 
 :func:`fuse_planes` combines a sagittal and a coronal result (2.5D): mean CT, and the target where
 the mean of the two target probabilities exceeds 0.5.
