@@ -126,6 +126,12 @@ class Settings:
     neighbours: str
 
 
+# how the report names each synthesis order (eval_3d_sagittal_twostage.py --neighbours)
+SYNTHESIS_ORDER = {
+    "real": "each twin drawn once, between the neighbours the scan has",
+    "synthesise": "each neighbour replaced by its twin first, then the target (the reference's order)",
+}
+
 DEFAULT = Settings(
     patients=8,
     levels="T10-L5",
@@ -577,6 +583,7 @@ def write_report(out: Path, pipe: Pipeline, figures: dict, total_s: float) -> Pa
         f"Phantom: {s.patients} patients, levels {s.levels}, {opt.spacing_mm:g} mm voxels, seed {opt.seed}"
         + (" (--quick: a tiny run; its numbers mean nothing)." if opt.quick else ".")
         + f" Dataset root: {pipe.root.name}/; trained runs: checkpoints/; total {total_s:.0f} s."
+        + f" Synthesis: {SYNTHESIS_ORDER[s.neighbours]} (--neighbours {s.neighbours})."
     )
     report.section(
         "Fractured vertebrae of the test split",

@@ -8,6 +8,7 @@ import re
 import pytest
 
 import demo
+from models.synthesis import NEIGHBOUR_MODES
 from options.train_options import TrainOptions
 from util import checkpoint as demo_checkpoint
 
@@ -77,6 +78,7 @@ def test_quick_demo_report_references_its_outputs(quick_run):
         assert stage in html
     assert "height MAE (mm)" in html and "RHLV MAE" in html and "macro-F1" in html
     assert "split / vertebrae" in html and "all/all" in html  # the every-split table
+    assert "between the neighbours the scan has (--neighbours real)" in html  # the synthesis order
 
 
 def test_split_rows_put_both_methods_side_by_side(tmp_path):
@@ -237,6 +239,7 @@ def test_the_target_is_synthesised_between_its_real_neighbours(tmp_path, monkeyp
     (argv,) = calls
     assert argv[argv.index("--neighbours") + 1] == "real"
     assert demo.settings_of(quick_opt(out), settings)["neighbours"] == "real"  # in the stamp
+    assert set(demo.SYNTHESIS_ORDER) == set(NEIGHBOUR_MODES)  # the report names every order
 
 
 @pytest.mark.parametrize(
