@@ -1,7 +1,7 @@
 """Benchmark: seconds per vertebra of the iterative 3D synthesis, batched vs one slice per pass.
 
     python -m benchmarks.bench_synthesis [--spacing_mm 1.0] [--crop_mm 256 256 64] [--repeats 3]
-        [--threads N] [--device cpu|cuda] [--batch_slices 0 1 8] [--flops]
+        [--threads N] [--device cpu|cuda] [--batch_slices 0 1 8] [--neighbours synthesise|real] [--flops]
 
 One straightened crop of the reference's geometry (default 256 x 256 x 64 mm at 1 mm: the
 reference's crops) with box vertebrae (26 mm bodies, 6 mm discs, 44 x 56 mm sections: every
@@ -11,8 +11,9 @@ does not depend on the weights). Both modes run on the same crop in the same pro
 alternating, and the medians over ``--repeats`` of the wall time and of the process's CPU time
 are printed: ``batched`` (all slices of a step in one forward pass, what
 eval_3d_sagittal_twostage.py does) and ``one slice`` (``--batch_slices 1``, the reference's
-way). The reference took 65.2 s per vertebra on a 2-core CPU machine (central 80 % of the
-slices only) and 4.1 s on an H100.
+way). ``--neighbours real`` times the target alone between its real neighbours (one step
+instead of three; eval_3d_sagittal_twostage.py's option). The reference took 65.2 s per vertebra
+on a 2-core CPU machine (central 80 % of the slices only, its own order) and 4.1 s on an H100.
 
 ``--flops`` adds one more, untimed, run of each mode under torch's FLOP counter (the operations
 the synthesis really executes: convolutions and attention matrix products) and a timed large
@@ -35,7 +36,7 @@ from benchmarks.compute_floor import count_gflops, matmul_gflops
 from data.vertebra_sample import rows_for_mm
 from eval_3d_sagittal_twostage import Run, weights_cached
 from models import create_model
-from models.synthesis import SynthesisSettings, synthesise_crop
+from models.synthesis import NEIGHBOUR_MODES, SynthesisSettings, synthesise_crop
 from options.test_options import TestOptions
 
 BODY_MM, DISC_MM, AP_MM, LR_MM = 26.0, 6.0, 44.0, 56.0
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         help="modes: slices per pass (0: all)",
     )
     parser.add_argument(
+        "--neighbours",
+        default="synthesise",
+        choices=NEIGHBOUR_MODES,
+        help="the neighbours first (the reference's order), or the target alone between the real ones",
+    )
+    parser.add_argument(
         "--flops",
         action="store_true",
         help="also count each mode's FLOPs per vertebra and print the compute floor (module docstring)",
@@ -104,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         row_spacing_mm=opt.spacing_mm,
     )
     modes = {{0: "batched", 1: "one slice"}.get(n, f"{n} slices"): n for n in opt.batch_slices}
+    order = opt.neighbours
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     info: dict[str, tuple[int, int]] = {}
     print(
         f"crop {shape[0]}x{shape[1]}x{shape[2]} at {opt.spacing_mm:g} mm, device {opt.device}, "
-        f"{torch.get_num_threads()} CPU threads, {opt.repeats} repeats"
+        f"{torch.get_num_threads()} CPU threads, {opt.repeats} repeats, --neighbours {opt.neighbours}"
     )
     for _ in range(opt.repeats):
         for mode, batch_slices in modes.items():
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
             with weights_cached():
-                result = synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, settings)
+                result = synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, settings, (), order)
             if opt.device == "cuda":
                 torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - start)
@@ -142,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = SynthesisSettings(batch_slices=batch_slices, **base)
             with torch.no_grad(), weights_cached():
                 gflop = count_gflops(
-                    lambda s=settings: synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, s)
+                    lambda s=settings: synthesise_crop(
+                        ct, label, None, 20, "sagittal", run.synthesise, s, (), order
+                    )
                 )
             total, conv, bmm = gflop["total"], gflop["convolution"], gflop["matmul"]
             print(

@@ -35,6 +35,20 @@ def test_bench_synthesis_prints_times_and_the_compute_floor(capsys):
     assert all(g > 0 for g in gflop) and abs(gflop[0] - gflop[1]) <= 0.25 * max(gflop)
 
 
+def test_bench_synthesis_times_the_target_alone_between_real_neighbours(capsys):
+    argv = ["--spacing_mm", "8", "--repeats", "1", "--threads", "1", "--batch_slices", "0"]
+    assert bench_synthesis.main(argv) == 0
+    ordered = capsys.readouterr().out
+    assert bench_synthesis.main([*argv, "--neighbours", "real"]) == 0
+    real = capsys.readouterr().out
+    assert "--neighbours real" in real and "--neighbours synthesise" in ordered
+
+    def passes(out):
+        return int(out.split(" forward passes")[0].rsplit(" ", 1)[1])
+
+    assert (passes(ordered), passes(real)) == (3, 1)  # three steps of one batched pass, then one
+
+
 def test_bench_train_prints_the_compute_floor(capsys):
     assert bench_train.main(["--configs", "32x2", "--iters", "1", "--torch_threads", "1", "--flops"]) == 0
     out = capsys.readouterr().out
