@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         row_spacing_mm=opt.spacing_mm,
     )
     modes = {{0: "batched", 1: "one slice"}.get(n, f"{n} slices"): n for n in opt.batch_slices}
-    order = opt.neighbours
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     info: dict[str, tuple[int, int]] = {}
@@ -126,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
             with weights_cached():
-                result = synthesise_crop(ct, label, None, 20, "sagittal", run.synthesise, settings, (), order)
+                result = synthesise_crop(
+                    ct, label, None, 20, "sagittal", run.synthesise, settings, neighbours_mode=opt.neighbours
+                )
             if opt.device == "cuda":
                 torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - start)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad(), weights_cached():
                 gflop = count_gflops(
                     lambda s=settings: synthesise_crop(
-                        ct, label, None, 20, "sagittal", run.synthesise, s, (), order
+                        ct, label, None, 20, "sagittal", run.synthesise, s, neighbours_mode=opt.neighbours
                     )
                 )
             total, conv, bmm = gflop["total"], gflop["convolution"], gflop["matmul"]
