@@ -42,10 +42,10 @@ classifier and 120 HealthiVert epochs (90 constant, 30 decaying; 720 iterations 
 per normal train vertebra per epoch) with discriminators of half the reference's width (``--ndf 32``:
 an iteration takes 0.6 of the time, and on the train and val splits the pseudo-healthy heights came
 closer to the truth than with 120 iterations at ``--ndf 64`` in the same time budget), chosen so the
-whole run fits 20 minutes on 2 CPU cores. Three times the iterations of the earlier 240 of batch 8, at
-1.5 times its training time, brought the pseudo-healthy heights closer to the truth on 9 of the 12
-train and val rows of three training seeds (README, "Three times the iterations"). That GAN is still
-far less trained than a real run.
+whole run fits 20 minutes on 2 CPU cores. Three times the iterations of the earlier 240 of batch 8, on
+1.5 times its samples (training 503 s against 274 s, README), brought the pseudo-healthy heights
+closer to the truth on 9 of the 12 train and val rows of three training seeds (README, "Three times
+the iterations"). That GAN is still far less trained than a real run.
 Torch runs on one thread by default (``--torch_threads``): on a shared machine tiny convolutions are
 several times faster so.
 """
